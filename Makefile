@@ -1,0 +1,20 @@
+# The two commands a newcomer runs: `make book` builds the website, `make test` runs every test.
+PYTHON ?= python3
+export PYTHONHASHSEED := 0
+
+.PHONY: install browser book test
+
+install:
+	$(PYTHON) -m pip install -q torch==2.13.0 || $(PYTHON) -m pip install -q "torch>=2.4,<2.15"
+	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-deps -e .
+
+# headless Chromium for the site test (Debian's package)
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+book: install
+	jupyter-book build . -W -n --keep-going
+
+test: install browser
+	$(PYTHON) -m pytest

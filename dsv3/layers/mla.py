@@ -1,0 +1,180 @@
+"""Multi-head Latent Attention (paper Sec. 2.1.1, Eq. 1-11; taught in Chapter 2).
+
+Keys and values are jointly compressed into one latent c_KV (``kv_lora_rank`` wide) per token, plus one shared
+RoPE key k^R. Two equivalent ways to attend, behind one switch (the cache's ``kind``):
+
+* **naive**: decompress c_KV into per-head keys and values with ``kv_b_proj`` (W^UK, W^UV) and run ordinary
+  attention; the cache holds the decompressed K and V (n_h x (d_h + d_h^R + d_h) values per token and layer).
+* **absorbed**: fold W^UK into the query (q^C W^UK attends directly to c_KV) and W^UV after the attention
+  (the output is read in latent space, then decompressed); the cache holds only c_KV and k^R
+  (kv_lora_rank + qk_rope_head_dim values per token and layer: 576 at V3 size).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+CACHE_KINDS = ("latent", "naive")
+
+
+class KVCache:
+    """Preallocated per-layer KV cache for all main and MTP blocks, shared by a batch (Chapter 2 and 6).
+
+    ``kind="latent"`` stores c_KV (B, S, kv_lora_rank) and k^R (B, S, qk_rope_head_dim) per layer, used by the
+    absorbed path; ``kind="naive"`` stores decompressed keys (B, S, H, qk_head_dim) and values (B, S, H, v_head_dim).
+    ``length`` positions are filled; ``key_mask`` (B, S) marks real (non-padding) tokens. ``truncate(n)`` rolls the
+    cache back (speculative decoding rejects drafted tokens this way); nothing is reallocated.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, kind: str = "latent",
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 num_layers: int | None = None):
+        if kind not in CACHE_KINDS:
+            raise ValueError(f"KVCache kind must be one of {CACHE_KINDS}, got {kind!r}")
+        if max_len <= 0 or batch_size <= 0:
+            raise ValueError(f"KVCache needs positive batch_size and max_len, got {batch_size} and {max_len}")
+        self.config, self.kind, self.max_len, self.batch_size = config, kind, max_len, batch_size
+        n = config.num_hidden_layers + config.num_nextn_predict_layers if num_layers is None else num_layers
+        B, S, H = batch_size, max_len, config.num_attention_heads
+        if kind == "latent":
+            shapes = ((B, S, config.kv_lora_rank), (B, S, config.qk_rope_head_dim))
+        else:
+            shapes = ((B, S, H, config.qk_head_dim), (B, S, H, config.v_head_dim))
+        self.a = [torch.zeros(shapes[0], dtype=dtype, device=device) for _ in range(n)]  # c_KV or K per layer
+        self.b = [torch.zeros(shapes[1], dtype=dtype, device=device) for _ in range(n)]  # k^R or V per layer
+        self.key_mask = torch.ones(B, S, dtype=torch.bool, device=device)  # (B, S) False = padding
+        self.length = 0
+        self.layer_lengths = [0] * n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache tensors of the main model's layers (what ``kv_cache_bytes`` predicts)."""
+        L = self.config.num_hidden_layers
+        return sum(t.numel() * t.element_size() for t in self.a[:L] + self.b[:L])
+
+    def bytes_per_token(self) -> int:
+        return self.nbytes // (self.batch_size * self.max_len)
+
+    def write(self, layer: int, start: int, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a layer's new entries at positions [start, start + T) and return views of [0, start + T)."""
+        T = a.shape[1]
+        end = start + T
+        if end > self.max_len:
+            raise ValueError(f"KVCache overflow: writing positions up to {end} into a cache of max_len {self.max_len}")
+        self.a[layer][:, start:end] = a
+        self.b[layer][:, start:end] = b
+        self.layer_lengths[layer] = end
+        return self.a[layer][:, :end], self.b[layer][:, :end]
+
+    def truncate(self, length: int) -> None:
+        """Forget every position at or after ``length`` (in all layers)."""
+        self.length = min(self.length, length)
+        self.layer_lengths = [min(n, length) for n in self.layer_lengths]
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA with the released parameter names (q_a_proj, q_a_layernorm, q_b_proj | q_proj, kv_a_proj_with_mqa,
+    kv_a_layernorm, kv_b_proj, o_proj)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.qk_dim, self.v_dim = config.qk_head_dim, config.v_head_dim
+        self.scale = config.softmax_scale
+        D, H = config.hidden_size, self.n_heads
+        bias = config.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)  # W^Q (no query compression)
+        else:
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=bias)  # W^DQ, Eq. 6
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_dim, bias=False)  # [W^UQ; W^QR], Eq. 7-8
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=bias)  # [W^DKV; W^KR], Eq. 1, 3
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)  # [W^UK; W^UV]
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)  # W^O, Eq. 11
+
+    # -- the up-projections as per-head matrices, views of kv_b_proj.weight (no copy) --
+    def w_uk(self) -> torch.Tensor:
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim]  # (H, d_nope, r): k^C_h = W^UK_h c_KV
+
+    def w_uv(self) -> torch.Tensor:
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, self.nope_dim:]  # (H, d_v, r): v^C_h = W^UV_h c_KV
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None, layer: int = 0, start: int = 0,
+                absorbed: bool = False) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). ``mask`` (B, 1, T, S) bool, True = may attend; None = plain causal.
+
+        With a cache, the new entries go to positions [start, start + T) and attention runs over [0, start + T).
+        ``absorbed`` selects the path when there is no cache; a cache's kind decides otherwise.
+        """
+        B, T, _ = x.shape
+        H = self.n_heads
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)  # (B, T, H * qk_dim)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # (B, T, H * qk_dim)
+        q = q.view(B, T, H, self.qk_dim)  # (B, T, H, qk_dim)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)  # (B, T, H, nope), (B, T, H, rope)
+        q_rope = RotaryEmbedding.apply(q_rope, cos, sin)  # (B, T, H, rope)
+
+        kv = self.kv_a_proj_with_mqa(x)  # (B, T, r + rope)
+        c_kv, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # (B, T, r), (B, T, rope)
+        c_kv = self.kv_a_layernorm(c_kv)  # (B, T, r): the latent that is cached
+        k_rope = RotaryEmbedding.apply(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, rope): shared by heads
+
+        if cache is not None:
+            absorbed = cache.kind == "latent"
+        if absorbed:
+            if cache is not None:
+                c_kv, k_rope = cache.write(layer, start, c_kv, k_rope)  # (B, S, r), (B, S, rope)
+            out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)  # (B, T, H, v)
+        else:
+            k_nope, v = self._decompress(c_kv)  # (B, T, H, nope), (B, T, H, v)
+            k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, H, self.rope_dim)], dim=-1)  # (B, T, H, qk)
+            if cache is not None:
+                k, v = cache.write(layer, start, k, v)  # (B, S, H, qk), (B, S, H, v)
+            out = self._attend_naive(torch.cat([q_nope, q_rope], dim=-1), k, v, mask)  # (B, T, H, v)
+        return self.o_proj(out.reshape(B, T, H * self.v_dim))  # (B, T, D)
+
+    def _decompress(self, c_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.nope_dim + self.v_dim)  # (B, T, H, nope + v)
+        return kv.split([self.nope_dim, self.v_dim], dim=-1)
+
+    def _attend_naive(self, q, k, v, mask):
+        """Standard attention over decompressed heads: q (B, T, H, qk), k (B, S, H, qk), v (B, S, H, v)."""
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T|S, dim)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, T, v)
+        return out.transpose(1, 2)  # (B, T, H, v)
+
+    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
+        """Attention in latent space (Sec. 2.1.1, "absorbed"): scores = (q^C W^UK) c_KV + q^R k^R, output W^UV (P c_KV).
+
+        q_nope (B, T, H, nope), q_rope (B, T, H, rope), c_kv (B, S, r), k_rope (B, S, rope) -> (B, T, H, v).
+        """
+        T, S = q_nope.shape[1], c_kv.shape[1]
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, self.w_uk())  # (B, T, H, r): W^UK folded into the query
+        scores = (torch.einsum("bthr,bsr->bhts", q_lat, c_kv)
+                  + torch.einsum("bthd,bsd->bhts", q_rope, k_rope)) * self.scale  # (B, H, T, S)
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=c_kv.device).tril(S - T)  # (T, S) causal
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.float().softmax(dim=-1).to(c_kv.dtype)  # (B, H, T, S)
+        o_lat = torch.einsum("bhts,bsr->bthr", probs, c_kv)  # (B, T, H, r): the output, still latent
+        return torch.einsum("bthr,hdr->bthd", o_lat, self.w_uv())  # (B, T, H, v): W^UV applied after attention
