@@ -2,7 +2,7 @@
 PYTHON ?= python3
 export PYTHONHASHSEED := 0
 
-.PHONY: install browser book test
+.PHONY: install browser book test notebooks
 
 install:
 	$(PYTHON) -m pip install -q torch==2.13.0 || $(PYTHON) -m pip install -q "torch>=2.4,<2.15"
@@ -16,5 +16,12 @@ browser:
 book: install
 	jupyter-book build . -W -n --keep-going
 
+NBVAL = --nbval --nbval-current-env --nbval-sanitize-with book/sanitize.cfg -p no:cacheprovider
+
 test: install browser
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest tests
+	$(PYTHON) -m pytest $(NBVAL) book
+
+# re-execute every chapter the way its committed outputs must be made (CPU, fixed environment)
+notebooks: install
+	$(PYTHON) book/_tools/run_notebook.py --all

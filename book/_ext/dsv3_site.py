@@ -1,0 +1,91 @@
+"""Sphinx extension of the book: serve plotly.js from the site itself and load the book's stylesheet.
+
+* Copies ``plotly.min.js`` from the installed ``plotly`` package into ``_static/vendor/`` of the HTML output, so
+  the figures are drawn by exactly the plotly.js version that serialised them, with no CDN (offline site).
+* Adds it, synchronously and before any other script, to the pages that hold a figure drawn by
+  ``dsv3.viz.show`` (their HTML carries ``class="dsv3-plotly"``); other pages do not pay 5 MB for it.
+* Adds ``dsv3.css`` (figure spacing, dark-mode text for plotly figures) to every page.
+* ``read_notebook`` (set as the ``.ipynb`` reader through ``nb_custom_formats``) drops the plotly mimetype from
+  outputs that also carry ``text/html``: myst-nb renders every mimetype of an output before it picks one, and
+  warns ``mystnb.unknown_mime_type`` for the plotly JSON even though the HTML is the one it shows. An output that
+  has *only* the plotly mimetype keeps it, so the warning still fires (and fails the ``-W`` build) for a figure
+  that would vanish from the site.
+* Removes duplicated inline scripts from each page. Sphinx 7.4 registers an inline script added with
+  ``app.add_js_file(None, body=...)`` once under the name ``None`` and again under ``""`` (in
+  ``prepare_writing``), so sphinx-thebe's ``const THEBE_JS_URL = ...`` ran twice and threw
+  "Identifier 'THEBE_JS_URL' has already been declared" on every page (sphinx-togglebutton's selector too).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nbformat
+
+from sphinx.application import Sphinx
+from sphinx.errors import ExtensionError
+
+PLOTLY_JS = "vendor/plotly.min.js"  # relative to _static
+FIGURE_MARKER = 'class="dsv3-plotly"'
+PLOTLY_MIMETYPE = "application/vnd.plotly.v1+json"
+
+
+def read_notebook(text: str) -> nbformat.NotebookNode:
+    """Read an .ipynb for the site: like myst-nb's reader, minus plotly JSON that has an HTML twin."""
+    nb = nbformat.reads(text, as_version=4)
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if PLOTLY_MIMETYPE in data and "text/html" in data:
+                del data[PLOTLY_MIMETYPE]
+    return nb
+
+
+def plotly_js_source() -> Path:
+    import plotly
+
+    path = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    if not path.is_file():
+        raise ExtensionError(f"dsv3_site: plotly.min.js not found at {path}; reinstall the plotly package")
+    return path
+
+
+def add_plotly_js(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
+    if FIGURE_MARKER in context.get("body", ""):
+        # priority < 500: before require.js, MathJax and the theme's scripts; no defer: the inline figure scripts
+        # below it in the page run after it has loaded.
+        app.add_js_file(PLOTLY_JS, priority=100)
+
+
+def dedupe_inline_scripts(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
+    scripts = context.get("script_files")
+    if not scripts:
+        return
+    seen, unique = set(), []
+    for js in scripts:
+        key = (getattr(js, "filename", js) or "", getattr(js, "priority", 500),
+               tuple(sorted(getattr(js, "attributes", {}).items())))
+        if key not in seen:
+            seen.add(key)
+            unique.append(js)
+    scripts[:] = unique
+
+
+def copy_plotly_js(app: Sphinx, exception: Exception | None) -> None:
+    if exception is not None or app.builder.format != "html":
+        return
+    target = Path(app.outdir) / "_static" / PLOTLY_JS
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    shutil.copyfile(plotly_js_source(), tmp)
+    tmp.replace(target)
+
+
+def setup(app: Sphinx) -> dict:
+    plotly_js_source()  # fail early, with the path, if plotly is missing
+    app.add_css_file("dsv3.css")
+    app.connect("html-page-context", add_plotly_js)
+    app.connect("html-page-context", dedupe_inline_scripts, priority=900)  # after every script is added
+    app.connect("build-finished", copy_plotly_js)
+    return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -1,0 +1,291 @@
+"""The book's website: it builds with warnings as errors, it is self-contained, and in a real browser (headless
+Chromium, offline) every figure is drawn, every equation typeset, every widget shown, with no JavaScript error.
+
+The site is built once per session from a fresh Sphinx environment into a temporary folder
+(``jupyter-book build . -W -n --keep-going --path-output <tmp>``), so an earlier incremental build can neither
+hide a warning nor be overwritten. Screenshots (light and dark) of every page go to ``_build/screenshots/``.
+Requires Debian's ``chromium`` (``apt-get install -y chromium``) or ``$CHROMIUM``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import nbformat
+import plotly
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS = ROOT / "_build" / "screenshots"
+PLOTLY_MIMETYPE = "application/vnd.plotly.v1+json"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+browser_tools = _load("dsv3_book_browser", ROOT / "book" / "_tools" / "browser.py")
+vendor_js = _load("dsv3_book_vendor_js", ROOT / "book" / "_tools" / "vendor_js.py")
+run_notebook = _load("dsv3_book_run_notebook", ROOT / "book" / "_tools" / "run_notebook.py")
+
+
+def toc_files() -> list[str]:
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+
+    def walk(entries):
+        for entry in entries or []:
+            if "file" in entry:
+                files.append(entry["file"])
+            walk(entry.get("sections"))
+
+    walk(toc.get("chapters"))
+    for part in toc.get("parts", []):
+        walk(part.get("chapters"))
+    return files
+
+
+TOC = toc_files()
+
+
+def build(source: Path, out: Path) -> subprocess.CompletedProcess:
+    """``jupyter-book build <source> -W -n --keep-going`` with a fresh environment, output under ``out``."""
+    cmd = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())",
+           "build", str(source), "-W", "-n", "--keep-going", "--all", "--path-output", str(out)]
+    return subprocess.run(cmd, cwd=source, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("site")
+    result = build(ROOT, out)
+    log = result.stdout + result.stderr
+    warnings = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
+    assert result.returncode == 0, "site build failed:\n" + "\n".join(warnings or log.splitlines()[-40:])
+    return out / "_build" / "html"
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    try:
+        executable = browser_tools.find_chromium()
+    except FileNotFoundError as err:
+        pytest.fail(f"{err} (the site test needs a browser; CI installs it)")
+    with browser_tools.Browser(executable) as browser:
+        yield browser
+
+
+@pytest.fixture(scope="session")
+def server(site):
+    with browser_tools.SiteServer(site) as srv:
+        yield srv
+
+
+# --- the table of contents and the build ----------------------------------------------------------------------
+
+def test_toc_lists_exactly_the_chapters_that_exist():
+    chapters = sorted(f"book/{p.stem}" for p in (ROOT / "book").glob(run_notebook.CHAPTER_GLOB))
+    assert sorted(TOC) == chapters, "_toc.yml must list every book/NN_*.ipynb and nothing else"
+    assert TOC == sorted(TOC), "_toc.yml lists the chapters in their numbered order"
+
+
+def test_vendored_javascript_is_pinned_and_unmodified():
+    assert vendor_js.check() == []
+
+
+@pytest.mark.slow
+def test_every_toc_page_is_built(site):
+    for name in TOC:
+        assert (site / f"{name}.html").is_file(), f"{name}.html missing from the build"
+    assert (site / "search.html").is_file() and (site / "searchindex.js").is_file()  # search works offline
+    assert not (site / "book" / "CONTRIBUTING.html").exists() and not (site / "README.html").exists()
+
+
+@pytest.mark.slow
+def test_site_serves_the_installed_plotly_js(site):
+    served = site / "_static" / "vendor" / "plotly.min.js"
+    installed = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    assert served.read_bytes() == installed.read_bytes()
+
+
+class _Assets(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "script" and a.get("src"):
+            self.urls.append(a["src"])
+        if tag == "link" and "stylesheet" in (a.get("rel") or "") and a.get("href"):
+            self.urls.append(a["href"])
+        if tag == "link" and a.get("rel") == "preload" and a.get("href"):
+            self.urls.append(a["href"])
+
+
+@pytest.mark.slow
+def test_pages_load_scripts_and_styles_only_from_the_site(site):
+    pages = [p for p in sorted(site.rglob("*.html")) if p.relative_to(site).parts[0] not in ("_static", "_sources")]
+    assert len(pages) >= len(TOC)
+    for page in pages:
+        parser = _Assets()
+        parser.feed(page.read_text(encoding="utf-8"))
+        for url in parser.urls:
+            parts = urlsplit(url)
+            assert not parts.scheme and not parts.netloc, f"{page.relative_to(site)} loads {url} from outside"
+            target = (page.parent / parts.path).resolve()
+            assert target.is_file(), f"{page.relative_to(site)} loads {url}, which is not in the site"
+
+
+@pytest.mark.slow
+def test_plotly_only_output_fails_the_build(tmp_path):
+    """A figure that the site cannot draw (plotly mimetype, no HTML) must fail the -W build, not vanish."""
+    book = _probe_book(tmp_path, [nbformat.v4.new_code_cell("fig", execution_count=1, outputs=[
+        nbformat.v4.new_output("display_data", data={PLOTLY_MIMETYPE: {"data": [], "layout": {}},
+                                                     "text/plain": "Figure()"})])])
+    result = build(book, tmp_path / "out")
+    assert result.returncode != 0
+    assert "unknown output mime type: application/vnd.plotly.v1+json" in result.stdout + result.stderr
+
+
+# --- in the browser -------------------------------------------------------------------------------------------
+
+def expected_outputs(notebook: Path) -> dict:
+    """What the page of ``notebook`` must show: its figures and widget views."""
+    nb = nbformat.read(notebook, as_version=4)
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    return {"figures": sum(PLOTLY_MIMETYPE in o.get("data", {}) for o in outputs),
+            "widgets": sum(WIDGET_VIEW in o.get("data", {}) for o in outputs)}
+
+
+def look_at(chromium, url: str, shot_name: str, then=None) -> tuple[dict, dict, list[str]]:
+    """Report of the page in light and dark mode, its problems, screenshots; ``then(page)`` runs in between."""
+    page = chromium.open(url)
+    try:
+        light = browser_tools.settle(page)
+        page.screenshot(SCREENSHOTS / f"{shot_name}-light.png")
+        if then is not None:
+            then(page)
+        dark = browser_tools.set_theme(page, "dark")
+        page.screenshot(SCREENSHOTS / f"{shot_name}-dark.png")
+        return light, dark, page.problems()
+    finally:
+        page.close()
+
+
+def check_report(light: dict, dark: dict, problems: list[str], expected: dict) -> None:
+    assert problems == []
+    assert light["figures"] == expected["figures"], "a figure of the notebook is missing from the page"
+    assert light["drawn"] == light["figures"], "plotly did not draw every figure"
+    assert light["typeset"] == light["math"] and light["mathErrors"] == 0, "MathJax did not typeset every equation"
+    assert light["widgetViews"] == expected["widgets"] and light["widgets"] >= light["widgetViews"]
+    assert light["hiddenSolutions"] == light["dropdowns"], "a solution is visible before it is asked for"
+    if light["figures"]:
+        low, high = light["figureTextLuminance"]
+        assert high < 0.5, "figure text must be dark on the light page"
+        low, high = dark["figureTextLuminance"]
+        assert low > 0.6, "figure text must be light on the dark page"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TOC)
+def test_page_renders_in_chromium(site, server, chromium, name):
+    light, dark, problems = look_at(chromium, server.url + f"{name}.html", name.replace("/", "_"))
+    check_report(light, dark, problems, expected_outputs(ROOT / f"{name}.ipynb"))
+
+
+@pytest.mark.slow
+def test_preface_exercises_the_whole_plumbing(site, server, chromium):
+    """The preface has at least one figure, one equation and one hidden solution, and the solution opens."""
+    page = chromium.open(server.url + "book/00_preface.html")
+    try:
+        report = browser_tools.settle(page)
+        assert report["figures"] >= 1 and report["math"] >= 1 and report["dropdowns"] >= 1
+        page.evaluate("document.querySelector('.admonition.dropdown .toggle-button').click()")
+        opened = page.wait_for("(() => { const d = document.querySelector('.admonition.dropdown');"
+                               " return [...d.children].slice(1).every(c => c.getBoundingClientRect().height > 0)"
+                               " })()", what="the solution to open")
+        assert opened and page.problems() == []
+    finally:
+        page.close()
+
+
+# --- a probe book: widgets, sliders and animation frames through the same configuration -------------------------
+
+def _probe_book(tmp_path: Path, cells: list) -> Path:
+    """A one-page book under ``tmp_path/book_src`` with this repository's configuration and extension."""
+    src = tmp_path / "book_src"
+    (src / "book").mkdir(parents=True)
+    shutil.copy(ROOT / "_config.yml", src / "_config.yml")
+    shutil.copytree(ROOT / "book" / "_ext", src / "book" / "_ext")
+    shutil.copytree(ROOT / "book" / "_static", src / "book" / "_static")
+    (src / "_toc.yml").write_text("format: jb-book\nroot: book/probe\n")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Probe\n\nInline $x^2$ and\n\n"
+                                                                       "$$\\sum_{i=1}^n i = \\frac{n(n+1)}{2}$$"),
+                                         *cells])
+    nbformat.write(nb, src / "book" / "probe.ipynb")
+    return src
+
+
+PROBE_CELLS = [
+    "# NBVAL_IGNORE_OUTPUT\nimport sys\nfrom dsv3.viz import setup_notebook, show\ndevice, BIG = setup_notebook()",
+    """import plotly.graph_objects as go
+from dsv3.viz import figure
+xs = [i / 10 for i in range(11)]
+fig = figure(title="y = x^k", height=360)
+fig.add_scatter(x=xs, y=xs, name="k=1")
+fig.frames = [go.Frame(data=[go.Scatter(x=xs, y=[x ** k for x in xs])], name=str(k)) for k in range(1, 4)]
+fig.update_layout(
+    sliders=[dict(steps=[dict(label=str(k), method="animate", args=[[str(k)], dict(mode="immediate")])
+                         for k in range(1, 4)])],
+    updatemenus=[dict(type="buttons", buttons=[dict(label="Play", method="animate", args=[None])])])
+show(fig)""",
+    """import ipywidgets as w
+slider = w.IntSlider(value=3, min=1, max=5, description="k")
+out = w.Output()
+with out:
+    print("k =", slider.value)
+w.VBox([slider, out])""",
+]
+
+
+@pytest.mark.slow
+def test_probe_page_draws_widgets_sliders_and_frames(tmp_path, chromium):
+    book = _probe_book(tmp_path, [nbformat.v4.new_code_cell(src) for src in PROBE_CELLS])
+    notebook = book / "book" / "probe.ipynb"
+    run_notebook.execute(notebook, timeout=300)
+    assert run_notebook.problems(notebook) == []
+    result = build(book, tmp_path / "out")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    html = tmp_path / "out" / "_build" / "html"
+
+    def sliders_frames_and_widgets(page):
+        counts = page.evaluate("({sliders: document.querySelectorAll('.dsv3-plotly .slider-container').length,"
+                               " menus: document.querySelectorAll('.dsv3-plotly .updatemenu-container').length,"
+                               " frames: document.querySelector('.dsv3-plotly')._transitionData._frames.length,"
+                               " slider: document.querySelector('.widget-subarea .widget-slider') !== null,"
+                               " text: document.querySelector('.widget-subarea .widget-output')"
+                               "?.textContent.trim()})")
+        assert counts == {"sliders": 1, "menus": 1, "frames": 3, "slider": True, "text": "k = 3"}
+        # Go to the last frame, as the slider does: the static page recomputes nothing, it animates.
+        page.evaluate("Plotly.animate(document.querySelector('.dsv3-plotly'), ['3'], {transition: {duration: 0},"
+                      " frame: {duration: 0, redraw: true}, mode: 'immediate'})", await_promise=True)
+        assert page.evaluate("document.querySelector('.dsv3-plotly').data[0].y.at(-1)") == pytest.approx(1.0)
+        assert page.evaluate("document.querySelector('.dsv3-plotly').data[0].y[5]") == pytest.approx(0.125)
+
+    with browser_tools.SiteServer(html) as srv:
+        light, dark, problems = look_at(chromium, srv.url + "book/probe.html", "probe", then=sliders_frames_and_widgets)
+    check_report(light, dark, problems, {"figures": 1, "widgets": 1})
+    assert light["math"] == 2
