@@ -187,6 +187,7 @@ class DeepSeekV3(nn.Module):
             key_ok = attention_mask.to(device=device, dtype=torch.bool)  # (B, S)
             if cache is not None and update_cache_mask:
                 cache.key_mask[:, :S] = key_ok
+                cache.padded = cache.padded or not bool(key_ok.all())
         elif cache is not None:
             key_ok = cache.key_mask[:, :S]  # (B, S)
         else:

@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import ModelConfig
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
 CACHE_KINDS = ("latent", "naive")
+DECODE_MAX_TOKENS = 8  # new tokens per step up to which cached absorbed attention runs as decoding (mla_decode)
 
 
 class KVCache:
@@ -49,6 +51,7 @@ class KVCache:
         self.a = [torch.zeros(shapes[0], dtype=dtype, device=device) for _ in range(n)]  # c_KV or K per layer
         self.b = [torch.zeros(shapes[1], dtype=dtype, device=device) for _ in range(n)]  # k^R or V per layer
         self.key_mask = torch.ones(B, S, dtype=torch.bool, device=device)  # (B, S) False = padding
+        self.padded = False  # True once a padding position was written (the decode kernel then steps aside)
         self.length = 0
         self.layer_lengths = [0] * n
 
@@ -140,6 +143,9 @@ class MultiHeadLatentAttention(nn.Module):
         if absorbed:
             if cache is not None:
                 c_kv, k_rope = cache.write(layer, start, c_kv, k_rope)  # (B, S, r), (B, S, rope)
+                if T <= DECODE_MAX_TOKENS and not cache.padded:
+                    return self.o_proj(self._decode_latent(q_nope, q_rope, cache, layer, start + T).reshape(
+                        B, T, H * self.v_dim))  # (B, T, D)
             out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)  # (B, T, H, v)
         else:
             k_nope, v = self._decompress(c_kv)  # (B, T, H, nope), (B, T, H, v)
@@ -157,11 +163,20 @@ class MultiHeadLatentAttention(nn.Module):
     def _attend_naive(self, q, k, v, mask):
         """Standard attention over decompressed heads: q (B, T, H, qk), k (B, S, H, qk), v (B, S, H, v)."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T|S, dim)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=self.scale)
+        if mask is None:  # plain causal over exactly these tokens: flash attention on GPU, SDPA elsewhere
+            out = kernels.attention_prefill(q, k, v, self.scale, causal=q.shape[2] > 1)  # (B, H, T, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, T, v)
         return out.transpose(1, 2)  # (B, T, H, v)
+
+    def _decode_latent(self, q_nope, q_rope, cache: KVCache, layer: int, length: int) -> torch.Tensor:
+        """Decode (and speculative verification) over the latent cache with ``dsv3.kernels.mla_decode``: the fused
+        split-KV kernel on GPU, its torch reference elsewhere. Returns (B, T, H, v)."""
+        B = q_nope.shape[0]
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, self.w_uk())  # (B, T, H, r)
+        seq_lens = torch.full((B,), length, dtype=torch.int32, device=q_nope.device)  # (B,)
+        o_lat = kernels.mla_decode(q_lat, q_rope, cache.a[layer], cache.b[layer], seq_lens, self.scale)  # (B,T,H,r)
+        return torch.einsum("bthr,hdr->bthd", o_lat, self.w_uv())  # (B, T, H, v)
 
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
         """Attention in latent space (Sec. 2.1.1, "absorbed"): scores = (q^C W^UK) c_KV + q^R k^R, output W^UV (P c_KV).
