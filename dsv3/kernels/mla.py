@@ -93,9 +93,18 @@ def mla_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_
     return mla_decode_torch(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table)
 
 
-def attention_prefill_torch(q, k, v, scale, causal=True):
-    """Reference: torch SDPA. q, k (B, H, T, Dqk), v (B, H, T, Dv) -> (B, H, T, Dv)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+def attention_prefill_torch(q, k, v, scale, causal=True, mask=None):
+    """Reference: torch SDPA. q, k (B, H, T|S, Dqk), v (B, H, S, Dv) -> (B, H, T, Dv); ``mask`` bool, True = attend.
+
+    MLA's value heads are narrower than its query/key heads (128 vs 192 at V3 size); torch's fused CPU/GPU SDPA
+    kernels want equal widths and otherwise fall back to the slow math path, so V is zero-padded to Dqk and the
+    padding sliced off the output (zero columns of V contribute nothing).
+    """
+    dv = v.shape[-1]
+    if dv < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))  # (B, H, S, Dqk)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+    return out[..., :dv]
 
 
 def attention_prefill_triton(q, k, v, scale, causal=True):

@@ -13,7 +13,6 @@ RoPE key k^R. Two equivalent ways to attend, behind one switch (the cache's ``ki
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
@@ -166,7 +165,7 @@ class MultiHeadLatentAttention(nn.Module):
         if mask is None:  # plain causal over exactly these tokens: flash attention on GPU, SDPA elsewhere
             out = kernels.attention_prefill(q, k, v, self.scale, causal=q.shape[2] > 1)  # (B, H, T, v)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, H, T, v)
+            out = kernels.attention_prefill_torch(q, k, v, self.scale, causal=False, mask=mask)  # (B, H, T, v)
         return out.transpose(1, 2)  # (B, T, H, v)
 
     def _decode_latent(self, q_nope, q_rope, cache: KVCache, layer: int, length: int) -> torch.Tensor:
