@@ -1,0 +1,221 @@
+"""The model on a CPU: dsv3 vs transformers' DeepseekV3ForCausalLM, and absorbed vs naive MLA decoding (Chapter 2).
+
+One run prints two tables, both on the same tiny checkpoint (``ModelConfig.tiny`` with random weights, fp32,
+written by ``dsv3.save_pretrained`` and read back by transformers):
+
+1. Forward time of a batch (default 4 x 256 tokens, no gradient): dsv3 vs transformers with eager attention.
+   Logits are compared, so the two models are known to compute the same function. Target: dsv3 >= 1.5x faster.
+2. One decode step (one new token per sequence) at 256, 1K and 4K cached tokens, with the latent cache (absorbed
+   MLA: c_KV + k^R) vs the naive cache (decompressed per-head K and V), and the bytes each cache holds.
+   Target: absorbed faster from 1K on; bytes in the ratio (kv_lora_rank + qk_rope_head_dim) :
+   n_heads x (qk_head_dim + v_head_dim). The tiny config's max_position_embeddings is 1024, so this run uses
+   ``ModelConfig.tiny(max_position_embeddings=8192)`` with YaRN factor 32 over the original 256 positions (the
+   same weights shapes; only the RoPE frequencies differ).
+
+Times are medians over ``--repeats`` runs with ``torch.set_num_threads(--threads)`` (default 2) of the wall clock,
+or, with ``--clock thread`` (needs ``--threads 1``), of the CPU time of the one thread doing the work, which a busy
+machine disturbs far less.
+
+    python benchmarks/bench_model_cpu.py          # the committed table (benchmarks/results/bench_model_cpu.txt)
+    python benchmarks/bench_model_cpu.py --profile   # add a torch.profiler breakdown of both forwards
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsv3 import DeepSeekV3, KVCache, ModelConfig, kv_cache_bytes, save_pretrained  # noqa: E402
+
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+clock = time.perf_counter
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = clock()
+        fn()
+        times.append(clock() - t0)
+    return statistics.median(times)
+
+
+def long_context_config() -> ModelConfig:
+    return ModelConfig.tiny(max_position_embeddings=8192, rope_scaling={
+        "type": "yarn", "factor": 32.0, "original_max_position_embeddings": 256, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 1.0})
+
+
+def random_model(config: ModelConfig, seed: int = 0) -> DeepSeekV3:
+    torch.manual_seed(seed)
+    model = DeepSeekV3(config)
+    with torch.no_grad():
+        for layer in model.moe_layers():  # a nonzero correction bias, as a trained model has
+            layer.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
+def forward_table(args) -> list[str]:
+    import transformers
+    from transformers import DeepseekV3ForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    config = ModelConfig.tiny()
+    model = random_model(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp)
+        hf = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager").eval()
+    B, T = args.batch, args.seq_len
+    ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours_logits, hf_logits = model(ids).logits, hf(ids, use_cache=False).logits
+        err = ((ours_logits - hf_logits).norm() / hf_logits.norm()).item()
+        t_ours = median_time(lambda: model(ids), args.repeats)
+        t_hf = median_time(lambda: hf(ids, use_cache=False), args.repeats)
+    lines = [f"Forward, batch {B} x {T} tokens, ModelConfig.tiny() fp32, no grad "
+             f"(logits agree: relative error {err:.1e})",
+             f"  {'implementation':<40}{'time (ms)':>12}{'tokens/s':>12}{'speedup':>10}",
+             f"  {'transformers DeepseekV3ForCausalLM eager':<40}{t_hf * 1e3:>12.1f}{B * T / t_hf:>12,.0f}"
+             f"{1.0:>9.2f}x",
+             f"  {'dsv3.DeepSeekV3':<40}{t_ours * 1e3:>12.1f}{B * T / t_ours:>12,.0f}{t_hf / t_ours:>9.2f}x",
+             f"  target: dsv3 >= 1.5x transformers eager -> {'met' if t_hf / t_ours >= 1.5 else 'NOT met'}"]
+    if args.profile:
+        ours_parts = component_times(lambda: model(ids), {
+            "attention (MLA)": [b.self_attn for b in model.layers],
+            "MoE layers": [b.mlp for b in model.layers if b.is_moe],
+            "dense FFN layer": [b.mlp for b in model.layers if not b.is_moe],
+            "output head": [model.lm_head]}, args.repeats)
+        hf_parts = component_times(lambda: hf(ids, use_cache=False), {
+            "attention (MLA)": [b.self_attn for b in hf.model.layers],
+            "MoE layers": [b.mlp for b in hf.model.layers if hasattr(b.mlp, "gate")],
+            "dense FFN layer": [b.mlp for b in hf.model.layers if not hasattr(b.mlp, "gate")],
+            "output head": [hf.lm_head]}, args.repeats)
+        lines += ["", "Where the forward time goes (ms, median of per-component sums over the runs):",
+                  f"  {'component':<24}{'transformers':>14}{'dsv3':>10}"]
+        for name in ours_parts:
+            lines.append(f"  {name:<24}{hf_parts[name] * 1e3:>14.1f}{ours_parts[name] * 1e3:>10.1f}")
+        lines += ["", *profile_lines("dsv3", lambda: model(ids)), "",
+                  *profile_lines("transformers", lambda: hf(ids, use_cache=False))]
+    return lines
+
+
+def component_times(fn, groups: dict[str, list[torch.nn.Module]], repeats: int) -> dict[str, float]:
+    """Median over runs of the time spent inside each group of modules (forward hooks), plus the remainder."""
+    totals = {name: [] for name in (*groups, "everything else")}
+    current = {name: 0.0 for name in groups}
+    handles = []
+    for name, modules in groups.items():
+        for module in modules:
+            def pre(mod, inputs, name=name):
+                mod._bench_t0 = clock()
+
+            def post(mod, inputs, output, name=name):
+                current[name] += clock() - mod._bench_t0
+
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            fn()
+            for _ in range(repeats):
+                for name in current:
+                    current[name] = 0.0
+                t0 = clock()
+                fn()
+                total = clock() - t0
+                for name in groups:
+                    totals[name].append(current[name])
+                totals["everything else"].append(total - sum(current.values()))
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: statistics.median(v) for name, v in totals.items()}
+
+
+def profile_lines(name: str, fn, rows: int = 10) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return [f"torch.profiler, {name} forward (self CPU time):", *table.splitlines()]
+
+
+def decode_table(args) -> list[str]:
+    config = long_context_config()
+    model = random_model(config)
+    lines = [f"One decode step (batch 1, one new token) over a filled cache; "
+             f"ModelConfig.tiny(max_position_embeddings=8192, YaRN factor 32 over 256) fp32",
+             f"  {'context':>8}{'absorbed (ms)':>15}{'naive (ms)':>12}{'naive/absorbed':>16}"
+             f"{'latent bytes':>14}{'naive bytes':>13}{'ratio':>8}"]
+    step_tokens = torch.randint(0, config.vocab_size, (1, 1))
+    for context in args.contexts:
+        prompt = torch.randint(0, config.vocab_size, (1, context), generator=torch.Generator().manual_seed(context))
+        times, sizes = {}, {}
+        for kind in ("latent", "naive"):
+            cache = KVCache(config, 1, context + 1, kind, num_layers=config.num_hidden_layers)
+            with torch.no_grad():
+                model(prompt, cache=cache)  # prefill: positions [0, context)
+
+                def step():
+                    model(step_tokens, cache=cache)
+                    cache.truncate(context)  # the same step again: attention over exactly `context` + 1 keys
+
+                times[kind] = median_time(step, args.decode_repeats, warmup=2)
+            sizes[kind] = cache.nbytes * context // cache.max_len  # bytes for `context` tokens
+            attention = "mla" if kind == "latent" else "mha"
+            assert sizes[kind] == kv_cache_bytes(config, context, dtype=torch.float32, attention=attention)
+        lines.append(f"  {context:>8}{times['latent'] * 1e3:>15.2f}{times['naive'] * 1e3:>12.2f}"
+                     f"{times['naive'] / times['latent']:>15.2f}x{sizes['latent']:>14,}{sizes['naive']:>13,}"
+                     f"{sizes['naive'] / sizes['latent']:>7.1f}x")
+    expect = (config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
+              / (config.kv_lora_rank + config.qk_rope_head_dim))
+    lines.append(f"  expected byte ratio n_heads x (qk_head_dim + v_head_dim) / (kv_lora_rank + qk_rope_head_dim) = "
+                 f"{config.num_attention_heads} x ({config.qk_head_dim} + {config.v_head_dim}) / "
+                 f"({config.kv_lora_rank} + {config.qk_rope_head_dim}) = {expect:.1f}x; "
+                 f"bytes equal dsv3.kv_cache_bytes (checked)")
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--decode-repeats", type=int, default=30)
+    p.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of both forwards")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall clock, or the CPU time of the working thread (with --threads 1)")
+    args = p.parse_args(argv)
+    if args.clock == "thread" and args.threads != 1:
+        p.error("--clock thread measures one thread: use it with --threads 1")
+    global clock
+    clock = CLOCKS[args.clock]
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock, medians of {args.repeats} "
+          f"(forward) / {args.decode_repeats} (decode step) runs (load average at start {load:.1f} on "
+          f"{os.cpu_count()} CPUs)")
+    print()
+    print("\n".join(forward_table(args)))
+    print()
+    print("\n".join(decode_table(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
