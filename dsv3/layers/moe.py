@@ -1,13 +1,17 @@
 """DeepSeekMoE (paper Sec. 2.1.2, Eq. 12-16; taught in Chapters 3 and 4): shared experts plus fine-grained routed
 experts, sigmoid affinities, the auxiliary-loss-free correction bias and group (node)-limited top-k routing.
 
-Dispatch never drops a token: every token goes to exactly ``num_experts_per_tok`` routed experts. Tokens are
-sorted by expert and each expert runs once on its contiguous slice (``dsv3.kernels.moe_experts``; a grouped GEMM on
-GPU). The per-expert token counts come back with the output for the balancing code (``dsv3.balance``).
+By default dispatch never drops a token: every token goes to exactly ``num_experts_per_tok`` routed experts
+(DeepSeek-V3's "No Token-Dropping", Sec. 2.1.2). Setting ``moe.capacity_factor`` turns on GShard-style capacity
+dropping, for comparison only (Chapter 4): each expert keeps at most ceil(cf * N * K / N_r) of its (token, slot)
+pairs. Tokens are sorted by expert and each expert runs once on its contiguous slice (``dsv3.kernels.moe_experts``;
+a grouped GEMM on GPU). The per-expert token counts come back with the output for the balancing code
+(``dsv3.balance``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +44,7 @@ class Routing:
     scores: torch.Tensor  # (N, N_r) fp32, sigmoid affinities s_{i,t} (differentiable: the balance loss needs them)
     counts: torch.Tensor  # (N_r,) int64, tokens sent to each expert
     batch_shape: tuple[int, int]  # (B, T), to regroup per sequence
+    dropped: float = 0.0  # fraction of (token, slot) pairs dropped by a capacity factor (0 by default: none)
 
 
 class Router(nn.Module):
@@ -96,14 +101,50 @@ class DeepSeekMoE(nn.Module):
         self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
                                if config.n_shared_experts > 0 else None)
+        self.capacity_factor: float | None = None  # None: never drop (V3); a number: GShard-style dropping
+        self.capacity_priority = "order"  # what a full expert keeps: "order" (slot, then token) or "weight"
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """x (B, T, D) -> (FFN output (B, T, D) without the residual, the routing decisions)."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)  # (N, D)
         weights, ids, scores = self.gate(flat)  # (N, K), (N, K), (N, N_r)
+        dropped = 0.0
+        if self.capacity_factor is not None:
+            keep = capacity_keep(ids, weights, self.n_routed_experts, self.capacity_factor,
+                                 self.capacity_priority)  # (N, K) bool
+            weights = weights * keep  # a dropped pair contributes nothing (the token keeps its residual)
+            dropped = 1.0 - keep.float().mean().item()
         y = self.experts(flat, weights, ids)  # (N, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)  # (N, D)
-        counts = kernels.expert_counts(ids, self.n_routed_experts)  # (N_r,)
-        return y.view(B, T, D), Routing(ids, weights, scores, counts, (B, T))
+        counts = kernels.expert_counts(ids, self.n_routed_experts)  # (N_r,) assigned, before any dropping
+        return y.view(B, T, D), Routing(ids, weights, scores, counts, (B, T), dropped)
+
+
+def capacity_keep(ids: torch.Tensor, weights: torch.Tensor, n_experts: int, capacity_factor: float,
+                  priority: str = "order") -> torch.Tensor:
+    """GShard-style expert capacity (a comparison for Chapter 4; DeepSeek-V3 drops nothing): which (token, slot)
+    pairs of ids (N, K) an expert with room for C = ceil(capacity_factor * N * K / n_experts) pairs keeps.
+
+    ``priority="order"``: first choices of all tokens before second choices, each in token order (GShard);
+    ``"weight"``: the pairs with the largest gating weights first. Returns (N, K) bool, True = kept.
+    """
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0 (or None for no dropping), got {capacity_factor!r}")
+    if priority not in ("order", "weight"):
+        raise ValueError(f"capacity priority must be 'order' or 'weight', got {priority!r}")
+    N, K = ids.shape
+    capacity = math.ceil(capacity_factor * N * K / n_experts)
+    if priority == "order":
+        pref = torch.arange(N * K, device=ids.device).view(K, N).t().reshape(-1)  # (N*K,) slot-major rank of a pair
+        by_pref = torch.argsort(pref)  # (N*K,) pairs in preference order
+    else:
+        by_pref = torch.argsort(weights.detach().reshape(-1), descending=True, stable=True)  # (N*K,)
+    flat = ids.reshape(-1)  # (N*K,) expert of each pair
+    order = by_pref[torch.argsort(flat[by_pref], stable=True)]  # (N*K,) grouped by expert, preferred first
+    counts = torch.bincount(flat, minlength=n_experts)  # (E,)
+    first = counts.cumsum(0) - counts  # (E,) where each expert's run starts in `order`
+    rank = torch.empty_like(flat)  # (N*K,) position of a pair in its expert's queue
+    rank[order] = torch.arange(N * K, device=ids.device) - first[flat[order]]
+    return (rank < capacity).view(N, K)

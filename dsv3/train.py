@@ -1,0 +1,770 @@
+"""Training: AdamW with warmup + cosine, the MTP loss weight schedule, load balancing, and checkpoints with exact
+resume (paper Sec. 4.2 for the recipe, Sec. 2.1.2 and 2.2 for balancing and MTP; used in Chapters 4 and 5).
+
+    result = train(ModelConfig.tiny(), TrainConfig(steps=300, out_dir="runs/tiny"))
+    result.model, result.history   # the trained model; one JSON-ready dict per optimizer step
+
+One optimizer step draws ``grad_accum`` micro-batches from ``dsv3.data`` (``batch_size`` sequences in all), adds
+the balance term of ``TrainConfig.balance`` to L_main + lambda * L_MTP, clips the gradient norm, steps AdamW, and
+then -- outside the gradient -- moves every router's correction bias by gamma toward balance using the loads of the
+whole step (``dsv3.balance``). On a GPU the forward runs under bf16 autocast with fp32 master weights and the
+kernels' "auto" backend picks the Triton kernels; on a CPU everything is fp32 and torch.
+
+A checkpoint is a directory ``out_dir/checkpoint-NNNNNN`` holding the model in the released layout
+(``config.json`` + ``model.safetensors``, router biases included: ``dsv3.load_pretrained`` reads it), and
+``trainer.safetensors`` (AdamW moments and step, RNG states) + ``trainer.json`` (step, configs, data position,
+history). It is written under a temporary name, renamed into place, and only then does ``out_dir/latest`` point
+to it, so a crash or a diverged run always leaves the last good checkpoint. Resuming restores every piece of
+state: N steps + resume + N steps equals 2N steps bit for bit (weights, biases, optimizer, history).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import balance as bal
+from .checkpoint import atomic_save_file, atomic_write_text, load_pretrained, save_pretrained
+from .config import ModelConfig
+from .model import DeepSeekV3
+
+CHECKPOINT_PREFIX = "checkpoint-"
+LATEST_FILE = "latest"
+TRAINER_JSON, TRAINER_TENSORS = "trainer.json", "trainer.safetensors"
+FORMAT = "dsv3-train-v1"
+DTYPES = ("auto", "float32", "bfloat16")
+# TrainConfig fields a resumed run may change; every other field must equal the checkpoint's
+RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "progress", "out_dir",
+                     "data_dir", "device")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient norm stopped being finite; the message names the step and the last good checkpoint."""
+
+
+# ---------------------------------------------------------------------- configuration
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the model's ``ModelConfig``. Paper values (Sec. 4.2) in comments;
+    the defaults are the tiny config's, chosen by measurement on 2 CPU cores."""
+
+    steps: int = 400  # optimizer steps
+    batch_size: int = 16  # sequences per optimizer step (all micro-batches together)
+    seq_len: int = 128  # tokens per sequence (paper: 4K)
+    grad_accum: int = 1  # micro-batches per step; batch_size must be divisible by it
+    lr: float = 2e-3  # peak learning rate (paper: 2.2e-4 at 671B)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (paper: 2.2e-5 / 2.2e-4)
+    warmup_steps: int = 30  # linear warmup (paper: 2K steps)
+    weight_decay: float = 0.1  # AdamW, decoupled (paper: 0.1)
+    beta1: float = 0.9  # paper: 0.9
+    beta2: float = 0.95  # paper: 0.95
+    grad_clip: float = 1.0  # max global gradient norm (paper: 1.0); 0 disables clipping
+    balance: str = "bias"  # "bias" (aux-loss-free + sequence-wise loss), "aux" (batch-wise aux loss), "none"
+    bias_update_speed: float = 0.01  # gamma (paper: 0.001, too slow to matter in a few hundred steps)
+    bias_update_until: float = 1.0  # fraction of the steps during which gamma > 0 (paper: 14.3T / 14.8T tokens)
+    seq_aux_alpha: float = 1e-4  # alpha of the sequence-wise balance loss with balance="bias" (paper: 0.0001)
+    aux_alpha: float = 1e-2  # alpha of the batch-wise auxiliary loss with balance="aux"
+    mtp_weight: float = 0.3  # lambda (paper: 0.3 for the first 10T tokens ...)
+    mtp_weight_final: float = 0.1  # ... then 0.1 for the remaining 4.8T
+    mtp_weight_switch: float = 10.0 / 14.8  # fraction of the steps after which lambda = mtp_weight_final
+    capacity_factor: float | None = None  # None: no token dropping (V3); a number: GShard-style dropping
+    domains: Any = ("shakespeare",)  # domain names, or {name: mixing weight} (see dsv3.data.DOMAINS)
+    data_dir: str | None = None  # folder with the corpus and tokenizer (default: the bundled data)
+    eval_every: int = 100  # validate every this many steps and at the end (0: never)
+    eval_batches: int = 8  # validation batches (of batch_size sequences) per evaluation
+    save_every: int = 100  # checkpoint every this many steps and at the end (needs out_dir; 0: only at the end)
+    keep_checkpoints: int = 1  # how many checkpoint directories to keep in out_dir
+    seed: int = 0  # model initialization and data order
+    out_dir: str | None = None  # run directory for checkpoints (None: keep nothing on disk)
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"  # autocast: "auto" = bf16 on cuda / fp32 on cpu, "float32", "bfloat16"
+    progress: bool = True  # tqdm progress bar (tqdm.auto: a widget in notebooks)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.domains, str):
+            self.domains = (self.domains,)
+        elif isinstance(self.domains, Mapping):
+            self.domains = {str(k): v for k, v in self.domains.items()}
+        elif isinstance(self.domains, (list, tuple)):
+            self.domains = tuple(self.domains)
+        if self.out_dir is not None:
+            self.out_dir = str(self.out_dir)
+        if self.data_dir is not None:
+            self.data_dir = str(self.data_dir)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field whose value cannot drive a training run."""
+        def integer(name: str, lo: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                kind = "a positive integer" if lo == 1 else "an integer >= 0"
+                raise ValueError(f"TrainConfig.{name} must be {kind}, got {v!r}")
+
+        def number(name: str, lo: float, strict: bool = False, hi: float | None = None) -> None:
+            v = getattr(self, name)
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                  and (v > lo if strict else v >= lo) and (hi is None or v <= hi))
+            if not ok:
+                bound = f"> {lo}" if strict else f">= {lo}"
+                bound += f" and <= {hi}" if hi is not None else ""
+                raise ValueError(f"TrainConfig.{name} must be a finite number {bound}, got {v!r}")
+
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_checkpoints"):
+            integer(name, 1)
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            integer(name, 0)
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"TrainConfig.batch_size={self.batch_size} is not divisible by "
+                             f"grad_accum={self.grad_accum}")
+        number("lr", 0.0, strict=True)
+        number("min_lr_ratio", 0.0, hi=1.0)
+        number("weight_decay", 0.0)
+        number("beta1", 0.0, hi=0.999999)
+        number("beta2", 0.0, hi=0.999999)
+        number("grad_clip", 0.0)
+        if self.balance not in bal.BALANCE_MODES:
+            raise ValueError(f"TrainConfig.balance must be one of {bal.BALANCE_MODES}, got {self.balance!r}")
+        number("bias_update_speed", 0.0)  # gamma < 0 would push load *toward* the busiest experts
+        number("bias_update_until", 0.0, hi=1.0)
+        number("seq_aux_alpha", 0.0)
+        number("aux_alpha", 0.0)
+        number("mtp_weight", 0.0)
+        number("mtp_weight_final", 0.0)
+        number("mtp_weight_switch", 0.0, hi=1.0)
+        if self.capacity_factor is not None:
+            number("capacity_factor", 0.0, strict=True)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TrainConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(f"TrainConfig.device must be a device string such as 'auto' or 'cpu', got "
+                             f"{self.device!r}")
+        _domain_weights(self.domains)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["domains"] = dict(self.domains) if isinstance(self.domains, Mapping) else list(self.domains)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _domain_weights(domains: Any) -> tuple[tuple[str, ...], dict[str, float] | None]:
+    """(domain names, mixing weights or None) from ``TrainConfig.domains``; one error for anything else."""
+    from .data import DOMAINS
+
+    if isinstance(domains, Mapping):
+        names, weights = tuple(domains), dict(domains)
+        for k, w in weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(f"TrainConfig.domains weight of {k!r} must be a finite number >= 0, got {w!r}")
+        if sum(weights.values()) <= 0:
+            raise ValueError(f"TrainConfig.domains weights are all zero: {weights}")
+    elif isinstance(domains, tuple) and all(isinstance(d, str) for d in domains):
+        names, weights = domains, None
+    else:
+        raise ValueError(f"TrainConfig.domains must be domain names or {{name: weight}}, got {domains!r}")
+    if not names:
+        raise ValueError(f"TrainConfig.domains is empty; choose from {', '.join(DOMAINS)}")
+    for d in names:
+        if d not in DOMAINS:
+            raise ValueError(f"TrainConfig.domains names unknown domain {d!r}; known domains: {', '.join(DOMAINS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"TrainConfig.domains has duplicates: {list(names)}")
+    return names, weights
+
+
+# ---------------------------------------------------------------------- schedules
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup to ``lr``, then cosine to lr*min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(cfg.steps - cfg.warmup_steps - 1, 1)
+    progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def mtp_weight_at(step: int, cfg: TrainConfig) -> float:
+    """lambda of step ``step``: ``mtp_weight`` before ``mtp_weight_switch * steps``, ``mtp_weight_final`` after
+    (paper Sec. 4.2: 0.3 for the first 10T tokens, 0.1 for the remaining 4.8T)."""
+    return cfg.mtp_weight if step < cfg.mtp_weight_switch * cfg.steps else cfg.mtp_weight_final
+
+
+def bias_update_speed_at(step: int, cfg: TrainConfig) -> float:
+    """gamma of step ``step``: ``bias_update_speed`` before ``bias_update_until * steps``, then 0 (paper Sec. 4.2:
+    0.001 for the first 14.3T tokens, 0 for the last 500B). Zero unless ``balance == "bias"``."""
+    if cfg.balance != "bias":
+        return 0.0
+    return cfg.bias_update_speed if step < cfg.bias_update_until * cfg.steps else 0.0
+
+
+# ---------------------------------------------------------------------- pieces a notebook can reuse
+def init_model(model_config: ModelConfig, seed: int = 0) -> DeepSeekV3:
+    """A freshly initialized model (fp32 master weights), the same for the same seed."""
+    torch.manual_seed(seed)
+    return DeepSeekV3(model_config).float()
+
+
+def make_data(cfg: TrainConfig, model_config: ModelConfig | None = None):
+    """(corpus, training BatchIterator of micro-batches, validation batches) for a TrainConfig.
+
+    The corpus is tokenized before any model exists, so an empty or too-short corpus fails first."""
+    from .data import load_corpus
+
+    names, weights = _domain_weights(cfg.domains)
+    corpus = load_corpus(names, directory=cfg.data_dir)
+    if model_config is not None and corpus.tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(f"the tokenizer has {corpus.tokenizer.vocab_size} tokens, more than the model's "
+                         f"vocab_size={model_config.vocab_size}")
+    iterator = corpus.batches(cfg.batch_size // cfg.grad_accum, cfg.seq_len, seed=cfg.seed, weights=weights)
+    val = corpus.val_batches(cfg.batch_size, cfg.seq_len, max_batches=cfg.eval_batches) if cfg.eval_every else []
+    return corpus, iterator, val
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices, embeddings and stacked experts, none on norms and biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"TrainConfig.device {name!r} is not a device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"TrainConfig.device is {name!r}, but CUDA is not available")
+    return device
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def moe_layer_names(model: DeepSeekV3) -> list[str]:
+    """Names of the MoE layers in the order of ``model.moe_layers()`` (main blocks, then MTP modules)."""
+    names = [f"layers.{b.layer_idx}" for b in model.layers if b.is_moe]
+    return names + [f"mtp.{m.depth - 1}" for m in model.mtp if m.is_moe]
+
+
+# ---------------------------------------------------------------------- checkpoints
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint directory a run directory's ``latest`` names, a checkpoint directory itself, or None."""
+    path = Path(path)
+    if (path / TRAINER_JSON).is_file():
+        return path
+    latest = path / LATEST_FILE
+    if latest.is_file():
+        ckpt = path / latest.read_text().strip()
+        if not (ckpt / TRAINER_JSON).is_file():
+            raise ValueError(f"{latest} names {ckpt.name}, which is not a complete checkpoint")
+        return ckpt
+    return None
+
+
+def model_dir(path: str | Path) -> Path:
+    """The directory holding ``config.json`` + weights for a run directory, a checkpoint, or a model directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = find_checkpoint(path)
+    if ckpt is not None:
+        return ckpt
+    if (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(f"{path} holds no training run (no {LATEST_FILE} file) and no config.json")
+
+
+def load_history(path: str | Path) -> list[dict]:
+    """The history saved with a run's latest checkpoint (or a given checkpoint directory)."""
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path} holds no training checkpoint")
+    return json.loads((ckpt / TRAINER_JSON).read_text())["history"]
+
+
+def save_checkpoint(run_dir: Path, step: int, model: DeepSeekV3, optimizer: torch.optim.Optimizer,
+                    data_state: dict, history: list[dict], cfg: TrainConfig, keep: int = 1) -> Path:
+    """Write ``run_dir/checkpoint-{step}`` (under a temporary name, then renamed), point ``latest`` at it, and
+    remove older checkpoints beyond the newest ``keep``. Safetensors + JSON only."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{CHECKPOINT_PREFIX}{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{name}.", suffix=".tmp"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is as readable as the run directory
+    try:
+        save_pretrained(model, tmp)
+        tensors, opt_meta = _optimizer_tensors(model, optimizer)
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+        atomic_save_file(tensors, tmp / TRAINER_TENSORS, metadata={"format": FORMAT})
+        state = {"format": FORMAT, "step": step, "train_config": cfg.to_dict(), "data": data_state,
+                 "optimizer": opt_meta, "moe_layers": moe_layer_names(model), "history": history}
+        atomic_write_text(tmp / TRAINER_JSON, json.dumps(state) + "\n")
+        final = run_dir / name
+        if final.exists():  # left by an earlier attempt that never became `latest`: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(run_dir / LATEST_FILE, name + "\n")
+    old = sorted(p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name != name)
+    for p in old[: max(len(old) - (keep - 1), 0)]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """AdamW state by parameter name: {"optimizer.<param>.<exp_avg|exp_avg_sq|step>": tensor}, plus JSON metadata."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {}
+    for p, st in optimizer.state.items():
+        for key, value in st.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"optimizer state {key!r} of {names[id(p)]} is not a tensor")
+            tensors[f"optimizer.{names[id(p)]}.{key}"] = value.detach().cpu()
+    return tensors, {"type": type(optimizer).__name__,
+                     "param_groups": [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]}
+
+
+def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict,
+                    where: Path) -> None:
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    if meta.get("param_groups") != groups:
+        raise ValueError(f"{where}: the optimizer's parameter groups do not match this model")
+    sd = optimizer.state_dict()
+    state = {}
+    index = 0
+    for g in groups:
+        for n in g:
+            keys = {k[len(f"optimizer.{n}."):]: v for k, v in tensors.items() if k.startswith(f"optimizer.{n}.")
+                    and "." not in k[len(f"optimizer.{n}."):]}
+            if keys:
+                state[index] = keys
+            index += 1
+    sd["state"] = state
+    optimizer.load_state_dict(sd)
+
+
+def _read_checkpoint(ckpt: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((ckpt / TRAINER_JSON).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{ckpt / TRAINER_JSON}: not valid JSON ({e})") from None
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{ckpt / TRAINER_JSON}: format {state.get('format')!r}, expected {FORMAT!r}")
+    try:
+        tensors = load_file(str(ckpt / TRAINER_TENSORS))
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{ckpt / TRAINER_TENSORS}: cannot be read ({e})") from None
+    return state, tensors
+
+
+def _check_compatible(ckpt: Path, state: dict, model_config: ModelConfig, cfg: TrainConfig) -> None:
+    """One error naming the first field where the checkpoint's run differs from the requested one."""
+    saved_model = ModelConfig.from_hf(ckpt)
+    a, b = saved_model.to_hf(), model_config.to_hf()
+    for key in sorted(set(a) | set(b)):
+        if key not in ("torch_dtype", "quantization_config") and a.get(key) != b.get(key):
+            raise ValueError(f"{ckpt} holds another run: its model has {key}={a.get(key)!r}, this run asks for "
+                             f"{key}={b.get(key)!r}; choose another out_dir")
+    saved = state["train_config"]
+    mine = cfg.to_dict()
+    for key in mine:
+        if key in RESUMABLE_CHANGES:
+            continue
+        if saved.get(key) != mine[key]:
+            raise ValueError(f"{ckpt} holds another run: it was trained with TrainConfig.{key}={saved.get(key)!r}, "
+                             f"this run asks for {key}={mine[key]!r}; choose another out_dir")
+
+
+# ---------------------------------------------------------------------- the loop
+@dataclass
+class TrainResult:
+    """What ``train`` returns. ``history`` has one JSON-serializable dict per optimizer step:
+
+    ``step``, ``tokens`` (seen so far), ``loss`` (L_main + lambda * L_MTP), ``main_loss``, ``mtp_loss`` (mean over
+    depths), ``balance_loss`` (the term of ``balance``, not in ``loss``), ``lr``, ``mtp_weight`` (lambda),
+    ``bias_update_speed`` (gamma used), ``grad_norm`` (before clipping), ``max_vio`` (batch MaxVio averaged over
+    the main model's MoE layers), and per MoE layer (rows named by ``moe_layers``): ``max_vio_layers``, ``loads``
+    (N_r counts over the step's whole batch), ``biases`` (after the update), ``groups_per_token``, ``dropped``
+    (only with a capacity factor). Steps that validated add ``val_loss``, ``val_mtp_loss``, ``val_max_vio``
+    (global: loads summed over the validation set), ``val_max_vio_layers`` and ``val_loads``. No wall-clock
+    values, so a resumed run's history equals an uninterrupted one's; timing is in ``tokens_per_s``."""
+
+    model: DeepSeekV3
+    history: list[dict]
+    config: TrainConfig
+    model_config: ModelConfig
+    moe_layers: list[str]  # names of the rows of every per-layer list in history (main layers, then MTP)
+    out_dir: Path | None = None
+    checkpoint: Path | None = None  # the last checkpoint written or loaded
+    tokens_per_s: float = 0.0  # training throughput of this call (excluding validation and checkpoints)
+    elapsed_s: float = 0.0
+    stopped_early: bool = False
+    tokenizer: Any = None
+
+    @property
+    def val_history(self) -> list[dict]:
+        return [h for h in self.history if "val_loss" in h]
+
+    def last(self, key: str):
+        """The latest value of ``key`` in the history (e.g. ``"val_loss"``), or None."""
+        for h in reversed(self.history):
+            if key in h:
+                return h[key]
+        return None
+
+
+def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *, resume: bool = False,
+          callback: Callable[[dict, DeepSeekV3], bool | None] | None = None) -> TrainResult:
+    """Train a DeepSeek-V3 model (see the module docstring).
+
+    Every setting is checked before any compute: the configs, the corpus, the model's context length, and -- when
+    ``train_config.out_dir`` holds a checkpoint -- that ``resume=True`` was asked for and the checkpoint belongs
+    to the same run. ``callback(entry, model)`` runs after every step (and its checkpoint); returning True stops
+    training there (a checkpoint is written first when there is an out_dir). A non-finite loss or gradient norm
+    raises ``TrainingDivergedError`` before the optimizer touches the weights; the last good checkpoint stays.
+    """
+    cfg = train_config if train_config is not None else TrainConfig()
+    if not isinstance(model_config, ModelConfig):
+        raise ValueError(f"model_config must be a dsv3.ModelConfig, got {type(model_config).__name__}")
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"train_config must be a dsv3.TrainConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    if cfg.seq_len > model_config.max_position_embeddings:
+        raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
+                         f"{model_config.max_position_embeddings}")
+    if cfg.seq_len <= model_config.num_nextn_predict_layers:
+        raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} leaves no positions for "
+                         f"{model_config.num_nextn_predict_layers} MTP depths; use seq_len > "
+                         f"{model_config.num_nextn_predict_layers}")
+    device = resolve_device(cfg.device)
+
+    run_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
+    ckpt = None
+    if run_dir is not None:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"TrainConfig.out_dir {str(run_dir)!r} is a file, not a directory")
+        ckpt = find_checkpoint(run_dir) if run_dir.is_dir() else None
+        if ckpt is not None and not resume:
+            raise ValueError(f"out_dir {str(run_dir)!r} already holds a training run ({ckpt.name}); resume it "
+                             f"(resume=True / --resume) or choose another out_dir")
+    if resume and ckpt is None:
+        raise ValueError(f"nothing to resume: out_dir {cfg.out_dir!r} holds no checkpoint")
+    state = tensors = None
+    if ckpt is not None:
+        state, tensors = _read_checkpoint(ckpt)
+        _check_compatible(ckpt, state, model_config, cfg)
+        if state["step"] > cfg.steps:
+            raise ValueError(f"{ckpt} is at step {state['step']}, beyond TrainConfig.steps={cfg.steps}")
+
+    corpus, batches, val = make_data(cfg, model_config)  # a bad corpus fails here, before any model exists
+
+    # ---- model, optimizer and state
+    if ckpt is not None:
+        model = load_pretrained(ckpt, dtype=torch.float32)
+        step = int(state["step"])
+        history = list(state["history"])
+        batches.load_state_dict(state["data"])
+    else:
+        model = init_model(model_config, cfg.seed)
+        step, history = 0, []
+    model.to(device).train()
+    layers = model.moe_layers()
+    for layer in layers:
+        layer.capacity_factor = cfg.capacity_factor
+    optimizer = make_optimizer(model, cfg)
+    if ckpt is not None:
+        _load_optimizer(model, optimizer, tensors, state["optimizer"], ckpt)
+        torch.set_rng_state(tensors["rng.torch"])
+        cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    names = moe_layer_names(model)
+    n_main = sum(1 for n in names if n.startswith("layers."))
+    result = TrainResult(model, history, cfg, model_config, names, run_dir, ckpt, tokenizer=corpus.tokenizer)
+    if step >= cfg.steps:
+        return result
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    micro_tokens = (cfg.batch_size // cfg.grad_accum) * cfg.seq_len
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="train", unit="step", dynamic_ncols=True)
+    train_time, t_start = 0.0, time.perf_counter()
+    tokens_this_call = 0
+    last_saved = step if ckpt is not None else None
+
+    def save(at: int) -> int:
+        result.checkpoint = save_checkpoint(run_dir, at, model, optimizer, batches.state_dict(), history, cfg,
+                                            cfg.keep_checkpoints)
+        return at
+
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            lr, lam, gamma = lr_at(step, cfg), mtp_weight_at(step, cfg), bias_update_speed_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loads = torch.zeros(len(layers), model_config.n_routed_experts, dtype=torch.long)  # (L, N_r)
+            sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+            groups, dropped = torch.zeros(len(layers)), torch.zeros(len(layers))
+            for _ in range(cfg.grad_accum):
+                batch = next(batches)
+                ids, labels = batch.input_ids.to(device), batch.labels.to(device)  # (b, T) each
+                with _autocast(device, cfg.dtype):
+                    out = model(ids, labels=labels, mtp_weight=lam)
+                    routings = out.routing + out.mtp_routing
+                    balance_term = bal.balance_loss(routings, cfg.balance, cfg.seq_aux_alpha,
+                                                    cfg.aux_alpha).to(out.loss.device)
+                    total = out.loss + balance_term
+                value = total.item()
+                if not math.isfinite(value):
+                    raise TrainingDivergedError(_diverged_message("loss", value, step + 1, run_dir, last_saved))
+                (total / cfg.grad_accum).backward()
+                sums["loss"] += out.loss.item() / cfg.grad_accum
+                sums["main_loss"] += out.main_loss.item() / cfg.grad_accum
+                sums["mtp_loss"] += (out.mtp_loss.item() if out.mtp_loss is not None else 0.0) / cfg.grad_accum
+                sums["balance_loss"] += balance_term.item() / cfg.grad_accum
+                loads += bal.expert_loads(routings)
+                groups += torch.tensor(bal.mean_groups_per_token(routings, model_config.n_group)) / cfg.grad_accum
+                dropped += torch.tensor([r.dropped for r in routings]) / cfg.grad_accum
+            if cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            if not math.isfinite(grad_norm):
+                raise TrainingDivergedError(_diverged_message("gradient norm", grad_norm, step + 1, run_dir,
+                                                              last_saved))
+            optimizer.step()
+            if gamma > 0:  # aux-loss-free balancing: after the step, outside the gradient, on the step's loads
+                bal.update_biases(layers, loads, gamma)
+            step += 1
+            train_time += time.perf_counter() - t0
+            tokens_this_call += micro_tokens * cfg.grad_accum
+
+            vio = bal.max_vio(loads)  # (L,)
+            entry = {"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, **sums, "lr": lr,
+                     "mtp_weight": lam, "bias_update_speed": gamma, "grad_norm": grad_norm,
+                     "max_vio": float(vio[:n_main].mean()) if n_main else 0.0,
+                     "max_vio_layers": vio.tolist(), "loads": loads.tolist(),
+                     "biases": [layer.gate.e_score_correction_bias.detach().cpu().tolist() for layer in layers],
+                     "groups_per_token": groups.tolist()}
+            if cfg.capacity_factor is not None:
+                entry["dropped"] = dropped.tolist()
+            if val and (step % cfg.eval_every == 0 or step == cfg.steps):
+                entry.update(evaluate(model, val, device, cfg.dtype, lam, n_main))
+            history.append(entry)
+
+            if run_dir is not None and (step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)):
+                last_saved = save(step)
+            stop = bool(callback(entry, model)) if callback is not None else False  # sees the step after its save
+            if stop and run_dir is not None and last_saved != step:
+                last_saved = save(step)
+            bar.update(1)
+            post = {"loss": f"{entry['main_loss']:.3f}", "maxvio": f"{entry['max_vio']:.2f}",
+                    "tok/s": f"{tokens_this_call / max(train_time, 1e-9):,.0f}"}
+            last_val = result.last("val_loss")
+            if last_val is not None:
+                post["val"] = f"{last_val:.3f}"
+            bar.set_postfix(post, refresh=False)
+            if stop:
+                result.stopped_early = True
+                break
+    finally:
+        bar.close()
+    result.tokens_per_s = tokens_this_call / max(train_time, 1e-9)
+    result.elapsed_s = time.perf_counter() - t_start
+    return result
+
+
+def _diverged_message(what: str, value: float, step: int, run_dir: Path | None, last_saved: int | None) -> str:
+    msg = f"training stopped: the {what} is {value} at step {step}"
+    if run_dir is not None and last_saved is not None:
+        msg += f"; the last good checkpoint is {run_dir / f'{CHECKPOINT_PREFIX}{last_saved:06d}'} (step {last_saved})"
+    elif run_dir is not None:
+        msg += "; no checkpoint had been written yet"
+    return msg
+
+
+@torch.no_grad()
+def evaluate(model: DeepSeekV3, batches, device: torch.device | str = "cpu", dtype: str = "auto",
+             mtp_weight: float = 0.3, n_main: int | None = None) -> dict:
+    """Validation: mean next-token loss and MTP loss over fixed batches, and the global MaxVio -- loads summed over
+    the whole validation set, per MoE layer (``val_max_vio`` averages the ``n_main`` main-model layers)."""
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    main = mtp = 0.0
+    loads = None
+    for b in batches:
+        with _autocast(device, dtype):
+            out = model(b.input_ids.to(device), labels=b.labels.to(device), mtp_weight=mtp_weight)
+        main += out.main_loss.item() / len(batches)
+        mtp += (out.mtp_loss.item() if out.mtp_loss is not None else 0.0) / len(batches)
+        step_loads = bal.expert_loads(out.routing + out.mtp_routing)  # (L, N_r)
+        loads = step_loads if loads is None else loads + step_loads
+    model.train(was_training)
+    vio = bal.max_vio(loads)  # (L,)
+    n_main = len(out.routing) if n_main is None else n_main
+    return {"val_loss": main, "val_mtp_loss": mtp, "val_max_vio": float(vio[:n_main].mean()) if n_main else 0.0,
+            "val_max_vio_layers": vio.tolist(), "val_loads": loads.tolist()}
+
+
+# ---------------------------------------------------------------------- command line
+def add_cli(subparsers) -> None:
+    """Register ``python -m dsv3 train`` and ``python -m dsv3 sample``."""
+    p = subparsers.add_parser("train", help="train a model on the bundled corpus (resumable)",
+                              description="Train DeepSeek-V3 (tiny by default) with a progress bar; checkpoints go "
+                                          "to --out and --resume continues from the latest one.")
+    p.add_argument("--config", default=None, help="tiny (default), deepseek_v3, or a config.json / checkpoint dir")
+    p.add_argument("--out", required=True, help="run directory for checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    d = TrainConfig()
+    flags = [("--steps", "steps", int), ("--batch-size", "batch_size", int), ("--seq-len", "seq_len", int),
+             ("--grad-accum", "grad_accum", int), ("--lr", "lr", float), ("--min-lr-ratio", "min_lr_ratio", float),
+             ("--warmup-steps", "warmup_steps", int), ("--weight-decay", "weight_decay", float),
+             ("--grad-clip", "grad_clip", float), ("--bias-update-speed", "bias_update_speed", float),
+             ("--bias-update-until", "bias_update_until", float), ("--seq-aux-alpha", "seq_aux_alpha", float),
+             ("--aux-alpha", "aux_alpha", float), ("--mtp-weight", "mtp_weight", float),
+             ("--mtp-weight-final", "mtp_weight_final", float), ("--mtp-weight-switch", "mtp_weight_switch", float),
+             ("--capacity-factor", "capacity_factor", float), ("--eval-every", "eval_every", int),
+             ("--eval-batches", "eval_batches", int), ("--save-every", "save_every", int),
+             ("--keep-checkpoints", "keep_checkpoints", int), ("--seed", "seed", int), ("--data-dir", "data_dir", str),
+             ("--device", "device", str)]
+    for flag, name, typ in flags:
+        p.add_argument(flag, dest=name, type=typ, default=None, help=f"default {getattr(d, name)!r}")
+    p.add_argument("--gamma", dest="bias_update_speed", type=float, default=None, help="alias of --bias-update-speed")
+    p.add_argument("--balance", choices=bal.BALANCE_MODES, default=None, help=f"default {d.balance!r}")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help=f"default {d.dtype!r}")
+    p.add_argument("--domains", default=None,
+                   help="comma-separated domains, optionally weighted: shakespeare=2,arithmetic=1,code=1 "
+                        f"(default {','.join(d.domains)})")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    s = subparsers.add_parser("sample", help="sample text from a trained checkpoint",
+                              description="Greedy (--temperature 0) or sampled continuation of a prompt.")
+    s.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or a model directory")
+    s.add_argument("--prompt", default="\n", help="prompt text (bundled tokenizer)")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.set_defaults(func=_cmd_sample)
+
+
+def _parse_domains(text: str) -> tuple[str, ...] | dict[str, float]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not any("=" in p for p in parts):
+        return tuple(parts)
+    weights = {}
+    for p in parts:
+        name, _, w = p.partition("=")
+        try:
+            weights[name.strip()] = float(w) if w else 1.0
+        except ValueError:
+            raise ValueError(f"--domains: weight of {name!r} is not a number: {w!r}") from None
+    return weights
+
+
+def _cmd_train(args) -> int:
+    from .__main__ import config_from_arg
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.domains is not None:
+        given["domains"] = _parse_domains(args.domains)
+    given["out_dir"] = args.out
+    if args.no_progress:
+        given["progress"] = False
+    ckpt = find_checkpoint(args.out) if args.resume and Path(args.out).is_dir() else None
+    if ckpt is not None:  # the saved settings, with the flags given now on top
+        saved = json.loads((ckpt / TRAINER_JSON).read_text())["train_config"]
+        saved.pop("progress", None)
+        cfg = TrainConfig.from_dict({**saved, **given})
+        model_config = config_from_arg(args.config) if args.config else ModelConfig.from_hf(ckpt)
+    else:
+        cfg = TrainConfig(**given)
+        model_config = config_from_arg(args.config or "tiny")
+    try:
+        result = train(model_config, cfg, resume=args.resume)
+    except TrainingDivergedError as e:
+        print(f"error: {e}", file=__import__("sys").stderr)
+        return 3
+    h = result.history[-1] if result.history else {}
+    print(f"steps {h.get('step', 0)}/{cfg.steps}  tokens {h.get('tokens', 0):,}  "
+          f"throughput {result.tokens_per_s:,.0f} tokens/s  loss {h.get('main_loss', float('nan')):.3f}  "
+          f"MaxVio {h.get('max_vio', float('nan')):.3f}")
+    if result.last("val_loss") is not None:
+        print(f"validation: loss {result.last('val_loss'):.3f}  MaxVio (global) {result.last('val_max_vio'):.3f}")
+    if result.checkpoint is not None:
+        print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    from .data import load_tokenizer
+    from .generate import generate
+
+    path = model_dir(args.checkpoint)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_pretrained(path, device=device)
+    tokenizer = load_tokenizer()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{path}: the model's vocab_size={model.config.vocab_size} is smaller than the bundled "
+                         f"tokenizer's {tokenizer.vocab_size}")
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError("--prompt encodes to no tokens")
+    room = model.config.max_position_embeddings - len(ids)
+    if room <= 0:
+        raise ValueError(f"--prompt has {len(ids)} tokens, the model's context is "
+                         f"{model.config.max_position_embeddings}")
+    gen = generate(model, ids, min(args.max_new_tokens, room), temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed)
+    print(args.prompt + tokenizer.decode(gen.sequences()[0]))
+    return 0
