@@ -313,6 +313,35 @@ def test_execute_runs_in_the_fixed_environment_and_stores_widget_state(tmp_path,
     assert __import__("os").environ["CUDA_VISIBLE_DEVICES"] == "0"  # our own environment untouched
 
 
+# A short training run (the book's chaotic case: sign-based bias updates) and a matmul long enough for MKL's
+# blocking to matter; it prints their bits.
+_FLOAT_PROBE = """
+import hashlib, torch
+from dsv3 import ModelConfig
+from dsv3.train import TrainConfig, train
+torch.manual_seed(0)
+a, b = torch.randn(64, 3000), torch.randn(3000, 96)
+r = train(ModelConfig.tiny(), TrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=1, eval_every=0,
+                                          save_every=0, progress=False, seed=0))
+parts = [(a @ b).numpy().tobytes(), repr([h["loss"] for h in r.history]).encode(), repr(r.history[-1]["biases"]).encode()]
+print(hashlib.sha256(b"".join(parts)).hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_notebook_environment_computes_the_same_bits_on_a_cpu_without_avx512():
+    """The committed outputs must be reproduced by CI machines whose CPUs differ from the one that made them.
+    ``MKL_ENABLE_INSTRUCTIONS=AVX2`` makes MKL behave as on a CPU without AVX-512; in the notebook environment
+    (pinned ATen and MKL code paths) the bits must not change."""
+    import subprocess
+
+    env = run_notebook.apply_env(dict(__import__("os").environ))
+    runs = [subprocess.run([sys.executable, "-c", _FLOAT_PROBE], env=e, capture_output=True, text=True, timeout=300)
+            for e in (env, dict(env, MKL_ENABLE_INSTRUCTIONS="AVX2"))]
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
+    assert runs[0].stdout == runs[1].stdout
+
+
 # --- the committed chapters -----------------------------------------------------------------------------------
 
 CHAPTERS = sorted((ROOT / "book").glob(run_notebook.CHAPTER_GLOB))

@@ -6,7 +6,7 @@
     python book/_tools/run_notebook.py --check --all              # exit 1 unless committed notebooks are clean
 
 Execution: a fresh kernel of *this* Python (like ``pytest --nbval --nbval-current-env``), working directory
-``book/``, environment ``NOTEBOOK_ENV`` (no GPU, 2 threads, ``PYTHONHASHSEED=0``, offline), widget state stored
+``book/``, environment ``NOTEBOOK_ENV`` (no GPU, 2 threads, AVX2 code paths, ``PYTHONHASHSEED=0``, offline), widget state stored
 in the notebook metadata so the site can draw the widgets. The committed outputs are the nbval oracle, so they
 must come from exactly this setup; ``book/conftest.py`` gives nbval's kernel the same environment.
 
@@ -42,6 +42,13 @@ NOTEBOOK_ENV = {
     "OMP_NUM_THREADS": "2",
     "MKL_NUM_THREADS": "2",
     "OPENBLAS_NUM_THREADS": "2",
+    # The same floating-point code paths on every x86-64 machine with AVX2: the CPU kernels ATen picks and MKL's
+    # conditional numerical reproducibility branch (which also fixes its cache-size-dependent blocking). Without
+    # these, two CPUs of different models round a few matmuls differently, and the training chapters' chaotic
+    # balancing trajectories (sign-based bias updates) diverge from the committed outputs.
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
     "TOKENIZERS_PARALLELISM": "false",
     "TRITON_INTERPRET": "1",  # as in tests/conftest.py: a chapter that forces the Triton backend runs it on the CPU
     "HF_HUB_OFFLINE": "1",  # no network in the book's outputs
