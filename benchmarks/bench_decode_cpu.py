@@ -25,7 +25,6 @@ machine disturbs far less.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -36,27 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsv3 import DeepSeekV3, ModelConfig, load_pretrained, save_pretrained  # noqa: E402
+from dsv3 import ModelConfig, load_pretrained, save_pretrained  # noqa: E402
 from dsv3.generate import generate  # noqa: E402
 
+from cpu_bench import add_clock_args, apply_clock_args, load_note, now, random_model, yarn_tiny  # noqa: E402
+
 DOMAINS = ("shakespeare", "arithmetic", "code")
-CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
-clock = time.perf_counter
-
-
-def decode_config() -> ModelConfig:
-    return ModelConfig.tiny(max_position_embeddings=4096, rope_scaling={
-        "type": "yarn", "factor": 16.0, "original_max_position_embeddings": 256, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 1.0, "mscale_all_dim": 1.0})
-
-
-def random_model(config: ModelConfig, seed: int = 0) -> DeepSeekV3:
-    torch.manual_seed(seed)
-    model = DeepSeekV3(config)
-    with torch.no_grad():
-        for layer in model.moe_layers():  # a nonzero correction bias, as a trained model has
-            layer.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
-    return model.eval()
 
 
 def hf_decode(hf, prompt: torch.Tensor, n_new: int) -> tuple[float, torch.Tensor]:
@@ -68,7 +52,7 @@ def hf_decode(hf, prompt: torch.Tensor, n_new: int) -> tuple[float, torch.Tensor
             self.times = []
 
         def __call__(self, input_ids, scores, **kwargs):
-            self.times.append(clock())
+            self.times.append(now())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     stamps = Clock()
@@ -84,7 +68,7 @@ def decode_table(args) -> list[str]:
     from transformers import DeepseekV3ForCausalLM
 
     transformers.logging.set_verbosity_error()
-    config = decode_config()
+    config = yarn_tiny(4096)
     model = random_model(config)
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model, tmp)
@@ -101,7 +85,7 @@ def decode_table(args) -> list[str]:
             for kind in ("latent", "naive"):
                 times = []  # the same measurement as for transformers: one stamp per generated token
                 gen = generate(model, prompt, args.new_tokens, cache_kind=kind,
-                               callback=lambda row, ids: times.append(clock()))
+                               callback=lambda row, ids: times.append(now()))
                 rates[kind].append((args.new_tokens - 1) / (times[-1] - times[0]))
                 tokens[kind] = gen.tokens[0]
             rate, tokens["hf"] = hf_decode(hf, prompt, args.new_tokens)
@@ -161,7 +145,7 @@ def speculative_table(args) -> list[str]:
     def run(k: int | None):
         """All prompts, one at a time: (tokens, totals, wall seconds)."""
         outs, totals = [], {"new": 0, "fwd": 0, "drafted": [0] * 3, "accepted": [0] * 3, "by_domain": {}}
-        t0 = clock()
+        t0 = now()
         for domain, ids in prompts:
             gen = generate(model, ids, args.new_tokens, speculative=k is not None, num_draft=k or 1)
             s = gen.stats
@@ -174,7 +158,7 @@ def speculative_table(args) -> list[str]:
             for j, (dr, ac) in enumerate(zip(s.drafted_per_position, s.accepted_per_position)):
                 totals["drafted"][j] += dr
                 totals["accepted"][j] += ac
-        return outs, totals, clock() - t0
+        return outs, totals, now() - t0
 
     runs = {k: [] for k in (None, 1, 2, 3)}
     for _ in range(args.repeats):  # interleaved, so a change in machine load hits every mode alike
@@ -214,23 +198,15 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", type=int, nargs="+", default=[256, 2048])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model-dir", default=None, help="training run to reuse, or where to keep the one trained here")
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--prompts", type=int, default=4, help="prompts per domain")
     p.add_argument("--prompt-len", type=int, default=48)
-    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                   help="wall clock, or the CPU time of the working thread (with --threads 1)")
+    add_clock_args(p)
     p.add_argument("--skip", choices=("decode", "speculative"), default=None)
     args = p.parse_args(argv)
-    if args.clock == "thread" and args.threads != 1:
-        p.error("--clock thread measures one thread: use it with --threads 1")
-    global clock
-    clock = CLOCKS[args.clock]
-    torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock, medians of {args.repeats} runs "
-          f"(load average at start {load:.1f} on {os.cpu_count()} CPUs)")
+    header = apply_clock_args(p, args)
+    print(f"{header}, medians of {args.repeats} runs ({load_note()})")
     if args.skip != "decode":
         print()
         print("\n".join(decode_table(args)))

@@ -23,47 +23,19 @@ machine disturbs far less.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsv3 import DeepSeekV3, KVCache, ModelConfig, kv_cache_bytes, save_pretrained  # noqa: E402
+from dsv3 import KVCache, ModelConfig, kv_cache_bytes, save_pretrained  # noqa: E402
 
-CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
-clock = time.perf_counter
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = clock()
-        fn()
-        times.append(clock() - t0)
-    return statistics.median(times)
-
-
-def long_context_config() -> ModelConfig:
-    return ModelConfig.tiny(max_position_embeddings=8192, rope_scaling={
-        "type": "yarn", "factor": 32.0, "original_max_position_embeddings": 256, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 1.0, "mscale_all_dim": 1.0})
-
-
-def random_model(config: ModelConfig, seed: int = 0) -> DeepSeekV3:
-    torch.manual_seed(seed)
-    model = DeepSeekV3(config)
-    with torch.no_grad():
-        for layer in model.moe_layers():  # a nonzero correction bias, as a trained model has
-            layer.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
-    return model.eval()
+from cpu_bench import (add_clock_args, apply_clock_args, load_note, median_time, now, random_model,  # noqa: E402
+                       yarn_tiny)
 
 
 def forward_table(args) -> list[str]:
@@ -118,10 +90,10 @@ def component_times(fn, groups: dict[str, list[torch.nn.Module]], repeats: int) 
     for name, modules in groups.items():
         for module in modules:
             def pre(mod, inputs, name=name):
-                mod._bench_t0 = clock()
+                mod._bench_t0 = now()
 
             def post(mod, inputs, output, name=name):
-                current[name] += clock() - mod._bench_t0
+                current[name] += now() - mod._bench_t0
 
             handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     try:
@@ -130,9 +102,9 @@ def component_times(fn, groups: dict[str, list[torch.nn.Module]], repeats: int) 
             for _ in range(repeats):
                 for name in current:
                     current[name] = 0.0
-                t0 = clock()
+                t0 = now()
                 fn()
-                total = clock() - t0
+                total = now() - t0
                 for name in groups:
                     totals[name].append(current[name])
                 totals["everything else"].append(total - sum(current.values()))
@@ -154,10 +126,10 @@ def profile_lines(name: str, fn, rows: int = 10) -> list[str]:
 
 
 def decode_table(args) -> list[str]:
-    config = long_context_config()
+    config = yarn_tiny(8192)
     model = random_model(config)
-    lines = [f"One decode step (batch 1, one new token) over a filled cache; "
-             f"ModelConfig.tiny(max_position_embeddings=8192, YaRN factor 32 over 256) fp32",
+    lines = ["One decode step (batch 1, one new token) over a filled cache; "
+             "ModelConfig.tiny(max_position_embeddings=8192, YaRN factor 32 over 256) fp32",
              f"  {'context':>8}{'absorbed (ms)':>15}{'naive (ms)':>12}{'naive/absorbed':>16}"
              f"{'latent bytes':>14}{'naive bytes':>13}{'ratio':>8}"]
     step_tokens = torch.randint(0, config.vocab_size, (1, 1))
@@ -196,20 +168,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--decode-repeats", type=int, default=30)
     p.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of both forwards")
-    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                   help="wall clock, or the CPU time of the working thread (with --threads 1)")
+    add_clock_args(p)
     args = p.parse_args(argv)
-    if args.clock == "thread" and args.threads != 1:
-        p.error("--clock thread measures one thread: use it with --threads 1")
-    global clock
-    clock = CLOCKS[args.clock]
-    torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock, medians of {args.repeats} "
-          f"(forward) / {args.decode_repeats} (decode step) runs (load average at start {load:.1f} on "
-          f"{os.cpu_count()} CPUs)")
+    header = apply_clock_args(p, args)
+    print(f"{header}, medians of {args.repeats} (forward) / {args.decode_repeats} (decode step) runs "
+          f"({load_note()})")
     print()
     print("\n".join(forward_table(args)))
     print()

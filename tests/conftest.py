@@ -41,3 +41,13 @@ def random_model(config: ModelConfig, seed: int = 0, bias_scale: float = 0.3) ->
 @pytest.fixture
 def tiny_model():
     return random_model(small_config())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many small ops on a tiny model (decoding, MTP): one thread is faster there, and immune to a
+    busy machine. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

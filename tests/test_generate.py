@@ -10,13 +10,7 @@ from dsv3.generate import (generate, greedy_verify, residual_distribution, sampl
 from conftest import random_model, small_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decoding a tiny model is a chain of small ops: one thread is faster, and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small ops run faster on one thread
 
 
 def prompt(n, seed=0, vocab=320):

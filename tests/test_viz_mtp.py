@@ -16,13 +16,7 @@ from dsv3.viz import mtp as vm
 from conftest import random_model, small_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small operations: one thread is faster, and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small ops run faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ from conftest import random_model, small_config
 from test_generate import agreeing_model, prompt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small ops run faster on one thread
 
 
 @pytest.fixture(scope="module")
