@@ -257,6 +257,18 @@ def test_mla_decode_reference_matches_sdpa_and_paging(Tq):
     torch.testing.assert_close(K.mla_decode_torch(q, qr, pool_c, pool_k, seq_lens, 0.2, block_table=table), out)
 
 
+def test_mla_decode_reference_reads_only_the_filled_positions():
+    """One sequence, one query (the unmasked path): positions past seq_len may hold anything, even NaN."""
+    torch.manual_seed(0)
+    H, r, dr, S, n = 4, 32, 8, 64, 37
+    q, qr = torch.randn(1, 1, H, r), torch.randn(1, 1, H, dr)
+    ckv, kr = torch.randn(1, S, r), torch.randn(1, S, dr)
+    seq_lens = torch.tensor([n], dtype=torch.int32)
+    expect = _mla_oracle(q, qr, ckv, kr, seq_lens.long(), 0.2)
+    ckv[:, n:], kr[:, n:] = float("nan"), float("nan")
+    torch.testing.assert_close(K.mla_decode_torch(q, qr, ckv, kr, seq_lens, 0.2), expect, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_prefill_reference_is_causal_sdpa():
     q, k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 4)
     out = K.attention_prefill_torch(q, k, v, 0.3)

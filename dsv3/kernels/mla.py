@@ -57,22 +57,28 @@ def gather_paged(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
 
 
 def mla_decode_torch(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table=None):
-    """Reference absorbed MLA decode: full scores in fp32, masked softmax, weighted sum of the latents."""
+    """Reference absorbed MLA decode: scores in fp32 over the filled prefix of the cache, masked softmax, weighted
+    sum of the latents. The Tq * H queries of a sequence share its cache, so each product is one batched matmul."""
     B, Tq, H, r = q_latent.shape
     if block_table is not None:
         ckv_cache = gather_paged(ckv_cache, block_table)  # (B, S, r)
         krope_cache = gather_paged(krope_cache, block_table)  # (B, S, dr)
-    S = ckv_cache.shape[1]
-    ckv = ckv_cache.float()  # (B, S, r)
-    scores = torch.einsum("bthr,bsr->bths", q_latent.float(), ckv)  # (B, Tq, H, S)
-    scores = scores + torch.einsum("bthr,bsr->bths", q_rope.float(), krope_cache.float())
-    scores = scores * scale
-    pos = torch.arange(S, device=q_latent.device)  # (S,)
-    limit = seq_lens.long()[:, None] - Tq + torch.arange(Tq, device=q_latent.device)[None, :] + 1  # (B, Tq)
-    visible = pos[None, None, :] < limit[:, :, None]  # (B, Tq, S)
-    scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # (B, Tq, H, S); rows with nothing visible -> 0
-    return torch.einsum("bths,bsr->bthr", p, ckv).to(q_latent.dtype)  # (B, Tq, H, r)
+    L = min(int(seq_lens.max()), ckv_cache.shape[1]) if B else 0  # positions any query can see
+    ckv = ckv_cache[:, :L].float()  # (B, L, r)
+    q = q_latent.reshape(B, Tq * H, r).float()  # (B, Tq*H, r): query t's heads are rows t*H .. t*H + H - 1
+    q_r = q_rope.reshape(B, Tq * H, -1).float()  # (B, Tq*H, dr)
+    scores = torch.bmm(q, ckv.transpose(1, 2))  # (B, Tq*H, L)
+    scores = scores.baddbmm_(q_r, krope_cache[:, :L].float().transpose(1, 2)).mul_(scale)  # + rope part
+    masked = Tq > 1 or B > 1  # one sequence and one query sees all L positions
+    if masked:
+        pos = torch.arange(L, device=q_latent.device)  # (L,)
+        limit = seq_lens.long()[:, None] - Tq + torch.arange(Tq, device=q_latent.device)[None, :] + 1  # (B, Tq)
+        visible = pos[None, None, :] < limit[:, :, None]  # (B, Tq, L)
+        scores = scores.view(B, Tq, H, L).masked_fill_(~visible[:, :, None, :], float("-inf")).view(B, Tq * H, L)
+    p = torch.softmax(scores, dim=-1)  # (B, Tq*H, L)
+    if masked:
+        p = p.nan_to_num_(0.0)  # rows with nothing visible -> 0
+    return torch.bmm(p, ckv).view(B, Tq, H, r).to(q_latent.dtype)  # (B, Tq, H, r)
 
 
 def mla_decode_triton(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table=None, num_splits=None):

@@ -114,6 +114,20 @@ class MultiHeadLatentAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, self.nope_dim:]  # (H, d_v, r): v^C_h = W^UV_h c_KV
 
+    # -- the two absorbed products of ``_attend_absorbed`` as one bmm over heads each, for decoding, where a step
+    # has a handful of queries and einsum's own bookkeeping costs more than the product --
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q^C (B, T, H, d_nope) -> q^C W^UK (B, T, H, r): the query that attends to c_KV directly."""
+        B, T, H, d = q_nope.shape
+        q = torch.bmm(q_nope.reshape(B * T, H, d).transpose(0, 1), self.w_uk())  # (H, B*T, r)
+        return q.transpose(0, 1).reshape(B, T, H, self.kv_lora_rank)
+
+    def expand_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """Attention output in latent space (B, T, H, r) -> W^UV applied per head, (B, T, H * d_v)."""
+        B, T, H, r = o_lat.shape
+        o = torch.bmm(o_lat.reshape(B * T, H, r).transpose(0, 1), self.w_uv().transpose(1, 2))  # (H, B*T, d_v)
+        return o.transpose(0, 1).reshape(B, T, H * self.v_dim)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0, start: int = 0,
                 absorbed: bool = False) -> torch.Tensor:
@@ -143,8 +157,7 @@ class MultiHeadLatentAttention(nn.Module):
             if cache is not None:
                 c_kv, k_rope = cache.write(layer, start, c_kv, k_rope)  # (B, S, r), (B, S, rope)
                 if T <= DECODE_MAX_TOKENS and not cache.padded:
-                    return self.o_proj(self._decode_latent(q_nope, q_rope, cache, layer, start + T).reshape(
-                        B, T, H * self.v_dim))  # (B, T, D)
+                    return self.o_proj(self._decode_latent(q_nope, q_rope, cache, layer, start + T))  # (B, T, D)
             out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)  # (B, T, H, v)
         else:
             k_nope, v = self._decompress(c_kv)  # (B, T, H, nope), (B, T, H, v)
@@ -162,20 +175,20 @@ class MultiHeadLatentAttention(nn.Module):
     def _attend_naive(self, q, k, v, mask):
         """Standard attention over decompressed heads: q (B, T, H, qk), k (B, S, H, qk), v (B, S, H, v)."""
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T|S, dim)
-        if mask is None:  # plain causal over exactly these tokens: flash attention on GPU, SDPA elsewhere
+        if mask is None and q.shape[2] == k.shape[2]:  # plain causal over these tokens: flash attention on GPU
             out = kernels.attention_prefill(q, k, v, self.scale, causal=q.shape[2] > 1)  # (B, H, T, v)
-        else:
+        else:  # a mask, or one query over a cache (mask None: it sees every key)
             out = kernels.attention_prefill_torch(q, k, v, self.scale, causal=False, mask=mask)  # (B, H, T, v)
         return out.transpose(1, 2)  # (B, T, H, v)
 
     def _decode_latent(self, q_nope, q_rope, cache: KVCache, layer: int, length: int) -> torch.Tensor:
         """Decode (and speculative verification) over the latent cache with ``dsv3.kernels.mla_decode``: the fused
-        split-KV kernel on GPU, its torch reference elsewhere. Returns (B, T, H, v)."""
+        split-KV kernel on GPU, its torch reference elsewhere. Returns (B, T, H * v)."""
         B = q_nope.shape[0]
-        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, self.w_uk())  # (B, T, H, r)
         seq_lens = torch.full((B,), length, dtype=torch.int32, device=q_nope.device)  # (B,)
-        o_lat = kernels.mla_decode(q_lat, q_rope, cache.a[layer], cache.b[layer], seq_lens, self.scale)  # (B,T,H,r)
-        return torch.einsum("bthr,hdr->bthd", o_lat, self.w_uv())  # (B, T, H, v)
+        o_lat = kernels.mla_decode(self.absorb_query(q_nope), q_rope, cache.a[layer], cache.b[layer], seq_lens,
+                                   self.scale)  # (B, T, H, r)
+        return self.expand_output(o_lat)  # (B, T, H * v)
 
     def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
         """Attention in latent space (Sec. 2.1.1, "absorbed"): scores = (q^C W^UK) c_KV + q^R k^R, output W^UV (P c_KV).
