@@ -101,14 +101,16 @@ def _device_supports(t: torch.Tensor) -> bool:
 
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """Decide, for one call, whether to run the Triton kernel on these tensors (None entries are skipped)."""
-    ts = [t for t in tensors if t is not None]
     if _backend == "torch":
         return False
-    if _backend == "auto":
-        return triton_available() and all(t.is_cuda and _device_supports(t) for t in ts)
+    if _backend == "auto":  # a plain loop: this runs for every op of every step, and a CPU tensor ends it at once
+        for t in tensors:
+            if t is not None and not (t.is_cuda and _device_supports(t)):
+                return False
+        return triton_available()
     # explicit "triton": run it or say precisely why not
     require_triton()
-    for t in ts:
+    for t in (t for t in tensors if t is not None):
         if not t.is_cuda and not interpret_mode():
             raise RuntimeError(
                 f"dsv3.kernels backend 'triton' got a tensor on {t.device}: Triton kernels run on CUDA tensors, "

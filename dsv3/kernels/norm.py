@@ -11,6 +11,7 @@ stream) and y, and keeps one fp32 `rstd` per row for the backward pass.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import backend
 
@@ -20,10 +21,11 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
     if residual is not None:
         s = x + residual  # (..., D) the updated residual stream
         return rms_norm_torch(s, weight, eps), s
-    dtype = x.dtype
-    h = x.float()  # (..., D)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., D)
-    return weight * h.to(dtype)
+    # F.rms_norm(h) = h * rsqrt(mean(h^2) + eps) in one call: the same bits as spelling it out, in fewer dispatches
+    if x.dtype == weight.dtype == torch.float32:  # nothing to cast: the weight goes into the same op
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+    h = F.rms_norm(x.float(), x.shape[-1:], eps=eps)  # (..., D) fp32
+    return weight * h.to(x.dtype)
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

@@ -22,6 +22,8 @@ def _tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     if x.dim() != 4 or x.shape[-1] % 2:
         raise ValueError(f"apply_rope: x must be (B, T, H, R) with R even, got {tuple(x.shape)}")
     B, T, _, R = x.shape
+    if cos.shape == sin.shape == (B, T, R // 2):  # the model's own call: nothing to broadcast
+        return cos, sin
     out = []
     for name, t in (("cos", cos), ("sin", sin)):
         t = t[None] if t.dim() == 2 else t

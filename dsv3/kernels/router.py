@@ -51,9 +51,8 @@ def router_topk_torch(logits, bias, top_k: int, n_group: int, topk_group: int, r
         grouped = biased.view(N, n_group, E // n_group)  # (N, G, E/G)
         group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # (N, G)
         group_idx = group_scores.topk(topk_group, dim=-1).indices  # (N, topk_group)
-        group_keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)  # (N, G)
-        expert_keep = group_keep.repeat_interleave(E // n_group, dim=1)  # (N, E)
-        biased = biased.masked_fill(~expert_keep, float("-inf"))  # masked groups: -inf, never 0
+        group_drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, False)  # (N, G)
+        biased = grouped.masked_fill(group_drop[:, :, None], float("-inf")).view(N, E)  # dropped groups: -inf, not 0
     indices = biased.topk(top_k, dim=-1, sorted=True).indices  # (N, top_k) by descending c
     weights = scores.gather(1, indices)  # (N, top_k) unbiased affinities
     if norm_topk_prob:
