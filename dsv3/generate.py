@@ -331,29 +331,32 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Ten
         probs = sampling_probs(logits, temperature, top_k, top_p)  # (..., V)
         return _draw(probs, generator), probs
 
-    # -- prefill --
-    out = model(seq[:, :P], attention_mask=mask, position_ids=positions[:, :P], cache=cache)
-    stats.main_forwards += 1
-    tok, _ = choose(out.logits[:, -1])  # (B,)
-    seq[:, P] = tok
-    rows.commit(tok[:, None])
-    stats.prefill_s = time.perf_counter() - t_start
-    t_decode = time.perf_counter()
+    # no autograd bookkeeping at all inside (about 10% of a CPU decoding step); the cache and seq were made outside
+    # it, so they stay ordinary tensors that the caller may go on using with autograd or in place
+    with torch.inference_mode():
+        # -- prefill --
+        out = model(seq[:, :P], attention_mask=mask, position_ids=positions[:, :P], cache=cache)
+        stats.main_forwards += 1
+        tok, _ = choose(out.logits[:, -1])  # (B,)
+        seq[:, P] = tok
+        rows.commit(tok[:, None])
+        stats.prefill_s = time.perf_counter() - t_start
+        t_decode = time.perf_counter()
 
-    if not speculative:
-        n = P  # slots filled in the cache
-        while not rows.all_done:
-            out = model(seq[:, n:n + 1], position_ids=positions[:, n:n + 1], cache=cache)  # logits (B, 1, V)
-            stats.main_forwards += 1
-            n += 1
-            tok, _ = choose(out.logits[:, -1])  # (B,)
-            seq[:, n] = tok
-            rows.commit(tok[:, None])
-        mtp_lengths: list[int] = []
-    else:
-        mtp_lengths = _speculative_loop(model, seq, positions, cache, out.hidden, P, num_draft, temperature == 0,
-                                        choose, lambda lg: sampling_probs(lg, temperature, top_k, top_p),
-                                        generator, rows, stats)
+        if not speculative:
+            n = P  # slots filled in the cache
+            while not rows.all_done:
+                out = model(seq[:, n:n + 1], position_ids=positions[:, n:n + 1], cache=cache)  # logits (B, 1, V)
+                stats.main_forwards += 1
+                n += 1
+                tok, _ = choose(out.logits[:, -1])  # (B,)
+                seq[:, n] = tok
+                rows.commit(tok[:, None])
+            mtp_lengths: list[int] = []
+        else:
+            mtp_lengths = _speculative_loop(model, seq, positions, cache, out.hidden, P, num_draft, temperature == 0,
+                                            choose, lambda lg: sampling_probs(lg, temperature, top_k, top_p),
+                                            generator, rows, stats)
     stats.decode_s = time.perf_counter() - t_decode
     stats.wall_s = time.perf_counter() - t_start
     lengths = [len(r) for r in rows.tokens]

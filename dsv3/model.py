@@ -178,7 +178,8 @@ class DeepSeekV3(nn.Module):
 
     def _attention_mask(self, B, T, start, attention_mask, cache, device, update_cache_mask=True):
         """(B, 1, T, S) bool mask (True = attend) for queries at cache positions [start, start+T), or None when
-        plain causal attention over exactly these T tokens is right."""
+        nothing is padded and causal attention needs no offset: no cached positions, or a single query (which sees
+        every key, as in a decoding step)."""
         S = start + T
         if attention_mask is not None:
             if attention_mask.shape != (B, S):
@@ -194,7 +195,7 @@ class DeepSeekV3(nn.Module):
             key_ok = None
         if key_ok is not None and bool(key_ok.all()):
             key_ok = None
-        if key_ok is None and start == 0:
+        if key_ok is None and (start == 0 or T == 1):
             return None
         q_pos = torch.arange(start, S, device=device)  # (T,)
         k_pos = torch.arange(S, device=device)  # (S,)

@@ -72,6 +72,21 @@ def test_absorbed_and_naive_decode_give_same_tokens(seed):
     assert latent.tokens.shape == (2, 16)
 
 
+@pytest.mark.parametrize("kind", ["latent", "naive"])
+def test_decoding_goes_on_from_the_returned_cache(kind):
+    """generate runs under inference mode, but the cache it returns is ordinary: a caller can keep decoding into it
+    (outside inference mode) and gets the tokens a longer generate call gives."""
+    model = random_model(small_config())
+    ids = prompt(7)[None]
+    gen = generate(model, ids, 4, cache_kind=kind)
+    assert not any(t.is_inference() for t in gen.cache.a + gen.cache.b)
+    longer = generate(model, ids, 6, cache_kind=kind)
+    short = generate(model, ids, 5, cache_kind=kind)  # its cache holds the prompt and 4 of the new tokens
+    with torch.no_grad():
+        nxt = model(short.tokens[:, -1:], cache=short.cache).logits[:, -1].argmax(-1)  # (1,)
+    assert short.cache.length == 7 + 5 and torch.equal(nxt, longer.tokens[:, 5])
+
+
 def test_cache_bytes_equal_the_formula():
     cfg = small_config()
     model = random_model(cfg)
