@@ -16,7 +16,8 @@ One run prints two tables.
 
 Timings are medians over ``--repeats`` runs with ``torch.set_num_threads(--threads)`` (default 2) of the wall clock,
 or, with ``--clock thread`` (needs ``--threads 1``), of the CPU time of the one thread doing the work, which a busy
-machine disturbs far less.
+machine disturbs far less. Each repeat runs the three decoders back to back; a ratio column is the median of the
+per-repeat ratios, so a machine whose speed drifts over the run (a shared virtual machine does) disturbs it less.
 
     python benchmarks/bench_decode_cpu.py                          # trains the model first (a few minutes)
     python benchmarks/bench_decode_cpu.py --model-dir runs/spec    # keep the trained model / reuse it
@@ -91,10 +92,13 @@ def decode_table(args) -> list[str]:
             rate, tokens["hf"] = hf_decode(hf, prompt, args.new_tokens)
             rates["hf"].append(rate)
         med = {k: statistics.median(v) for k, v in rates.items()}
+        # ratios within each repeat (runs seconds apart), then their median: a machine whose speed drifts during
+        # the run moves both sides of a ratio together
+        vs_naive = statistics.median(a / b for a, b in zip(rates["latent"], rates["naive"]))
+        vs_hf = statistics.median(a / b for a, b in zip(rates["latent"], rates["hf"]))
         same = torch.equal(tokens["latent"], tokens["naive"]) and torch.equal(tokens["latent"], tokens["hf"])
         lines.append(f"  {context:>8}{med['latent']:>15.1f}{med['naive']:>12.1f}{med['hf']:>14.1f}"
-                     f"{med['latent'] / med['naive']:>15.2f}x{med['latent'] / med['hf']:>12.2f}x  "
-                     f"{'yes' if same else 'NO'}")
+                     f"{vs_naive:>15.2f}x{vs_hf:>12.2f}x  {'yes' if same else 'NO'}")
     ratio = None
     if 2048 in args.contexts:
         i = args.contexts.index(2048)
@@ -197,7 +201,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[256, 2048])
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--model-dir", default=None, help="training run to reuse, or where to keep the one trained here")
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--prompts", type=int, default=4, help="prompts per domain")
@@ -206,7 +210,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip", choices=("decode", "speculative"), default=None)
     args = p.parse_args(argv)
     header = apply_clock_args(p, args)
-    print(f"{header}, medians of {args.repeats} runs ({load_note()})")
+    print(f"{header}, medians of {args.repeats} runs; ratios are medians of the per-run ratios ({load_note()})")
     if args.skip != "decode":
         print()
         print("\n".join(decode_table(args)))
