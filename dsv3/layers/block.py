@@ -28,8 +28,8 @@ class Block(nn.Module):
                 cache: KVCache | None = None, start: int = 0,
                 absorbed: bool = False) -> tuple[torch.Tensor, Routing | None]:
         """x (B, T, D) -> (B, T, D) and the MoE routing (None for a dense block)."""
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer_idx, start, absorbed)
-        normed = self.post_attention_layernorm(h)  # (B, T, D)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer_idx, start, absorbed)
+        normed, h = self.post_attention_layernorm(attn, residual=x)  # norm(x + attn) and h = x + attn, one pass on GPU
         if self.is_moe:
             ffn, routing = self.mlp(normed)
         else:
