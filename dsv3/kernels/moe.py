@@ -6,12 +6,12 @@ Weights follow nn.Linear: w_gate, w_up (E, I, D), w_down (E, D, I). The (token, 
 expert so that each expert multiplies one contiguous block of rows.
 
 `moe_experts_torch` is the readable reference: a loop over the experts that received tokens (never over
-tokens), each doing three matmuls on its slice, then `index_add_` back to the tokens. `moe_experts_triton` is
-the fused version (`moe_triton.py`): the pairs are padded per expert to a multiple of the tile height, one
-grouped GEMM launch computes silu(gate) * up for every expert, a second computes down with the gating weight
-fused, and the top_k partial outputs of a token are summed in one reduction. Its backward is grouped the same
-way (one launch per projection and per gradient kind). Both are differentiable w.r.t. x, the three weight
-tensors and the gating weights.
+tokens), each doing three matmuls on its rows, then one `index_add_` of the weighted results back to the tokens.
+`moe_experts_triton` is the fused version (`moe_triton.py`): the pairs are padded per expert to a multiple of the
+tile height, one grouped GEMM launch computes silu(gate) * up for every expert, a second computes down with the
+gating weight fused, and the top_k partial outputs of a token are summed in one reduction. Its backward is
+grouped the same way (one launch per projection and per gradient kind). Both are differentiable w.r.t. x, the
+three weight tensors and the gating weights.
 """
 from __future__ import annotations
 
@@ -50,19 +50,19 @@ def moe_experts_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids):
     order = torch.argsort(flat_ids, stable=True)  # (N*K,) pairs grouped by expert
     token = order // K  # (N*K,) token of each sorted pair
     acc_dtype = torch.promote_types(x.dtype, torch.float32)  # accumulate in fp32 (fp64 stays fp64)
-    gate_w = topk_weights.reshape(-1)[order].to(acc_dtype)  # (N*K,)
-    counts = expert_counts(flat_ids, E).tolist()
     out = torch.zeros((N, D), device=x.device, dtype=acc_dtype)  # (N, D) accumulator
-    start = 0
-    for e, c in enumerate(counts):
+    if N == 0:
+        return out.to(x.dtype)
+    ys, start = [], 0
+    for e, c in enumerate(expert_counts(flat_ids, E).tolist()):
         if c == 0:
             continue
-        idx = token[start:start + c]  # (c,)
-        xe = x[idx]  # (c, D)
+        xe = x[token[start:start + c]]  # (c, D) the rows this expert serves
         h = F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())  # (c, I)
-        y = h @ w_down[e].t()  # (c, D)
-        out.index_add_(0, idx, y.to(acc_dtype) * gate_w[start:start + c, None])
+        ys.append(h @ w_down[e].t())  # (c, D)
         start += c
+    gate_w = topk_weights.reshape(-1)[order, None].to(acc_dtype)  # (N*K, 1)
+    out.index_add_(0, token, torch.cat(ys).to(acc_dtype) * gate_w)  # each token sums its K weighted rows
     return out.to(x.dtype)
 
 
