@@ -211,7 +211,7 @@ class DeepSeekV3(nn.Module):
                              f"{input_ids.dtype} {tuple(input_ids.shape)}")
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))  # one pass, two values
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")

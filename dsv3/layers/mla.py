@@ -144,12 +144,13 @@ class MultiHeadLatentAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # (B, T, H * qk_dim)
         q = q.view(B, T, H, self.qk_dim)  # (B, T, H, qk_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)  # (B, T, H, nope), (B, T, H, rope)
-        q_rope = RotaryEmbedding.apply(q_rope, cos, sin)  # (B, T, H, rope)
 
         kv = self.kv_a_proj_with_mqa(x)  # (B, T, r + rope)
         c_kv, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # (B, T, r), (B, T, rope)
         c_kv = self.kv_a_layernorm(c_kv)  # (B, T, r): the latent that is cached
-        k_rope = RotaryEmbedding.apply(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, rope): shared by heads
+        # the query heads and the one key shared by all heads turn by the same angles: rotate them together
+        rotated = RotaryEmbedding.apply(torch.cat([q_rope, k_rope.unsqueeze(2)], dim=2), cos, sin)  # (B, T, H+1, rope)
+        q_rope, k_rope = rotated[:, :, :H], rotated[:, :, H]  # (B, T, H, rope), (B, T, rope)
 
         if cache is not None:
             absorbed = cache.kind == "latent"
