@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -310,7 +311,7 @@ def test_execute_runs_in_the_fixed_environment_and_stores_widget_state(tmp_path,
     assert len(sliders) == 1 and sliders[0]["state"]["value"] == 7
     view = done.cells[1].outputs[0]["data"]["application/vnd.jupyter.widget-view+json"]
     assert view["model_id"] in state
-    assert __import__("os").environ["CUDA_VISIBLE_DEVICES"] == "0"  # our own environment untouched
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"  # our own environment untouched
 
 
 # A short training run (the book's chaotic case: sign-based bias updates) and a matmul long enough for MKL's
@@ -323,7 +324,8 @@ torch.manual_seed(0)
 a, b = torch.randn(64, 3000), torch.randn(3000, 96)
 r = train(ModelConfig.tiny(), TrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=1, eval_every=0,
                                           save_every=0, progress=False, seed=0))
-parts = [(a @ b).numpy().tobytes(), repr([h["loss"] for h in r.history]).encode(), repr(r.history[-1]["biases"]).encode()]
+parts = [(a @ b).numpy().tobytes(), repr([h["loss"] for h in r.history]).encode(),
+         repr(r.history[-1]["biases"]).encode()]
 print(hashlib.sha256(b"".join(parts)).hexdigest())
 """
 
@@ -335,7 +337,7 @@ def test_notebook_environment_computes_the_same_bits_on_a_cpu_without_avx512():
     (pinned ATen and MKL code paths) the bits must not change."""
     import subprocess
 
-    env = run_notebook.apply_env(dict(__import__("os").environ))
+    env = run_notebook.apply_env(dict(os.environ))
     runs = [subprocess.run([sys.executable, "-c", _FLOAT_PROBE], env=e, capture_output=True, text=True, timeout=300)
             for e in (env, dict(env, MKL_ENABLE_INSTRUCTIONS="AVX2"))]
     assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]

@@ -110,7 +110,9 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
         return triton_available()
     # explicit "triton": run it or say precisely why not
     require_triton()
-    for t in (t for t in tensors if t is not None):
+    for t in tensors:
+        if t is None:
+            continue
         if not t.is_cuda and not interpret_mode():
             raise RuntimeError(
                 f"dsv3.kernels backend 'triton' got a tensor on {t.device}: Triton kernels run on CUDA tensors, "

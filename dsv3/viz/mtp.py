@@ -23,7 +23,7 @@ from .display import COLORS, figure
 # Sec. 4.2 of the report: "the MTP loss weight lambda is set to 0.3 for the first 10T tokens, and to 0.1 for the
 # remaining 4.8T tokens"; the MTP depth D is 1 (one extra token).
 PAPER_TOKENS_T = 14.8  # pre-training tokens, trillions
-PAPER_LAMBDA = ((0.0, 0.3), (10.0, 0.1))  # (from this many trillion tokens on, lambda)
+PAPER_LAMBDA = ((0, 0.3), (10.0, 0.1))  # (from this many trillion tokens on, lambda)
 PAPER_DEPTH = 1
 
 
@@ -261,9 +261,11 @@ def lambda_figure(cfg: TrainConfig, history: Sequence[dict] | None = None) -> go
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, specs=[[{}, {"secondary_y": True}]],
                         subplot_titles=("paper (Sec. 4.2)", f"dsv3 TrainConfig, {cfg.steps} steps"))
     fig.update_layout(title="MTP loss weight λ over training", height=340, margin=dict(t=80))
-    switch = PAPER_LAMBDA[1][0]
-    fig.add_trace(go.Scatter(x=[0, switch, switch, PAPER_TOKENS_T], y=[0.3, 0.3, 0.1, 0.1], mode="lines",
-                             name="λ, paper", line=dict(color=COLORS["slate"], width=3)), row=1, col=1)
+    ends = [start for start, _ in PAPER_LAMBDA[1:]] + [PAPER_TOKENS_T]  # each phase runs until the next one
+    xs = [x for (start, _), end in zip(PAPER_LAMBDA, ends) for x in (start, end)]
+    ys = [lam for _, lam in PAPER_LAMBDA for _ in range(2)]
+    fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="λ, paper", line=dict(color=COLORS["slate"], width=3)),
+                  row=1, col=1)
     lam = lambda_schedule(cfg)
     fig.add_trace(go.Scatter(x=list(range(1, cfg.steps + 1)), y=lam, mode="lines", name="λ, mtp_weight_at",
                              line=dict(shape="hv", color=COLORS["blue"], width=3)), row=1, col=2)

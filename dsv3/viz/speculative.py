@@ -17,7 +17,8 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from ..generate import Generation, generate, residual_distribution, sampling_probs, speculative_verify
+from ..generate import (Generation, generate, greedy_verify, residual_distribution, sampling_probs,
+                        speculative_verify)
 from ..model import DeepSeekV3
 from .display import COLORS, figure
 from .mtp import token_label
@@ -85,12 +86,12 @@ def trace(model: DeepSeekV3, prompt: Sequence[int] | torch.Tensor, max_new_token
     if kwargs.get("temperature", 0) != 0:
         raise ValueError("trace shows greedy rounds: temperature must be 0")
     prompt = torch.as_tensor(prompt).reshape(-1).tolist()
-    calls: list[tuple[list[int], list[int]]] = []
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input ids (1, T), logits (1, T, V)) per main forward
     original = model.forward
 
     def recording_forward(input_ids, *args, **kw):
         out = original(input_ids, *args, **kw)
-        calls.append((input_ids[0].tolist(), out.logits[0].argmax(-1).tolist()))
+        calls.append((input_ids.clone(), out.logits))  # a view of generate's token buffer, which moves on
         return out
 
     model.forward = recording_forward  # nn.Module.__call__ looks the instance attribute up first
@@ -98,14 +99,13 @@ def trace(model: DeepSeekV3, prompt: Sequence[int] | torch.Tensor, max_new_token
         gen = generate(model, prompt, max_new_tokens, speculative=True, num_draft=num_draft, **kwargs)
     finally:
         del model.forward
-    (_, prefill_argmax), verifications = calls[0], calls[1:]
-    result = Trace(generation=gen, prompt=prompt, first=prefill_argmax[-1])
+    (_, prefill_logits), verifications = calls[0], calls[1:]
+    result = Trace(generation=gen, prompt=prompt, first=int(prefill_logits[0, -1].argmax()))
     done = 1
-    for inputs, argmax in verifications:
-        r = Round(start=done, inputs=inputs, verified=argmax)
-        while r.accepted < len(r.drafts) and r.drafts[r.accepted] == argmax[r.accepted]:
-            r.accepted += 1
-        r.next = argmax[r.accepted]
+    for inputs, logits in verifications:
+        n_acc, nxt = greedy_verify(logits, inputs[:, 1:])  # the rule generate applied to this forward
+        r = Round(start=done, inputs=inputs[0].tolist(), verified=logits[0].argmax(-1).tolist(),
+                  accepted=int(n_acc), next=int(nxt))
         result.rounds.append(r)
         done += len(r.emitted)
     return result
@@ -226,8 +226,7 @@ def acceptance_sweep(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_ne
     """Greedy decoding of each prompt (batch of one, as one user's request) plainly and with speculative decoding
     for each ``num_draft`` in ``drafts``; totals per setting, with ``equal_to_greedy`` checking losslessness. Wall
     times are the best of ``repeats`` runs (the counts do not change between runs)."""
-    out = {0: Sweep(0)}
-    out.update({k: Sweep(k) for k in drafts})
+    out = {k: Sweep(k, drafted_per_position=[0] * k, accepted_per_position=[0] * k) for k in (0, *drafts)}
     for ids in prompts:
         plain = None
         for k, s in out.items():
@@ -241,9 +240,6 @@ def acceptance_sweep(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_ne
             else:
                 s.equal_to_greedy &= torch.equal(best.tokens, plain)
                 for j, (d, a) in enumerate(zip(st.drafted_per_position, st.accepted_per_position)):
-                    while len(s.drafted_per_position) <= j:
-                        s.drafted_per_position.append(0)
-                        s.accepted_per_position.append(0)
                     s.drafted_per_position[j] += d
                     s.accepted_per_position[j] += a
             s.new_tokens += st.new_tokens
