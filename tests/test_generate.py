@@ -78,11 +78,10 @@ def test_decoding_goes_on_from_the_returned_cache(kind):
     (outside inference mode) and gets the tokens a longer generate call gives."""
     model = random_model(small_config())
     ids = prompt(7)[None]
-    gen = generate(model, ids, 4, cache_kind=kind)
-    assert not any(t.is_inference() for t in gen.cache.a + gen.cache.b)
+    short = generate(model, ids, 5, cache_kind=kind)  # its cache holds the prompt and 4 of the 5 new tokens
+    assert not any(t.is_inference() for t in short.cache.a + short.cache.b)
     longer = generate(model, ids, 6, cache_kind=kind)
-    short = generate(model, ids, 5, cache_kind=kind)  # its cache holds the prompt and 4 of the new tokens
-    with torch.no_grad():
+    with torch.no_grad():  # feed the 5th token into the returned cache
         nxt = model(short.tokens[:, -1:], cache=short.cache).logits[:, -1].argmax(-1)  # (1,)
     assert short.cache.length == 7 + 5 and torch.equal(nxt, longer.tokens[:, 5])
 

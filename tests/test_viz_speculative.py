@@ -125,6 +125,11 @@ def test_monte_carlo_uses_the_rule_of_generate():
     assert list(resampled.base) == list(kept.y)
 
 
+def test_frequencies_is_the_empirical_distribution():
+    freq = vs.frequencies(torch.tensor([0, 2, 2, 1]), 5)
+    assert freq.dtype == torch.float64 and freq.tolist() == [0.25, 0.25, 0.5, 0.0, 0.0]
+
+
 def test_exact_first_tokens_by_enumeration():
     cfg = small_config(vocab_size=12, num_nextn_predict_layers=1)
     m = random_model(cfg, seed=3)

@@ -311,8 +311,8 @@ def monte_carlo(p: torch.Tensor, q: torch.Tensor, n: int, seed: int = 0) -> dict
     target = p.float().expand(n, 2, V)  # (n, 2, V): the target at the draft position and after it (unused here)
     n_acc, nxt = speculative_verify(target, q.float().expand(n, 1, V), drafts, generator=g)
     tokens = torch.where(n_acc == 1, drafts[:, 0], nxt)  # (n,)
-    kept = torch.bincount(drafts[n_acc == 1, 0], minlength=V).double() / n
-    return {"output": torch.bincount(tokens, minlength=V).double() / n, "kept": kept,
+    kept = torch.bincount(drafts[n_acc == 1, 0], minlength=V).double() / n  # P(draft = x and kept)
+    return {"output": frequencies(tokens, V), "kept": kept,
             "acceptance": (n_acc == 1).double().mean()}
 
 
@@ -371,6 +371,11 @@ def first_tokens(model: DeepSeekV3, prompt: Sequence[int], n: int, num_tokens: i
             "acceptance": torch.tensor(spec.stats.acceptance_rate)}
 
 
+def frequencies(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The empirical distribution (vocab_size,) fp64 of a 1-D tensor of token ids."""
+    return torch.bincount(tokens, minlength=vocab_size).double() / max(tokens.numel(), 1)
+
+
 def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
     return 0.5 * float((a.double() - b.double()).abs().sum())
 
@@ -379,8 +384,8 @@ def sampling_noise(p: torch.Tensor, n: int, repeats: int = 20, seed: int = 0) ->
     """How far ``n`` draws from p itself land from p: (mean, max) total variation over ``repeats`` seeded rounds.
     The yardstick for an empirical distribution of n samples: an exact sampler is this far off by chance."""
     g = torch.Generator().manual_seed(seed)
-    tvs = [total_variation(torch.bincount(torch.multinomial(p.double(), n, replacement=True, generator=g),
-                                          minlength=p.numel()).double() / n, p) for _ in range(repeats)]
+    tvs = [total_variation(frequencies(torch.multinomial(p.double(), n, replacement=True, generator=g), p.numel()), p)
+           for _ in range(repeats)]
     return sum(tvs) / repeats, max(tvs)
 
 
@@ -398,7 +403,7 @@ def first_tokens_figure(samples: Mapping[str, torch.Tensor], exact: Sequence[tor
         labels = [f"{token_label(tokenizer.decode([int(i)]))} ({int(i)})" for i in order]
         for name in ("plain", "speculative"):
             V = exact[t].numel()
-            freq = torch.bincount(samples[name][:, t], minlength=V).double() / samples[name].shape[0]
+            freq = frequencies(samples[name][:, t], V)
             fig.add_trace(go.Bar(x=labels, y=[round(float(freq[i]), digits) for i in order], visible=t == 0,
                                  name=f"{name} sampling", marker_color=palette[name]))
         fig.add_trace(go.Scatter(x=labels, y=[round(float(exact[t][i]), digits) for i in order], mode="markers",
