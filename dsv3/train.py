@@ -452,7 +452,7 @@ class TrainResult:
 
 
 def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *, resume: bool = False,
-          callback: Callable[[dict, DeepSeekV3], bool | None] | None = None) -> TrainResult:
+          callback: Callable[[dict, DeepSeekV3], bool | None] | None = None, parallel: Any = None) -> TrainResult:
     """Train a DeepSeek-V3 model (see the module docstring).
 
     Every setting is checked before any compute: the configs, the corpus, the model's context length, and -- when
@@ -460,6 +460,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
     to the same run. ``callback(entry, model)`` runs after every step (and its checkpoint); returning True stops
     training there (a checkpoint is written first when there is an out_dir). A non-finite loss or gradient norm
     raises ``TrainingDivergedError`` before the optimizer touches the weights; the last good checkpoint stays.
+    ``parallel`` (a ``dsv3.parallel.training.Distributed``, given by ``train_distributed``) makes this process one
+    rank of a distributed run: it parallelizes the model and reduces what a step measures over the ranks.
     """
     cfg = train_config if train_config is not None else TrainConfig()
     if not isinstance(model_config, ModelConfig):
@@ -509,9 +511,14 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
     layers = model.moe_layers()
     for layer in layers:
         layer.capacity_factor = cfg.capacity_factor
+    if parallel is not None:
+        model = parallel.parallelize(model)
     optimizer = make_optimizer(model, cfg)
     if ckpt is not None:
-        _load_optimizer(model, optimizer, tensors, state["optimizer"], ckpt)
+        if parallel is None:
+            _load_optimizer(model, optimizer, tensors, state["optimizer"], ckpt)
+        else:
+            parallel.load_optimizer(model, optimizer, tensors)
         torch.set_rng_state(tensors["rng.torch"])
         cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
         if cuda_states and torch.cuda.is_available():
@@ -532,8 +539,13 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
     last_saved = step if ckpt is not None else None
 
     def save(at: int) -> int:
-        result.checkpoint = save_checkpoint(run_dir, at, model, optimizer, batches.state_dict(), history, cfg,
-                                            cfg.keep_checkpoints)
+        m, opt = (model, optimizer) if parallel is None else parallel.gather_state(model, optimizer)
+        if m is not None:  # in a distributed run, rank 0 writes the gathered one-process state
+            result.checkpoint = save_checkpoint(run_dir, at, m, opt, batches.state_dict(), history, cfg,
+                                                cfg.keep_checkpoints)
+        if parallel is not None:
+            parallel.barrier()
+            result.checkpoint = run_dir / f"{CHECKPOINT_PREFIX}{at:06d}"
         return at
 
     try:
@@ -549,6 +561,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
             for _ in range(cfg.grad_accum):
                 batch = next(batches)
                 ids, labels = batch.input_ids.to(device), batch.labels.to(device)  # (b, T) each
+                if parallel is not None:
+                    ids, labels = parallel.local_batch(ids, labels)  # this rank's rows of the global batch
                 with _autocast(device, cfg.dtype):
                     out = model(ids, labels=labels, mtp_weight=lam)
                     routings = out.routing + out.mtp_routing
@@ -566,7 +580,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
                 loads += bal.expert_loads(routings)
                 groups += torch.tensor(bal.mean_groups_per_token(routings, model_config.n_group)) / cfg.grad_accum
                 dropped += torch.tensor([r.dropped for r in routings]) / cfg.grad_accum
-            if cfg.grad_clip > 0:
+            if parallel is not None:
+                sums, loads, groups = parallel.reduce_step(sums, loads, groups)
+                grad_norm = parallel.clip_grad_norm_(params, cfg.grad_clip)
+            elif cfg.grad_clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             else:
                 grad_norm = float(torch.linalg.vector_norm(
@@ -590,8 +607,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
                      "groups_per_token": groups.tolist()}
             if cfg.capacity_factor is not None:
                 entry["dropped"] = dropped.tolist()
+            if parallel is not None:
+                entry.update(parallel.step_stats())
             if val and (step % cfg.eval_every == 0 or step == cfg.steps):
-                entry.update(evaluate(model, val, device, cfg.dtype, lam, n_main))
+                entry.update(evaluate(model, val, device, cfg.dtype, lam, n_main, parallel))
             history.append(entry)
 
             if run_dir is not None and (step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)):
@@ -627,7 +646,7 @@ def _diverged_message(what: str, value: float, step: int, run_dir: Path | None, 
 
 @torch.no_grad()
 def evaluate(model: DeepSeekV3, batches, device: torch.device | str = "cpu", dtype: str = "auto",
-             mtp_weight: float = 0.3, n_main: int | None = None) -> dict:
+             mtp_weight: float = 0.3, n_main: int | None = None, parallel: Any = None) -> dict:
     """Validation: mean next-token loss and MTP loss over fixed batches, and the global MaxVio -- loads summed over
     the whole validation set, per MoE layer (``val_max_vio`` averages the ``n_main`` main-model layers)."""
     was_training = model.training
@@ -636,13 +655,18 @@ def evaluate(model: DeepSeekV3, batches, device: torch.device | str = "cpu", dty
     main = mtp = 0.0
     loads = None
     for b in batches:
+        ids, labels = b.input_ids.to(device), b.labels.to(device)
+        if parallel is not None:
+            ids, labels = parallel.local_batch(ids, labels)
         with _autocast(device, dtype):
-            out = model(b.input_ids.to(device), labels=b.labels.to(device), mtp_weight=mtp_weight)
+            out = model(ids, labels=labels, mtp_weight=mtp_weight)
         main += out.main_loss.item() / len(batches)
         mtp += (out.mtp_loss.item() if out.mtp_loss is not None else 0.0) / len(batches)
         step_loads = bal.expert_loads(out.routing + out.mtp_routing)  # (L, N_r)
         loads = step_loads if loads is None else loads + step_loads
     model.train(was_training)
+    if parallel is not None:  # global means and loads over the ranks
+        main, mtp, loads = parallel.reduce_eval(main, mtp, loads)
     vio = bal.max_vio(loads)  # (L,)
     n_main = len(out.routing) if n_main is None else n_main
     return {"val_loss": main, "val_mtp_loss": mtp, "val_max_vio": float(vio[:n_main].mean()) if n_main else 0.0,

@@ -72,6 +72,35 @@ def grads(args, out: Path) -> dict:
             "measured": measured, "expected": expect, "topk_group": config.topk_group}
 
 
+def train_config(args):
+    from dsv3.train import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, warmup_steps=2, eval_every=0,
+                       save_every=args.save_every, progress=False, out_dir=args.run_dir, grad_accum=args.grad_accum)
+
+
+def train_cfg_model(args):
+    return small_config(vocab_size=2048, n_group=args.n_group, topk_group=args.topk_group,
+                        num_nextn_predict_layers=1)
+
+
+def train(args, out: Path) -> dict:
+    """``train_distributed`` for a few steps; the history goes back to the test, which trains the one-process
+    oracle itself. ``--die-at`` kills rank 1 (SIGKILL, no goodbye) at that step."""
+    from dsv3.parallel.training import train_distributed
+
+    def callback(entry, model):
+        if args.die_at and entry["step"] == args.die_at and dist.get_rank() == 1:
+            os.kill(os.getpid(), 9)
+
+    result = train_distributed(train_cfg_model(args), train_config(args), expert_parallel=args.ep,
+                               data_parallel=args.dp, ranks_per_node=args.rpn, timeout_s=args.timeout,
+                               resume=args.resume, callback=callback)
+    keys = ("loss", "main_loss", "grad_norm", "biases", "loads", "internode_bytes", "intranode_bytes",
+            "control_bytes", "nodes_per_token_max", "nodes_per_token_mean")
+    return {"rank": dist.get_rank(), "history": [{k: h[k] for k in keys} for h in result.history]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("scenario")
@@ -83,9 +112,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=16)
     p.add_argument("--timeout", type=float, default=60)
+    p.add_argument("--dp", type=int, default=None)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--die-at", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(1)
-    result = {"grads": grads}[args.scenario](args, Path(args.out))
+    result = {"grads": grads, "train": train}[args.scenario](args, Path(args.out))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.barrier()

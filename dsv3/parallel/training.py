@@ -1,0 +1,237 @@
+"""Distributed training that reuses the one-process loop of ``dsv3.train`` (its oracle: same seed, same global batch).
+
+``train_distributed(model_config, train_config, expert_parallel=4, ranks_per_node=2)`` runs in every process that
+torchrun starts. Each rank builds the same model from the same seed, then ``Distributed.parallelize`` applies, from
+outside the model: expert parallelism (``dsv3.parallel.expert``) over the "ep" dimension, FSDP2 ``fully_shard`` of
+each rank's experts over "dp" (they are replicated across data-parallel replicas) and of everything else over the
+whole world (every rank is data parallel for the dense part). ``dsv3.train.train`` then drives the steps and asks
+the ``Distributed`` object at the few places where a distributed step differs:
+
+- each rank takes its slice of every global micro-batch (``local_batch``); its loss is the mean over its tokens, so
+  the mean of the ranks' losses is the global batch's loss and FSDP's averaging gives the global gradient (expert
+  gradients, which already sum every rank's tokens through the all-to-all, are divided by ep);
+- the expert loads of the bias update are summed over the whole global batch (``reduce_step``), so every rank moves
+  its biases identically; the sequence-wise balance loss stays per sequence; logged losses are global means;
+- the gradient norm is the global one (``clip_grad_norm_``) and checkpoints gather the full model and optimizer
+  into the one-process layout (``gather_state``), which ``load_optimizer`` shards again on resume;
+- every step's history entry gains the all-to-all counters (``step_stats``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import ModelConfig
+from ..model import DeepSeekV3
+from .comm import CommStats
+from .expert import ExpertParallelExperts, apply_expert_parallel
+from .topology import DEFAULT_TIMEOUT_S, Topology, build_mesh, init_distributed, plan_topology
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class Distributed:
+    """The strategy object ``dsv3.train.train(..., parallel=...)`` consults; one per process."""
+
+    def __init__(self, topology: Topology, mesh, world_mesh, device: torch.device, fsdp: bool = True):
+        self.topology, self.mesh, self.world_mesh, self.device, self.fsdp = topology, mesh, world_mesh, device, fsdp
+        self.ep_group = mesh.get_group("ep")
+        self.stats = CommStats(topology, self.ep_group)
+        self.model_config: ModelConfig | None = None
+        self._experts: list[ExpertParallelExperts] = []
+
+    @property
+    def rank(self) -> int:
+        return self.topology.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    # ------------------------------------------------------------------ the model
+    def expert_modules(self, model: nn.Module) -> list[ExpertParallelExperts]:
+        return [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
+
+    def parallelize(self, model: DeepSeekV3) -> nn.Module:
+        """Expert parallelism, then FSDP2: experts sharded over dp, the rest over the whole world."""
+        self.model_config = model.config
+        apply_expert_parallel(model, self.topology, self.stats)
+        self._experts = self.expert_modules(model)
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for m in self.expert_modules(model):
+                fully_shard(m, mesh=self.mesh["dp"])
+            fully_shard(model, mesh=self.world_mesh)
+        return model
+
+    def _is_expert(self, name: str) -> bool:
+        return ".experts." in name and "shared_experts" not in name
+
+    # ------------------------------------------------------------------ the step
+    def local_batch(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of a global (micro-)batch."""
+        B, W = input_ids.shape[0], self.world_size
+        if B % W:
+            raise ValueError(f"a global micro-batch of {B} sequences does not split over {W} ranks; choose "
+                             f"batch_size / grad_accum divisible by the world size")
+        b = B // W
+        return input_ids[self.rank * b:(self.rank + 1) * b], labels[self.rank * b:(self.rank + 1) * b]
+
+    def reduce_step(self, sums: dict, loads: torch.Tensor, groups: torch.Tensor):
+        """Global means of the logged losses and groups per token; loads summed over the whole global batch."""
+        keys = list(sums)
+        t = torch.tensor([sums[k] for k in keys] + groups.tolist(), dtype=torch.float64)
+        dist.all_reduce(t)
+        t /= self.world_size
+        loads = loads.clone()
+        dist.all_reduce(loads)
+        return dict(zip(keys, t[:len(keys)].tolist())), loads, t[len(keys):].to(groups.dtype)
+
+    def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> float:
+        """Finish the gradients (expert gradients / ep) and clip by the global norm; returns the norm before
+        clipping, as ``torch.nn.utils.clip_grad_norm_`` does for one process."""
+        ep = self.topology.expert_parallel
+        for m in self._experts:
+            for p in m.parameters():
+                if p.grad is not None:
+                    p.grad.div_(ep)
+        grads = [_local(p.grad) for p in params if p.grad is not None]
+        # every element of every parameter lives on exactly one rank (FSDP shards, expert slices)
+        sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum().double()
+        dist.all_reduce(sq)
+        norm = float(sq.sqrt())
+        if max_norm > 0:
+            coef = min(max_norm / (norm + 1e-6), 1.0)
+            for g in grads:
+                g.mul_(coef)
+        return norm
+
+    def step_stats(self) -> dict:
+        """The all-to-all counters of the step, summed over every rank (max for the node count); resets them."""
+        c = self.stats.totals()
+        kinds = ("hidden", "routing")
+        t = torch.tensor([sum(c[f"internode_{k}_bytes"] for k in kinds), sum(c[f"intranode_{k}_bytes"] for k in kinds),
+                          c["internode_control_bytes"] + c["intranode_control_bytes"], c["nodes_sum"], c["tokens"]],
+                         dtype=torch.float64)
+        dist.all_reduce(t)
+        mx = torch.tensor([c["nodes_max"]], dtype=torch.int64)
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+        self.stats.reset()
+        return {"internode_bytes": int(t[0]), "intranode_bytes": int(t[1]), "control_bytes": int(t[2]),
+                "nodes_per_token_max": int(mx), "nodes_per_token_mean": float(t[3] / t[4]) if t[4] else 0.0}
+
+    def reduce_eval(self, main: float, mtp: float, loads: torch.Tensor):
+        """Validation: mean losses over the ranks, loads summed (the global MaxVio); evaluation traffic is not a
+        step's, so the counters restart."""
+        t = torch.tensor([main, mtp], dtype=torch.float64)
+        dist.all_reduce(t)
+        t /= self.world_size
+        loads = loads.clone()
+        dist.all_reduce(loads)
+        self.stats.reset()
+        return float(t[0]), float(t[1]), loads
+
+    # ------------------------------------------------------------------ checkpoints
+    def _full_state(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full tensors from sharded ones: FSDP shards gathered (``full_tensor``), expert slices gathered over ep."""
+        out = {}
+        for name, t in named.items():
+            full = _full(t).detach()
+            if self._is_expert(name) and full.dim() == 3:
+                parts = [torch.empty_like(full) for _ in range(self.topology.expert_parallel)]
+                dist.all_gather(parts, full.contiguous(), group=self.ep_group)
+                full = torch.cat(parts)
+            out[name] = full.cpu()
+        return out
+
+    def gather_state(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        """(a one-process DeepSeekV3, an AdamW holding the full optimizer state) on rank 0, (None, None) elsewhere.
+        Every rank must call it (it gathers)."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        weights = self._full_state(dict(model.state_dict()))
+        opt = {}
+        for p, st in optimizer.state.items():
+            for key, value in st.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    opt[f"{names[id(p)]}.{key}"] = value
+        opt_full = self._full_state(opt)
+        if self.rank != 0:
+            return None, None
+        plain = DeepSeekV3(self.model_config).float()
+        plain.load_state_dict(weights)
+        params = dict(plain.named_parameters())
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [params[names[id(p)]] for p in g["params"]]}
+                  for g in optimizer.param_groups]
+        plain_opt = type(optimizer)(groups, **optimizer.defaults)
+        for p, st in optimizer.state.items():
+            n = names[id(p)]
+            plain_opt.state[params[n]] = {k: (opt_full[f"{n}.{k}"] if isinstance(v, torch.Tensor) and v.dim() > 0
+                                              else (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v))
+                                          for k, v in st.items()}
+        return plain, plain_opt
+
+    def load_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict) -> None:
+        """Shard a checkpoint's full optimizer state (``optimizer.<param>.<key>`` tensors) like the parameters."""
+        from torch.distributed.tensor import distribute_tensor
+
+        lo, hi = self.topology.expert_range()
+        for name, p in model.named_parameters():
+            prefix = f"optimizer.{name}."
+            state = {}
+            for k, v in tensors.items():
+                if not k.startswith(prefix) or "." in k[len(prefix):]:
+                    continue
+                key = k[len(prefix):]
+                if v.dim() > 0:
+                    if self._is_expert(name):
+                        v = v[lo:hi]
+                    v = v.to(self.device)
+                    if hasattr(p, "device_mesh"):
+                        v = distribute_tensor(v, p.device_mesh, p.placements)
+                state[key] = v
+            if state:
+                optimizer.state[p] = state
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def setup(model_config: ModelConfig, expert_parallel: int, data_parallel: int | None = None,
+          ranks_per_node: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, fsdp: bool = True) -> Distributed:
+    """Join torchrun's world and lay it out; checks every count before any model exists."""
+    rank, world, device = init_distributed(timeout_s)
+    topo = plan_topology(world, expert_parallel, model_config.n_routed_experts, model_config.n_group,
+                         data_parallel=data_parallel, ranks_per_node=ranks_per_node, rank=rank)
+    mesh, world_mesh = build_mesh(topo, device)
+    return Distributed(topo, mesh, world_mesh, device, fsdp=fsdp)
+
+
+def train_distributed(model_config: ModelConfig, train_config, expert_parallel: int, data_parallel: int | None = None,
+                      ranks_per_node: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, resume: bool = False,
+                      callback=None):
+    """``dsv3.train.train`` in every torchrun process, with the model parallelized from outside. Returns the
+    ``TrainResult`` (identical history on every rank). The process group stays up; the caller ends it."""
+    from ..train import train
+
+    for bad, why in ((train_config.balance == "aux", "balance='aux' (its batch-wise loss needs the global batch)"),
+                     (train_config.capacity_factor is not None, "a capacity factor (token dropping)")):
+        if bad:
+            raise ValueError(f"distributed training does not support {why}; V3 uses balance='bias' without dropping")
+    par = setup(model_config, expert_parallel, data_parallel, ranks_per_node, timeout_s)
+    micro = train_config.batch_size // train_config.grad_accum
+    if micro % par.world_size:
+        raise ValueError(f"batch_size / grad_accum = {micro} sequences do not split over the world of "
+                         f"{par.world_size} ranks")
+    cfg = train_config.replace(device=str(par.device), progress=train_config.progress and par.rank == 0)
+    return train(model_config, cfg, resume=resume, callback=callback, parallel=par)
