@@ -173,7 +173,7 @@ class Distributed:
         params = dict(plain.named_parameters())
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [params[names[id(p)]] for p in g["params"]]}
                   for g in optimizer.param_groups]
-        plain_opt = type(optimizer)(groups, **optimizer.defaults)
+        plain_opt = type(optimizer)(groups)  # every group carries its own hyperparameters
         for p, st in optimizer.state.items():
             n = names[id(p)]
             plain_opt.state[params[n]] = {k: (opt_full[f"{n}.{k}"] if isinstance(v, torch.Tensor) and v.dim() > 0

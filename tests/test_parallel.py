@@ -1,0 +1,177 @@
+"""dsv3.parallel: topology arithmetic (fast), and real multi-process runs under torchrun with gloo on the CPU (slow),
+each checked against the one-process model: the oracle of every distributed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3.parallel import Topology, expected_bytes, plan_topology
+from dsv3.parallel.expert import _copies
+
+from conftest import small_config
+
+WORKER = Path(__file__).resolve().parent / "parallel_worker.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------- topology (no processes)
+def test_topology_places_one_router_group_per_node():
+    topo = plan_topology(64, 64, 256, 8, ranks_per_node=8, rank=13)  # V3: EP 64 on 8 nodes of 8 GPUs
+    assert (topo.n_nodes, topo.experts_per_rank, topo.groups_per_node) == (8, 4, 1)
+    assert (topo.ep_rank, topo.node_of(topo.ep_rank), topo.expert_range()) == (13, 1, (52, 56))
+    for row in topo.placement():
+        assert row["groups"] == [row["node"]]  # every rank's experts lie in the group of its node
+    ids = torch.arange(256)
+    assert torch.equal(topo.node_of_expert(ids), ids // 32)  # group g of 32 experts = node g
+
+
+def test_topology_data_parallel_layout():
+    topo = plan_topology(4, 2, 8, 2, ranks_per_node=1, rank=3)
+    assert (topo.data_parallel, topo.dp_rank, topo.ep_rank, topo.n_nodes) == (2, 1, 1, 2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(world_size=6, expert_parallel=4, n_routed_experts=8, n_group=2), "world size 6 is not a multiple of "
+                                                                           "expert_parallel=4"),
+    (dict(world_size=4, expert_parallel=2, data_parallel=3, n_routed_experts=8, n_group=2),
+     "data_parallel x expert_parallel = 3 x 2 = 6"),
+    (dict(world_size=4, expert_parallel=4, ranks_per_node=3, n_routed_experts=8, n_group=2),
+     "expert_parallel=4 ranks do not split into nodes of ranks_per_node=3"),
+    (dict(world_size=3, expert_parallel=3, ranks_per_node=1, n_routed_experts=8, n_group=2),
+     "n_routed_experts=8 is not divisible by expert_parallel=3"),
+    (dict(world_size=4, expert_parallel=4, ranks_per_node=1, n_routed_experts=8, n_group=2),
+     "n_group=2 router groups cannot be placed on 4 nodes"),
+])
+def test_topology_errors_name_the_numbers(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plan_topology(**kwargs)
+
+
+def test_copies_one_per_distinct_destination():
+    dest = torch.tensor([[2, 2, 0], [1, -1, -1], [0, 0, 0]])
+    row, d, send = _copies(dest, 3)
+    assert d.tolist() == [0, 0, 1, 2] and row.tolist() == [0, 2, 1, 0] and send.tolist() == [2, 1, 1]
+
+
+def test_expected_bytes_counts_one_internode_copy_per_remote_node():
+    topo = Topology(1, 4, 2, 8, 2)  # 2 nodes x 2 ranks, 2 experts per rank
+    ids = torch.tensor([[0, 1, 2], [4, 6, 7], [5, 0, 3]])  # from ep rank 0 (node 0, position 0)
+    e = expected_bytes(ids, topo, 0, hidden_bytes=10, backward=False)
+    # token 0: node 0 (self) -> rank 1 (expert 2): 1 intra; token 1: node 1 via rank 2 -> rank 3: 1 inter, 1 intra;
+    # token 2: node 1 via rank 2 (expert 5) and node 0 -> ranks 0 and 1: 1 inter, 1 intra
+    assert (e["internode_copies"], e["intranode_copies"]) == (2, 3)
+    assert e["internode_hidden"] == 2 * 2 * 10 and e["internode_routing"] == 2 * 3 * 12
+
+
+# ---------------------------------------------------------------------- multi-process runs (torchrun, gloo)
+def torchrun(nproc: int, *args, timeout: float = 240, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONWARNINGS": "ignore::FutureWarning"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--standalone", str(WORKER), *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_ranks(out: Path, n: int) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, extra", [(2, ["--ep", 2]),
+                                          (4, ["--ep", 4, "--rpn", 1, "--n-group", 4, "--topk-group", 2])])
+def test_expert_parallel_matches_one_process(tmp_path, nproc, extra):
+    """Logits and every gradient of the EP model (each rank: its slice of the batch and of the experts) equal the
+    one-process model's; the bytes counted by CommStats equal the count derived from the routing; no token reaches
+    more nodes than topk_group."""
+    torchrun(nproc, "grads", tmp_path, *extra)
+    ranks = read_ranks(tmp_path, nproc)
+    for r in ranks:
+        assert r["logit_err"] < 1e-5 and r["grad_err"] < 1e-5, r
+        assert r["measured"]["nodes_max"] <= r["topk_group"]
+    for key in ("internode_hidden", "intranode_hidden", "internode_routing", "intranode_routing"):
+        assert sum(r["measured"][key + "_bytes"] for r in ranks) == sum(r["expected"][key] for r in ranks), key
+    if nproc == 4:  # 4 nodes of one rank: every copy to another rank crosses nodes
+        assert sum(r["measured"]["internode_hidden_bytes"] for r in ranks) > 0
+        assert sum(r["measured"]["intranode_hidden_bytes"] for r in ranks) == 0
+
+
+def oracle(steps: int, batch: int, seq: int, n_group: int, topk_group: int, **kw):
+    from dsv3.train import TrainConfig, train
+
+    config = small_config(vocab_size=2048, n_group=n_group, topk_group=topk_group, num_nextn_predict_layers=1)
+    cfg = TrainConfig(steps=steps, batch_size=batch, seq_len=seq, warmup_steps=2, eval_every=0, save_every=0,
+                      progress=False, **kw)
+    return train(config, cfg)
+
+
+def assert_same_history(dist_history, one_history, n_group_limit):
+    assert len(dist_history) == len(one_history)
+    for d, o in zip(dist_history, one_history):
+        assert abs(d["loss"] - o["loss"]) <= 1e-4 * abs(o["loss"]), (d["loss"], o["loss"])
+        assert abs(d["main_loss"] - o["main_loss"]) <= 1e-4 * abs(o["main_loss"])
+        assert d["loads"] == o["loads"]
+        assert torch.allclose(torch.tensor(d["biases"]), torch.tensor(o["biases"]), atol=1e-7, rtol=0)
+        assert 1 <= d["nodes_per_token_max"] <= n_group_limit
+        assert 1.0 <= d["nodes_per_token_mean"] <= d["nodes_per_token_max"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["--ep", 4, "--rpn", 2], ["--dp", 2, "--ep", 2, "--rpn", 1]],
+                         ids=["ep4-2nodes", "dp2xep2"])
+def test_training_matches_one_process(tmp_path, layout):
+    """10 steps of EP 4 (2 nodes x 2 ranks) and of DP 2 x EP 2 give the one-process losses, loads and biases."""
+    torchrun(4, "train", tmp_path, *layout, "--n-group", 2, "--topk-group", 1, "--batch", 8, "--seq", 16,
+             "--steps", 10, timeout=300)
+    ranks = read_ranks(tmp_path, 4)
+    one = oracle(10, 8, 16, 2, 1)
+    for r in ranks:
+        assert_same_history(r["history"], one.history, n_group_limit=1)
+        assert r["history"] == ranks[0]["history"]  # every rank reports the same global step
+    h = ranks[0]["history"]
+    assert all(e["internode_bytes"] > 0 and e["intranode_bytes"] > 0 for e in h)
+
+
+@pytest.mark.slow
+def test_killed_rank_fails_the_run_with_a_message(tmp_path):
+    t0 = time.perf_counter()
+    proc = torchrun(2, "train", tmp_path, "--ep", 2, "--batch", 4, "--seq", 16, "--steps", 50, "--die-at", 2,
+                    "--timeout", 20, timeout=180, expect_ok=False)
+    assert proc.returncode != 0
+    assert "rank 1" in proc.stderr.lower() or "local_rank: 1" in proc.stderr, proc.stderr[-3000:]
+    assert "Signal 9" in proc.stderr or "SIGKILL" in proc.stderr, proc.stderr[-3000:]
+    assert time.perf_counter() - t0 < 180
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_is_exact_and_checkpoints_load_in_one_process(tmp_path):
+    """A 2-process EP run saves every 2 steps and loses a rank at step 3; resumed on 2 processes it ends where
+    the uninterrupted one-process run ends, and its checkpoint loads with dsv3.load_pretrained."""
+    from dsv3 import load_pretrained
+
+    run = tmp_path / "run"
+    common = ["--ep", 2, "--n-group", 4, "--topk-group", 2, "--batch", 4, "--seq", 16, "--run-dir", run,
+              "--save-every", 2]
+    proc = torchrun(2, "train", tmp_path / "a", *common, "--steps", 6, "--die-at", 3, "--timeout", 20,
+                    expect_ok=False)
+    assert proc.returncode != 0 and (run / "latest").read_text().strip() == "checkpoint-000002"
+    torchrun(2, "train", tmp_path / "b", *common, "--steps", 6, "--resume")
+    one = oracle(6, 4, 16, 4, 2)
+    resumed = read_ranks(tmp_path / "b", 2)[0]["history"]
+    assert_same_history(resumed, one.history, n_group_limit=2)
+    model = load_pretrained(run / "checkpoint-000006")
+    ref = dict(one.model.named_parameters())
+    for name, p in model.named_parameters():  # Adam's sign-like first steps amplify 1e-7 gradient differences
+        assert (p - ref[name]).norm() <= 1e-4 * ref[name].norm(), name
+    for a, b in zip(model.moe_layers(), one.model.moe_layers()):
+        assert torch.equal(a.gate.e_score_correction_bias, b.gate.e_score_correction_bias)
