@@ -76,6 +76,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
 def unit_interval(text: str) -> float:
     value = finite_float(text)
     if not 0.0 < value <= 1.0:
@@ -211,6 +218,17 @@ def _add_train(sub) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help=f"torch CPU threads (default: torch's choice, {torch.get_num_threads()} here)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("distributed (start with torchrun --nproc-per-node N -m dsv3 train ...)")
+    g.add_argument("--expert-parallel", type=positive_int, default=None,
+                   help="ranks that share the routed experts (default: world size / --data-parallel)")
+    g.add_argument("--data-parallel", type=positive_int, default=None,
+                   help="replicas of the experts; the dense part is sharded (FSDP2) over every rank "
+                        "(default: world size / --expert-parallel)")
+    g.add_argument("--ranks-per-node", type=positive_int, default=None,
+                   help="expert-parallel ranks per node: one node holds whole router groups "
+                        "(default: the processes torchrun started on this machine)")
+    g.add_argument("--dist-timeout", type=positive_float, default=None,
+                   help="seconds a collective may wait before the run fails (a dead rank; default 120)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -240,11 +258,20 @@ def _cmd_train(args) -> int:
     else:
         cfg = TrainConfig(**given)
         model_config = config_from_arg(args.config or "tiny")
+    distributed = args.expert_parallel is not None or args.data_parallel is not None
+    if not distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes: say how to split the work with "
+                         f"--expert-parallel and/or --data-parallel")
     try:
-        result = train(model_config, cfg, resume=args.resume)
+        if distributed:
+            result = _train_distributed(args, model_config, cfg)
+        else:
+            result = train(model_config, cfg, resume=args.resume)
     except TrainingDivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    if distributed and int(os.environ["RANK"]) != 0:  # rank 0 speaks for the run
+        return 0
     h = result.history[-1] if result.history else {}
     print(f"steps {h.get('step', 0)}/{cfg.steps}  tokens {h.get('tokens', 0):,}  "
           f"throughput {result.tokens_per_s:,.0f} tokens/s  loss {h.get('main_loss', float('nan')):.3f}  "
@@ -254,6 +281,28 @@ def _cmd_train(args) -> int:
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint}")
     return 0
+
+
+def _train_distributed(args, model_config, cfg):
+    """One rank of ``torchrun ... -m dsv3 train --expert-parallel E [--data-parallel D] [--ranks-per-node R]``."""
+    import torch.distributed as dist
+
+    from .parallel.topology import DEFAULT_TIMEOUT_S
+    from .parallel.training import train_distributed
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ep, dp = args.expert_parallel, args.data_parallel
+    if ep is None:
+        if world % dp:
+            raise ValueError(f"world size {world} is not a multiple of --data-parallel {dp}")
+        ep = world // dp
+    try:
+        return train_distributed(model_config, cfg, expert_parallel=ep, data_parallel=dp,
+                                 ranks_per_node=args.ranks_per_node,
+                                 timeout_s=args.dist_timeout or DEFAULT_TIMEOUT_S, resume=args.resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------- sample and generate

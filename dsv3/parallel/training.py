@@ -49,6 +49,7 @@ class Distributed:
         self.stats = CommStats(topology, self.ep_group)
         self.model_config: ModelConfig | None = None
         self._experts: list[ExpertParallelExperts] = []
+        self._model: nn.Module | None = None
 
     @property
     def rank(self) -> int:
@@ -67,6 +68,7 @@ class Distributed:
         self.model_config = model.config
         apply_expert_parallel(model, self.topology, self.stats)
         self._experts = self.expert_modules(model)
+        self._model = model
         if self.fsdp:
             from torch.distributed.fsdp import fully_shard
 
@@ -140,7 +142,17 @@ class Distributed:
         loads = loads.clone()
         dist.all_reduce(loads)
         self.stats.reset()
+        self.reshard()
         return float(t[0]), float(t[1]), loads
+
+    def reshard(self) -> None:
+        """Back to the sharded parameters the optimizer holds: FSDP2 keeps the root unsharded after a forward
+        without backward (evaluation)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self._model.modules() if self._model is not None else ():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     # ------------------------------------------------------------------ checkpoints
     def _full_state(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -158,6 +170,7 @@ class Distributed:
     def gather_state(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         """(a one-process DeepSeekV3, an AdamW holding the full optimizer state) on rank 0, (None, None) elsewhere.
         Every rank must call it (it gathers)."""
+        self.reshard()
         names = {id(p): n for n, p in model.named_parameters()}
         weights = self._full_state(dict(model.state_dict()))
         opt = {}
