@@ -176,3 +176,41 @@ def test_resume_after_a_kill_is_exact_and_checkpoints_load_in_one_process(tmp_pa
         assert (p - ref[name]).norm() <= 1e-4 * ref[name].norm(), name
     for a, b in zip(model.moe_layers(), one.model.moe_layers()):
         assert torch.equal(a.gate.e_score_correction_bias, b.gate.e_score_correction_bias)
+
+
+def _cli(nproc: int | None, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONWARNINGS": "ignore::FutureWarning"}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m"]
+                if nproc else [sys.executable, "-m"])
+    return subprocess.run([*launcher, "dsv3", "train", *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_cli_distributed_run_writes_the_one_process_model(tmp_path):
+    """torchrun -m dsv3 train --expert-parallel 2 and python -m dsv3 train with the same flags hold the same model."""
+    from dsv3 import load_pretrained
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(small_config(vocab_size=2048).to_hf()))
+    flags = ["--config", config, "--steps", 3, "--batch-size", 4, "--seq-len", 16, "--eval-every", 3,
+             "--eval-batches", 1, "--no-progress", "--threads", 1]
+    dist_run = _cli(2, *flags, "--expert-parallel", 2, "--dist-timeout", 60, "--out", tmp_path / "A")
+    assert dist_run.returncode == 0, dist_run.stderr[-4000:]
+    one_run = _cli(None, *flags, "--out", tmp_path / "B")
+    assert one_run.returncode == 0, one_run.stderr[-4000:]
+    assert dist_run.stdout.count("steps 3/3") == 1  # rank 0 speaks for the run
+    a = load_pretrained(tmp_path / "A" / "checkpoint-000003")
+    b = dict(load_pretrained(tmp_path / "B" / "checkpoint-000003").named_parameters())
+    for name, p in a.named_parameters():
+        assert (p - b[name]).norm() <= 1e-3 * b[name].norm(), name
+    history = json.loads((tmp_path / "A" / "checkpoint-000003" / "trainer.json").read_text())["history"]
+    assert all(h["nodes_per_token_max"] <= 2 and h["internode_bytes"] == 0 for h in history)  # one node of 2 ranks
+
+
+@pytest.mark.slow
+def test_cli_bad_degrees_end_every_rank_with_one_error(tmp_path):
+    proc = _cli(2, "--expert-parallel", 4, "--steps", 1, "--out", tmp_path / "A", timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: world size 2 is not a multiple of expert_parallel=4") == 2, proc.stderr[-3000:]
