@@ -71,6 +71,19 @@ def test_expected_bytes_counts_one_internode_copy_per_remote_node():
     assert e["internode_hidden"] == 2 * 2 * 10 and e["internode_routing"] == 2 * 3 * 12
 
 
+def test_copies_per_token_agrees_with_expected_bytes_and_bounds_the_naive_dispatch():
+    from dsv3.kernels import router_topk_torch
+    from dsv3.parallel.expert import copies_per_token
+
+    topo = Topology(1, 4, 1, 16, 4)  # 4 nodes of 1 rank, 4 experts (one router group) each
+    g = torch.Generator().manual_seed(0)
+    _, ids = router_topk_torch(torch.randn(64, 16, generator=g), None, 4, 4, 2, 1.0)
+    c = copies_per_token(ids, topo, torch.zeros(64, dtype=torch.long))  # every token on node 0 = ep rank 0
+    assert int(c["nodes"].max()) <= 2  # the node limit: topk_group = 2
+    assert int(c["dedup"].sum()) == expected_bytes(ids, topo, 0, hidden_bytes=1)["internode_copies"]
+    assert torch.all(c["dedup"] <= c["no_dedup"]) and torch.all(c["dedup"] <= c["nodes"])
+
+
 # ---------------------------------------------------------------------- multi-process runs (torchrun, gloo)
 def torchrun(nproc: int, *args, timeout: float = 240, expect_ok: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",

@@ -140,3 +140,15 @@ def expected_bytes(topk_ids: torch.Tensor, topology: Topology, src_ep_rank: int,
     return {"internode_hidden": inter * hidden_per_copy, "intranode_hidden": intra * hidden_per_copy,
             "internode_routing": inter * routing_per_copy, "intranode_routing": intra * routing_per_copy,
             "internode_copies": inter, "intranode_copies": intra}
+
+
+def copies_per_token(topk_ids: torch.Tensor, topology: Topology, src_node: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per token (N,), for routing ``topk_ids`` (N, K) of tokens living on nodes ``src_node`` (N,): the distinct nodes
+    its experts lie on (``nodes``), the inter-node copies with deduplication (one per distinct remote node, the
+    lower bound a node-level dispatch can reach) and without (one per routed expert on a remote node), for the
+    cost model of Sec. 3.2.2 (``benchmarks/bench_parallel.py``, Chapter 9)."""
+    node = topology.node_of_expert(topk_ids)  # (N, K)
+    hit = torch.zeros(topk_ids.shape[0], topology.n_nodes, dtype=torch.bool).scatter_(1, node, True)  # (N, nodes)
+    remote = hit.clone()
+    remote[torch.arange(len(src_node)), src_node] = False
+    return {"nodes": hit.sum(1), "dedup": remote.sum(1), "no_dedup": (node != src_node[:, None]).sum(1)}
