@@ -103,7 +103,11 @@ def main() -> None:
     lines += ["## 2. Measured on this machine: `torchrun -m dsv3 train`, tiny model, 6 steps of 8 x 64 tokens", "",
               "2 shared CPU cores, gloo, 1 thread per process: more processes time-share the same 2 cores.", "",
               "| processes | layout | tokens/s | inter-node bytes / step | intra-node bytes / step | "
-              "nodes / token (mean, max) |", "|---|---|---|---|---|---|"]
+              "nodes / token (mean, max) | IB copies / token / layer |", "|---|---|---|---|---|---|---|"]
+    # what one inter-node copy costs in a training step (dsv3.parallel.expected_bytes): the fp32 hidden state out and
+    # back, forward and backward, plus K fp32 weights + K int64 ids out and the K weight gradients back
+    per_copy = 4 * tiny.hidden_size * 4 + tiny.num_experts_per_tok * (4 + 8 + 4)
+    token_layers = 8 * 64 * tiny.num_moe_layers + 8 * 63 * tiny.num_nextn_predict_layers  # MTP sees T - 1 tokens
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         unlimited = tmp / "unlimited.json"
@@ -119,14 +123,19 @@ def main() -> None:
             r = run(n, tmp / f"run{i}", extra)
             h = r["history"]
             if n == 1:
-                lines.append(f"| 1 | {label} | {r['tokens_per_s']:,.0f} | - | - | - |")
+                lines.append(f"| 1 | {label} | {r['tokens_per_s']:,.0f} | - | - | - | - |")
                 continue
             mean = lambda k: sum(e[k] for e in h) / len(h)  # noqa: E731
             lines.append(f"| {n} | {label} | {r['tokens_per_s']:,.0f} | {mean('internode_bytes'):,.0f} | "
                          f"{mean('intranode_bytes'):,.0f} | {mean('nodes_per_token_mean'):.2f}, "
-                         f"{max(e['nodes_per_token_max'] for e in h)} |")
+                         f"{max(e['nodes_per_token_max'] for e in h)} | "
+                         f"{mean('internode_bytes') / per_copy / token_layers:.2f} |")
     lines += ["", "Bytes per step count forward and backward, hidden states and routing metadata, over the 3 MoE "
-              "layers (2 main + 1 MTP) and all ranks; control traffic (split sizes) is not included."]
+              "layers (2 main + 1 MTP) and all ranks; control traffic (split sizes) is not included. The last column "
+              f"divides the inter-node bytes by what one copy costs in a step ({per_copy:,} bytes) and by the "
+              f"{token_layers:,} token-layers of a step: compare it with the sampled 'deduplicated' rows of part 1 "
+              "(4 nodes x 1). Which rank a token lives on changes its copies, so layouts with the same routing can "
+              "differ (DP 2 x EP 2 vs EP 4 on 2 nodes x 2)."]
     text = "\n".join(lines) + "\n"
     print(text)
     (ROOT / "benchmarks" / "results" / "bench_parallel.md").write_text(text)

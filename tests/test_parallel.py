@@ -169,8 +169,9 @@ def test_killed_rank_fails_the_run_with_a_message(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_a_kill_is_exact_and_checkpoints_load_in_one_process(tmp_path):
-    """A 2-process EP run saves every 2 steps and loses a rank at step 3; resumed on 2 processes it ends where
-    the uninterrupted one-process run ends, and its checkpoint loads with dsv3.load_pretrained."""
+    """A 2-process EP run saves every 2 steps and loses a rank at step 3; resumed on 2 processes it continues bit
+    for bit like an uninterrupted 2-process run, ends where the one-process run ends, and its checkpoint loads with
+    dsv3.load_pretrained."""
     from dsv3 import load_pretrained
 
     run = tmp_path / "run"
@@ -180,8 +181,11 @@ def test_resume_after_a_kill_is_exact_and_checkpoints_load_in_one_process(tmp_pa
                     expect_ok=False)
     assert proc.returncode != 0 and (run / "latest").read_text().strip() == "checkpoint-000002"
     torchrun(2, "train", tmp_path / "b", *common, "--steps", 6, "--resume")
+    common[common.index(run)] = tmp_path / "run_whole"
+    torchrun(2, "train", tmp_path / "c", *common, "--steps", 6)
     one = oracle(6, 4, 16, 4, 2)
     resumed = read_ranks(tmp_path / "b", 2)[0]["history"]
+    assert resumed == read_ranks(tmp_path / "c", 2)[0]["history"]  # exact: every float of every step
     assert_same_history(resumed, one.history, n_group_limit=2)
     model = load_pretrained(run / "checkpoint-000006")
     ref = dict(one.model.named_parameters())
