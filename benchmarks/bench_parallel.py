@@ -77,7 +77,7 @@ def run(nproc: int, out: Path, extra: list[str]) -> dict:
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
             "dsv3", *flags] if nproc > 1 else [sys.executable, "-m", "dsv3", *flags])
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     tps = float(re.search(r"throughput ([\d,]+) tokens/s", proc.stdout).group(1).replace(",", ""))
@@ -125,7 +125,9 @@ def main() -> None:
             if n == 1:
                 lines.append(f"| 1 | {label} | {r['tokens_per_s']:,.0f} | - | - | - | - |")
                 continue
-            mean = lambda k: sum(e[k] for e in h) / len(h)  # noqa: E731
+            def mean(key: str, h=h) -> float:
+                return sum(e[key] for e in h) / len(h)
+
             lines.append(f"| {n} | {label} | {r['tokens_per_s']:,.0f} | {mean('internode_bytes'):,.0f} | "
                          f"{mean('intranode_bytes'):,.0f} | {mean('nodes_per_token_mean'):.2f}, "
                          f"{max(e['nodes_per_token_max'] for e in h)} | "

@@ -17,10 +17,16 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import random_model, small_config  # noqa: E402
+from conftest import random_model, small_config
 
-from dsv3.parallel import CommStats, apply_expert_parallel, build_mesh, expected_bytes, init_distributed, \
-    plan_topology  # noqa: E402
+from dsv3.parallel import (
+    CommStats,
+    apply_expert_parallel,
+    build_mesh,
+    expected_bytes,
+    init_distributed,
+    plan_topology,
+)
 
 
 def config_from(args):

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_config
 
 from dsv3.parallel import Topology, expected_bytes, plan_topology
 from dsv3.parallel.expert import _copies
-
-from conftest import small_config
 
 WORKER = Path(__file__).resolve().parent / "parallel_worker.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +89,7 @@ def torchrun(nproc: int, *args, timeout: float = 240, expect_ok: bool = True) ->
            "PYTHONWARNINGS": "ignore::FutureWarning"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--standalone", str(WORKER), *map(str, args)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -200,8 +199,8 @@ def _cli(nproc: int | None, *args, timeout: float = 300) -> subprocess.Completed
            "PYTHONWARNINGS": "ignore::FutureWarning"}
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m"]
                 if nproc else [sys.executable, "-m"])
-    return subprocess.run([*launcher, "dsv3", "train", *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run([*launcher, "dsv3", "train", *map(str, args)], check=False, env=env, capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
 
 
 @pytest.mark.slow

@@ -109,7 +109,7 @@ def plan_topology(world_size: int, expert_parallel: int, n_routed_experts: int, 
         raise ValueError(f"world size {world_size} is not data_parallel x expert_parallel = "
                          f"{data_parallel} x {expert_parallel} = {data_parallel * expert_parallel}")
     if ranks_per_node is None:
-        ranks_per_node = min(int(os.environ.get("LOCAL_WORLD_SIZE", expert_parallel)), expert_parallel)
+        ranks_per_node = min(int(os.environ.get("LOCAL_WORLD_SIZE", str(expert_parallel))), expert_parallel)
     positive("ranks_per_node", ranks_per_node)
     if expert_parallel % ranks_per_node:
         raise ValueError(f"expert_parallel={expert_parallel} ranks do not split into nodes of "
@@ -135,7 +135,7 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int, to
             raise ValueError(f"environment variable {var} is not set: start distributed runs with torchrun "
                              f"(torchrun --nproc-per-node N -m dsv3 train ...)")
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
         backend = "nccl"
     else:

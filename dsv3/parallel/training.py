@@ -19,14 +19,15 @@ the ``Distributed`` object at the few places where a distributed step differs:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import distribute_tensor
 
 from ..config import ModelConfig
 from ..model import DeepSeekV3
+from ..train import TrainConfig, TrainResult, train
 from .comm import CommStats
 from .expert import ExpertParallelExperts, apply_expert_parallel
 from .topology import DEFAULT_TIMEOUT_S, Topology, build_mesh, init_distributed, plan_topology
@@ -70,8 +71,6 @@ class Distributed:
         self._experts = self.expert_modules(model)
         self._model = model
         if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
             for m in self.expert_modules(model):
                 fully_shard(m, mesh=self.mesh["dp"])
             fully_shard(model, mesh=self.world_mesh)
@@ -148,8 +147,6 @@ class Distributed:
     def reshard(self) -> None:
         """Back to the sharded parameters the optimizer holds: FSDP2 keeps the root unsharded after a forward
         without backward (evaluation)."""
-        from torch.distributed.fsdp import FSDPModule
-
         for m in self._model.modules() if self._model is not None else ():
             if isinstance(m, FSDPModule):
                 m.reshard()
@@ -196,8 +193,6 @@ class Distributed:
 
     def load_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict) -> None:
         """Shard a checkpoint's full optimizer state (``optimizer.<param>.<key>`` tensors) like the parameters."""
-        from torch.distributed.tensor import distribute_tensor
-
         lo, hi = self.topology.expert_range()
         for name, p in model.named_parameters():
             prefix = f"optimizer.{name}."
@@ -230,13 +225,11 @@ def setup(model_config: ModelConfig, expert_parallel: int, data_parallel: int | 
     return Distributed(topo, mesh, world_mesh, device, fsdp=fsdp)
 
 
-def train_distributed(model_config: ModelConfig, train_config, expert_parallel: int, data_parallel: int | None = None,
-                      ranks_per_node: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, resume: bool = False,
-                      callback=None):
+def train_distributed(model_config: ModelConfig, train_config: TrainConfig, expert_parallel: int,
+                      data_parallel: int | None = None, ranks_per_node: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, resume: bool = False,
+                      callback=None) -> TrainResult:
     """``dsv3.train.train`` in every torchrun process, with the model parallelized from outside. Returns the
     ``TrainResult`` (identical history on every rank). The process group stays up; the caller ends it."""
-    from ..train import train
-
     for bad, why in ((train_config.balance == "aux", "balance='aux' (its batch-wise loss needs the global batch)"),
                      (train_config.capacity_factor is not None, "a capacity factor (token dropping)")):
         if bad:
