@@ -49,7 +49,8 @@ def sampled(config: ModelConfig, topo, topk_group: int, seed: int = 0) -> dict:
 
 
 def routing_table(name: str, config: ModelConfig, topo, hidden_bytes: int) -> list[str]:
-    lines = [f"### {name}: {config.n_routed_experts} experts in {config.n_group} groups, top-{config.num_experts_per_tok}"
+    lines = [f"### {name}: {config.n_routed_experts} experts in {config.n_group} groups, "
+             f"top-{config.num_experts_per_tok}"
              f", EP {topo.expert_parallel} on {topo.n_nodes} nodes of {topo.ranks_per_node} "
              f"({hidden_bytes:,} bytes per hidden-state copy)", "",
              "| node limit | dispatch | distinct nodes / token (max) | IB copies / token | IB bytes / token | "

@@ -181,7 +181,8 @@ class Distributed:
         plain = DeepSeekV3(self.model_config).float()
         plain.load_state_dict(weights)
         params = dict(plain.named_parameters())
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [params[names[id(p)]] for p in g["params"]]}
+        groups = [{**{k: v for k, v in g.items() if k != "params"},
+                   "params": [params[names[id(p)]] for p in g["params"]]}
                   for g in optimizer.param_groups]
         plain_opt = type(optimizer)(groups)  # every group carries its own hyperparameters
         for p, st in optimizer.state.items():
@@ -226,7 +227,8 @@ def setup(model_config: ModelConfig, expert_parallel: int, data_parallel: int | 
 
 
 def train_distributed(model_config: ModelConfig, train_config: TrainConfig, expert_parallel: int,
-                      data_parallel: int | None = None, ranks_per_node: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, resume: bool = False,
+                      data_parallel: int | None = None, ranks_per_node: int | None = None,
+                      timeout_s: float = DEFAULT_TIMEOUT_S, resume: bool = False,
                       callback=None) -> TrainResult:
     """``dsv3.train.train`` in every torchrun process, with the model parallelized from outside. Returns the
     ``TrainResult`` (identical history on every rank). The process group stays up; the caller ends it."""
