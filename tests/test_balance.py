@@ -9,7 +9,7 @@ import torch
 from dsv3 import balance as bal
 from dsv3.layers.moe import Routing, capacity_keep
 
-from conftest import random_model, small_config
+from helpers import random_model, small_config
 
 
 def test_bias_update_direction_and_magnitude():

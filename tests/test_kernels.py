@@ -17,11 +17,9 @@ import torch.nn.functional as F
 import dsv3.kernels as K
 from dsv3.kernels import backend, fp8
 
+from helpers import rel_err
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
 
 
 # ------------------------------------------------------------------------------------------- backend switch

@@ -6,7 +6,7 @@ import transformers
 
 from dsv3 import DeepSeekV3, save_pretrained
 
-from conftest import random_model, small_config
+from helpers import random_model, rel_err, small_config
 
 transformers.logging.set_verbosity_error()
 
@@ -16,10 +16,6 @@ def hf_twin(model, tmp_path):
 
     save_pretrained(model, tmp_path)
     return DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("overrides", [

@@ -18,7 +18,7 @@ from dsv3.data import DOMAIN_FILES, data_dir as bundled_data_dir
 from dsv3.train import (TrainConfig, TrainingDivergedError, bias_update_speed_at, find_checkpoint, init_model,
                         lr_at, make_data, mtp_weight_at, train)
 
-from conftest import small_config
+from helpers import small_config
 
 trainer = importlib.import_module("dsv3.train")  # the module (``dsv3.train`` may name the function)
 MODEL = small_config(vocab_size=2048)  # the bundled tokenizer's vocabulary

@@ -6,7 +6,7 @@ import torch
 
 from dsv3 import kernels
 
-from conftest import random_model, small_config
+from helpers import random_model, small_config
 
 pytest.importorskip("triton")
 if not kernels.interpret_mode():

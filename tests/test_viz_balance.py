@@ -11,7 +11,7 @@ from dsv3 import balance as bal
 from dsv3.layers.moe import Routing, capacity_keep
 from dsv3.viz import balance as vb
 
-from conftest import random_model, small_config
+from helpers import random_model, small_config
 
 
 def _history(steps: int = 6, E: int = 4, layers: int = 1, gamma: float = 0.1) -> list[dict]:

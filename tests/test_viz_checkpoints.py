@@ -11,7 +11,7 @@ from dsv3 import ModelConfig, count_parameters, kv_cache_bytes, load_pretrained,
 from dsv3.kernels.fp8 import weight_quant
 from dsv3.viz import checkpoints as ck
 
-from conftest import random_model, small_config
+from helpers import random_model, small_config
 
 
 @pytest.fixture(scope="module")

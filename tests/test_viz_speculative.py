@@ -9,7 +9,7 @@ import torch
 from dsv3.generate import generate
 from dsv3.viz import speculative as vs
 
-from conftest import random_model, small_config
+from helpers import random_model, small_config
 from test_generate import agreeing_model, prompt
 
 
