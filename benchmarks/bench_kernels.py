@@ -311,7 +311,7 @@ def case_mla():
                                                   f"{bytes_ / t / 1e12:.2f} TB/s")
                         except Exception as e:  # a config that does not fit the GPU
                             rows[-1].notes.append(f"{cfg}: {type(e).__name__}")
-                del pool_c, pool_k
+                pool_c = pool_k = None  # free the pool before the next, larger one is allocated
     return rows
 
 

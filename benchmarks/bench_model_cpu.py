@@ -32,10 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsv3 import KVCache, ModelConfig, kv_cache_bytes, save_pretrained  # noqa: E402
+from cpu_bench import add_clock_args, apply_clock_args, load_note, median_time, now, random_model, yarn_tiny  # noqa: E402
 
-from cpu_bench import (add_clock_args, apply_clock_args, load_note, median_time, now, random_model,  # noqa: E402
-                       yarn_tiny)
+from dsv3 import KVCache, ModelConfig, kv_cache_bytes, save_pretrained  # noqa: E402
 
 
 def forward_table(args) -> list[str]:

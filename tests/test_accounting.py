@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from dsv3 import DeepSeekV3, ModelConfig, count_parameters, kv_cache_bytes
-
 from helpers import small_config
 
 

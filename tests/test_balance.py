@@ -8,7 +8,6 @@ import torch
 
 from dsv3 import balance as bal
 from dsv3.layers.moe import Routing, capacity_keep
-
 from helpers import random_model, small_config
 
 
@@ -111,7 +110,7 @@ def test_balance_loss_gradient_reaches_affinities_only():
 
 def test_uniform_routing_gives_loss_alpha():
     """Perfect balance: f_i = 1 and P_i = 1/N_r, so sum_i f_i P_i = 1 and the loss equals alpha."""
-    E, K, T = 4, 2, 4
+    E, T = 4, 4  # 2 experts per token
     ids = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]])
     r = _routing(torch.full((T, E), 0.5), ids, 1, T)
     assert math.isclose(bal.sequence_balance_loss([r], 0.3).item(), 0.3, rel_tol=1e-6)

@@ -8,7 +8,6 @@ import transformers
 
 from dsv3 import load_pretrained, save_pretrained
 from dsv3.checkpoint import CheckpointError
-
 from helpers import random_model, rel_err, small_config
 
 transformers.logging.set_verbosity_error()
@@ -127,7 +126,8 @@ def test_unexpected_tensor(tmp_path):
 def test_misshaped_tensor(tmp_path):
     save_pretrained(random_model(small_config()), tmp_path)
     _rewrite(tmp_path, lambda t: t.update({"model.norm.weight": torch.ones(63)}))
-    with pytest.raises(CheckpointError, match=r"tensor model.norm.weight has shape \(63,\), the config expects \(64,\)"):
+    message = r"tensor model.norm.weight has shape \(63,\), the config expects \(64,\)"
+    with pytest.raises(CheckpointError, match=message):
         load_pretrained(tmp_path)
 
 
@@ -136,7 +136,8 @@ def test_config_contradicting_weights(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["kv_lora_rank"] = 48
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor model.layers.0.self_attn.kv_a_\w+.weight has shape"):
+    message = r"model.safetensors: tensor model.layers.0.self_attn.kv_a_\w+.weight has shape"
+    with pytest.raises(CheckpointError, match=message):
         load_pretrained(tmp_path)
     cfg["kv_lora_rank"], cfg["n_routed_experts"] = 32, 4
     cfg["n_group"], cfg["topk_group"], cfg["num_experts_per_tok"] = 2, 1, 2

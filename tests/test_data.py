@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import importlib.util
 import io
 import json
 import operator
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -21,8 +21,21 @@ import pytest
 import torch
 
 from dsv3 import data
-from dsv3.data import (DOMAINS, Batch, BatchIterator, build_data_files, corpus_stats, load_corpus, load_text,
-                       load_tokenizer, make_arithmetic, make_code, split_text, train_tokenizer, val_batches)
+from dsv3.data import (
+    DOMAINS,
+    Batch,
+    BatchIterator,
+    build_data_files,
+    corpus_stats,
+    load_corpus,
+    load_text,
+    load_tokenizer,
+    make_arithmetic,
+    make_code,
+    split_text,
+    train_tokenizer,
+    val_batches,
+)
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +334,7 @@ def test_seq_len_longer_than_the_split(corpus):
     n = corpus.val["code"].numel()
     with pytest.raises(ValueError, match=f"val split of 'code' has {n} tokens; seq_len \\+ 1 = {n + 1}"):
         corpus.batches(2, n, split="val")
-    with pytest.raises(ValueError, match=f"'tokens' has 10 tokens; seq_len \\+ 1 = 11"):
+    with pytest.raises(ValueError, match="'tokens' has 10 tokens; seq_len \\+ 1 = 11"):
         BatchIterator(torch.arange(10), 2, 10)
     with pytest.raises(ValueError, match="fewer than batch_size=5"):
         val_batches(torch.arange(40), batch_size=5, seq_len=8)

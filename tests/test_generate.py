@@ -4,11 +4,8 @@ import pytest
 import torch
 
 from dsv3 import kv_cache_bytes, save_pretrained
-from dsv3.generate import (generate, greedy_verify, residual_distribution, sampling_probs,
-                           speculative_verify)
-
+from dsv3.generate import generate, greedy_verify, residual_distribution, sampling_probs, speculative_verify
 from helpers import random_model, small_config
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small ops run faster on one thread
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 import dsv3.kernels as K
 from dsv3.kernels import backend, fp8
-
 from helpers import rel_err
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

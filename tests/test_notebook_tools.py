@@ -296,7 +296,7 @@ def test_execute_runs_in_the_fixed_environment_and_stores_widget_state(tmp_path,
                                   "print(os.environ['PYTHONHASHSEED'], repr(os.environ['CUDA_VISIBLE_DEVICES']),"
                                   " os.environ['OMP_NUM_THREADS'], 'DSV3_PLOTLY_RENDERER' in os.environ)"),
         nbformat.v4.new_code_cell("import ipywidgets as w\nw.IntSlider(value=7, description='n')"),
-        nbformat.v4.new_code_cell("import os\nprint(os.getcwd() == %r)" % str(tmp_path)),
+        nbformat.v4.new_code_cell(f"import os\nprint(os.getcwd() == {str(tmp_path)!r})"),
     ])
     path = tmp_path / "99_probe.ipynb"
     nbformat.write(nb, path)

@@ -14,10 +14,19 @@ import torch.nn.functional as F
 
 from dsv3 import DeepSeekV3, load_pretrained
 from dsv3.__main__ import main
-from dsv3.data import DOMAIN_FILES, data_dir as bundled_data_dir
-from dsv3.train import (TrainConfig, TrainingDivergedError, bias_update_speed_at, find_checkpoint, init_model,
-                        lr_at, make_data, mtp_weight_at, train)
-
+from dsv3.data import DOMAIN_FILES
+from dsv3.data import data_dir as bundled_data_dir
+from dsv3.train import (
+    TrainConfig,
+    TrainingDivergedError,
+    bias_update_speed_at,
+    find_checkpoint,
+    init_model,
+    lr_at,
+    make_data,
+    mtp_weight_at,
+    train,
+)
 from helpers import small_config
 
 trainer = importlib.import_module("dsv3.train")  # the module (``dsv3.train`` may name the function)

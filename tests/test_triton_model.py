@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from dsv3 import kernels
-
 from helpers import random_model, small_config
 
 pytest.importorskip("triton")

@@ -10,7 +10,6 @@ import torch
 from dsv3 import balance as bal
 from dsv3.layers.moe import Routing, capacity_keep
 from dsv3.viz import balance as vb
-
 from helpers import random_model, small_config
 
 

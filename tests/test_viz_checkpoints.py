@@ -10,7 +10,6 @@ from safetensors import safe_open
 from dsv3 import ModelConfig, count_parameters, kv_cache_bytes, load_pretrained, save_pretrained
 from dsv3.kernels.fp8 import weight_quant
 from dsv3.viz import checkpoints as ck
-
 from helpers import random_model, small_config
 
 

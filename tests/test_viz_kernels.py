@@ -113,7 +113,7 @@ Measured in this run: copy bandwidth 4300 GB/s (read + write), bfloat16 matmul 7
 |---|---|---|---|---|---|---|---|---|---|---|
 | rms_norm | 16384x7168 | torch ref | 250.0 us | 120.5 us | 2.07x | 3900 | 0.0 | 91% | 1.0e-03 | PASS (>= 80% copy bw) |
 | mla_decode (paged 64) | b=128 sk~4096 h=128 s_q=1 | torch ref | 12.00 ms | 180.0 us | 66.67x | 3100 | 700.0 | 89% | 2.0e-03 | PASS (>= 3.0 TB/s) |
-"""
+"""  # noqa: E501 (a table as bench_kernels.py writes it)
 
 
 def test_parse_and_load_bench_tables(tmp_path):
@@ -214,7 +214,7 @@ def test_max_abs_diff():
 
 @pytest.mark.skipif(not (K.triton_available() and K.interpret_mode()), reason="needs TRITON_INTERPRET=1 and triton")
 def test_timing_cases_agree_and_time():
-    for name, shape, torch_fn, triton_fn in kv.timing_cases("cpu", big=False):
+    for name, _shape, torch_fn, triton_fn in kv.timing_cases("cpu", big=False):
         ref, out = torch_fn(), triton_fn()
         first = (lambda o: o[0] if isinstance(o, tuple) else o)
         assert kv.max_abs_diff(first(out), first(ref)) < 1e-4, name

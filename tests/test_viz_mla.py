@@ -10,7 +10,6 @@ import torch
 from dsv3 import DeepSeekV3, ModelConfig, kv_cache_bytes
 from dsv3.layers.rope import RotaryEmbedding, yarn_inv_freq
 from dsv3.viz import mla as vm
-
 from helpers import random_model, small_config
 
 V3, TINY = ModelConfig.deepseek_v3(), ModelConfig.tiny()

@@ -11,7 +11,6 @@ import torch
 from dsv3 import ModelConfig, balance
 from dsv3.layers.moe import DeepSeekMoE
 from dsv3.viz import moe as vm
-
 from helpers import random_model, small_config
 
 V3 = ModelConfig.deepseek_v3()

@@ -5,7 +5,6 @@ import torch
 
 from dsv3 import DeepSeekV3, ModelConfig, count_parameters, flops_per_token
 from dsv3.viz import overview
-
 from helpers import small_config
 
 V3 = ModelConfig.deepseek_v3()

@@ -22,7 +22,6 @@ import shutil
 from pathlib import Path
 
 import nbformat
-
 from sphinx.application import Sphinx
 from sphinx.errors import ExtensionError
 

@@ -7,8 +7,8 @@
 
 Execution: a fresh kernel of *this* Python (like ``pytest --nbval --nbval-current-env``), working directory
 ``book/``, environment ``NOTEBOOK_ENV`` (no GPU, 2 threads, AVX2 code paths, ``PYTHONHASHSEED=0``, offline), widget
-state stored in the notebook metadata so the site can draw the widgets. The committed outputs are the nbval oracle, so they
-must come from exactly this setup; ``book/conftest.py`` gives nbval's kernel the same environment.
+state stored in the notebook metadata so the site can draw the widgets. The committed outputs are the nbval oracle,
+so they must come from exactly this setup; ``book/conftest.py`` gives nbval's kernel the same environment.
 
 Stripping keeps every output and removes what changes from run to run or machine to machine: execution
 timestamps, the Python patch version, editor state (``collapsed``, ``scrolled``, Colab ids); random ipywidgets
