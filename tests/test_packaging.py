@@ -5,12 +5,16 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
 
 import dsv3
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -22,8 +26,8 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_model_package_imports_without_optional_dependencies():
-    """Every module outside dsv3.viz (and the Triton kernel files) imports with plotly, ipywidgets, transformers, triton and the notebook stack
-    missing; dsv3.viz then fails with one error that names the extra to install."""
+    """Every module outside dsv3.viz (and the Triton kernel files) imports with plotly, ipywidgets, transformers,
+    triton and the notebook stack missing; dsv3.viz then fails with one error that names the extra to install."""
     code = (
         "import sys, pkgutil, importlib\n"
         "for m in ('plotly', 'ipywidgets', 'IPython', 'transformers', 'triton', 'yaml', 'nbformat', 'jupyter_book'):\n"
@@ -65,7 +69,7 @@ def test_requirements_txt_matches_pyproject():
         spec = declared[name].specifier
         pins = [s.version for s in req.specifier if s.operator == "=="]
         if pins:  # a pin in requirements.txt must be a version pyproject allows
-            assert spec.contains(pins[0], prereleases=True), f"{name}: requirements.txt pins {pins[0]}, pyproject {spec}"
+            assert spec.contains(pins[0], prereleases=True), f"{name}: requirements.txt pins {pins[0]}, not {spec}"
         else:
             assert req.specifier == spec, f"{name}: requirements.txt says {req.specifier}, pyproject {spec}"
 
