@@ -198,14 +198,18 @@ def test_setup_off_colab_never_installs(monkeypatch):
 # --- the preface's package map ---------------------------------------------------------------------------------
 
 def test_first_sentence_of_docstrings(tmp_path):
-    cases = {
-        '"""Multi-head Latent Attention (paper Sec. 2.1.1, Eq. 1-11). Taught in Chapter 2."""':
+    cases = [  # (module source, the first sentence of its docstring)
+        (
+            '"""Multi-head Latent Attention (paper Sec. 2.1.1, Eq. 1-11). Taught in Chapter 2."""',
             "Multi-head Latent Attention (paper Sec. 2.1.1, Eq. 1-11).",
-        '"""The ``ModelConfig``: fields\nof the released config.\n\nDetails."""':
+        ),
+        (
+            '"""The ``ModelConfig``: fields\nof the released config.\n\nDetails."""',
             "The `ModelConfig`: fields of the released config.",
-        "x = 1": "",
-    }
-    for i, (source, expected) in enumerate(cases.items()):
+        ),
+        ("x = 1", ""),
+    ]
+    for i, (source, expected) in enumerate(cases):
         path = tmp_path / f"m{i}.py"
         path.write_text(source)
         assert preface.first_sentence(path) == expected

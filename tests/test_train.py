@@ -88,6 +88,7 @@ def test_mtp_alignment_through_the_trainer(data):
     assert math.isclose(h["loss"], main_ce + 0.3 * sum(depth) / 2, rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_bias_moves_by_gamma_on_the_whole_step_loads(data):
     tc = config(data, steps=3, grad_accum=2, bias_update_speed=0.05, eval_every=0)
     r = train(MODEL, tc)
@@ -110,6 +111,7 @@ def test_bias_moves_by_gamma_on_the_whole_step_loads(data):
     assert aux.history[0]["balance_loss"] > 0
 
 
+@pytest.mark.slow
 def test_exact_resume(data, tmp_path):
     """2N steps in one run == N steps, resume, N steps: weights, router biases, optimizer state, data position and
     history, bit for bit."""
@@ -159,6 +161,7 @@ def test_bad_config_values(kw, message):
         TrainConfig(**kw)
 
 
+@pytest.mark.slow
 def test_bad_input_fails_before_any_compute(data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(MODEL, config(data, run, steps=2, eval_every=0))
@@ -190,6 +193,7 @@ def test_bad_input_fails_before_any_compute(data, tmp_path, monkeypatch):
         train(MODEL, config(data, tmp_path / "file"))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     def poison(entry, model):
         if entry["step"] == 2:  # after checkpoint 2 is written, a weight turns into NaN
@@ -206,6 +210,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     assert len(json.loads((ckpt / "trainer.json").read_text())["history"]) == 2
 
 
+@pytest.mark.slow
 def test_capacity_factor_reports_the_dropped_fraction(data):
     default = train(MODEL, config(data, steps=1, eval_every=0))
     assert "dropped" not in default.history[0]
@@ -214,11 +219,13 @@ def test_capacity_factor_reports_the_dropped_fraction(data):
     assert len(dropped) == 3 and all(0.4 < d < 1 for d in dropped)  # about half of the pairs find no room
 
 
+@pytest.mark.slow
 def test_domains_mix(data):
     r = train(MODEL, config(data, steps=2, domains={"shakespeare": 1, "arithmetic": 1, "code": 1}, eval_every=2))
     assert r.history[-1]["val_loss"] > 0 and r.config.domains == {"shakespeare": 1, "arithmetic": 1, "code": 1}
 
 
+@pytest.mark.slow
 def test_cli_train_resume_and_sample(data, tmp_path, capsys):
     MODEL.save(tmp_path / "model")
     out = str(tmp_path / "cli")
@@ -241,6 +248,7 @@ def test_cli_train_resume_and_sample(data, tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_cli_lists_train_and_sample():
     out = subprocess.run([sys.executable, "-m", "dsv3", "--help"], capture_output=True, text=True, check=True).stdout
     assert "train" in out and "sample" in out

@@ -33,6 +33,7 @@ def greedy(model, ids, steps, backend):
     return torch.cat(tokens, dim=1)
 
 
+@pytest.mark.slow
 def test_triton_backend_matches_torch_logits_grads_and_tokens():
     cfg = small_config(vocab_size=128, num_hidden_layers=2, max_position_embeddings=64)
     model = random_model(cfg, seed=3).train()

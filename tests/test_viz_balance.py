@@ -126,6 +126,7 @@ def test_sequence_loss_by_hand_equals_dsv3():
                         rel_tol=1e-9)
 
 
+@pytest.mark.slow
 def test_balance_gradients_on_a_random_model():
     cfg = small_config(num_nextn_predict_layers=0)
     model = random_model(cfg)

@@ -38,6 +38,7 @@ def test_release_tensors_without_fp8(tmp_path):
     assert written == {t.name: t for t in ck.release_tensors(cfg, fp8=False, high="F32")}
 
 
+@pytest.mark.slow
 def test_v3_inventory_matches_the_release_and_count_parameters():
     v3 = ModelConfig.deepseek_v3()
     tensors = ck.release_tensors(v3)
@@ -127,6 +128,7 @@ def test_loaded_bytes_equal_the_loaded_model(fp8_dir):
     assert ck.loaded_bytes(cfg) == held
 
 
+@pytest.mark.slow
 def test_memory_figure_and_table():
     v3 = ModelConfig.deepseek_v3()
     fig = ck.memory_figure(v3, gpu_counts=(8, 16), sequences=(1, 4))
