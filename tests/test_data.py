@@ -9,7 +9,6 @@ import io
 import json
 import operator
 import os
-import importlib.util
 import re
 import shutil
 import subprocess
