@@ -87,6 +87,9 @@ def test_mimebundle_has_plotly_json_html_and_summary():
     div_id = html.split('id="', 1)[1].split('"', 1)[0]
     assert div_id.startswith("dsv3-fig-") and html.count(div_id) == 2  # the div and the script that draws it
     assert "window.Plotly.newPlot" in html and "<script src" not in html  # drawn by the page's own plotly.js
+    # a responsive plot takes its container's height: without one, resizing the window collapsed it to 32 px
+    assert f'id="{div_id}" class="dsv3-plotly" style="width: 100%; height: 300px;"' in html
+    assert "height: 450px" in viz.mimebundle(go.Figure())["text/html"]  # plotly's default height
 
 
 def test_figure_ids_are_deterministic_and_unique_within_a_kernel():

@@ -164,8 +164,10 @@ def mimebundle(fig: Any) -> dict[str, Any]:
     div_id = _div_id(fig_json)
     # "</" would end the <script> element early; "<\/" is the same string to JavaScript.
     script = _SCRIPT % {"id": div_id, "fig": json.dumps(fig_dict, sort_keys=True).replace("</", "<\\/")}
+    # A responsive plot takes its container's height: give the container the figure's, or a resize collapses it.
+    height = fig_dict.get("layout", {}).get("height") or 450  # plotly's default height
     html = (f'<div class="dsv3-figure tex2jax_ignore mathjax_ignore">\n'
-            f'<div id="{div_id}" class="dsv3-plotly" style="width: 100%;"></div>\n'
+            f'<div id="{div_id}" class="dsv3-plotly" style="width: 100%; height: {height}px;"></div>\n'
             f'<script type="text/javascript">\n{script}\n</script>\n</div>')
     return {PLOTLY_MIMETYPE: fig_dict, "text/html": html, "text/plain": summary(fig)}
 
