@@ -10,6 +10,11 @@
   warns ``mystnb.unknown_mime_type`` for the plotly JSON even though the HTML is the one it shows. An output that
   has *only* the plotly mimetype keeps it, so the warning still fires (and fails the ``-W`` build) for a figure
   that would vanish from the site.
+* ``read_notebook`` also folds the labs' ``solution`` cells (book/CONTRIBUTING.md): a code cell gets myst-nb's
+  ``hide-cell`` tag (input and output behind a "Show" toggle), a markdown cell is wrapped in a ``Solution``
+  dropdown admonition.
+* Writes the student copies of the chapters (``book/_tools/student.py``: no solutions) and their zip to
+  ``_build/student/`` when the build starts, so the labs page offers the zip with a ``{download}`` link.
 * Removes duplicated inline scripts from each page. Sphinx 7.4 registers an inline script added with
   ``app.add_js_file(None, body=...)`` once under the name ``None`` and again under ``""`` (in
   ``prepare_writing``), so sphinx-thebe's ``const THEBE_JS_URL = ...`` ran twice and threw
@@ -18,6 +23,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import shutil
 from pathlib import Path
 
@@ -29,12 +36,29 @@ from sphinx.errors import ExtensionError
 PLOTLY_JS = "vendor/plotly.min.js"  # relative to _static
 FIGURE_MARKER = 'class="dsv3-plotly"'
 PLOTLY_MIMETYPE = "application/vnd.plotly.v1+json"
+STUDENT_TOOL = Path(__file__).resolve().parents[1] / "_tools" / "student.py"
+
+
+def _fold_solution(cell) -> None:
+    """Collapse a cell tagged ``solution`` on the site (the student copies drop it)."""
+    tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+    if "solution" not in tags:
+        return
+    if cell.cell_type == "code":
+        if not {"hide-cell", "hide-input", "remove-cell", "remove-input"} & set(tags):
+            tags.append("hide-cell")
+    elif cell.cell_type == "markdown":
+        longest = max((len(run) for run in re.findall("`+", cell.source)), default=0)
+        fence = "`" * max(3, longest + 1)
+        cell.source = f"{fence}{{admonition}} Solution\n:class: dropdown\n\n{cell.source}\n{fence}"
 
 
 def read_notebook(text: str) -> nbformat.NotebookNode:
-    """Read an .ipynb for the site: like myst-nb's reader, minus plotly JSON that has an HTML twin."""
+    """Read an .ipynb for the site: like myst-nb's reader, minus plotly JSON that has an HTML twin, with the
+    ``solution`` cells folded."""
     nb = nbformat.reads(text, as_version=4)
     for cell in nb.cells:
+        _fold_solution(cell)
         for output in cell.get("outputs", []):
             data = output.get("data", {})
             if PLOTLY_MIMETYPE in data and "text/html" in data:
@@ -82,9 +106,18 @@ def copy_plotly_js(app: Sphinx, exception: Exception | None) -> None:
     tmp.replace(target)
 
 
+def write_student_copies(app: Sphinx) -> None:
+    """``_build/student/``: the chapters without solutions, and the zip the labs page links to."""
+    spec = importlib.util.spec_from_file_location("dsv3_book_student", STUDENT_TOOL)
+    student = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(student)
+    student.write(student.chapters(), Path(app.srcdir) / "_build" / "student")
+
+
 def setup(app: Sphinx) -> dict:
     plotly_js_source()  # fail early, with the path, if plotly is missing
     app.add_css_file("dsv3.css")
+    app.connect("builder-inited", write_student_copies)
     app.connect("html-page-context", add_plotly_js)
     app.connect("html-page-context", dedupe_inline_scripts, priority=900)  # after every script is added
     app.connect("build-finished", copy_plotly_js)
