@@ -15,6 +15,10 @@
   dropdown admonition.
 * Writes the student copies of the chapters (``book/_tools/student.py``: no solutions) and their zip to
   ``_build/student/`` when the build starts, so the labs page offers the zip with a ``{download}`` link.
+* The ``generated-markdown`` directive inserts the MyST text that a function returns, for pages whose tables are
+  computed: ```` ```{generated-markdown} dsv3.viz.notation:notation_markdown``` ```` (an importable module) or
+  ``book/_tools/run_notebook.py:timing_markdown`` (a file of the repository); ``:depends:`` names files whose change
+  must rebuild the page.
 * Removes duplicated inline scripts from each page. Sphinx 7.4 registers an inline script added with
   ``app.add_js_file(None, body=...)`` once under the name ``None`` and again under ``""`` (in
   ``prepare_writing``), so sphinx-thebe's ``const THEBE_JS_URL = ...`` ran twice and threw
@@ -30,8 +34,12 @@ from pathlib import Path
 
 import nbformat
 
+from docutils import nodes
+from docutils.parsers.rst import directives
+from docutils.statemachine import StringList
 from sphinx.application import Sphinx
 from sphinx.errors import ExtensionError
+from sphinx.util.docutils import SphinxDirective
 
 PLOTLY_JS = "vendor/plotly.min.js"  # relative to _static
 FIGURE_MARKER = 'class="dsv3-plotly"'
@@ -106,6 +114,39 @@ def copy_plotly_js(app: Sphinx, exception: Exception | None) -> None:
     tmp.replace(target)
 
 
+class GeneratedMarkdown(SphinxDirective):
+    """The MyST markdown returned by ``module:function`` (dotted module, or a ``.py`` path from the source root)."""
+
+    required_arguments = 1
+    option_spec = {"depends": directives.unchanged}
+
+    def run(self) -> list[nodes.Node]:
+        target, _, name = self.arguments[0].rpartition(":")
+        if not target or not name:
+            raise self.error(f"generated-markdown: expected module:function, got {self.arguments[0]!r}")
+        if target.endswith(".py"):
+            file = Path(self.env.srcdir) / target
+            self.env.note_dependency(str(file))
+            spec = importlib.util.spec_from_file_location(f"dsv3_site_generated_{file.stem}", file)
+            if spec is None or not file.is_file():
+                raise self.error(f"generated-markdown: no such file {file}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+            self.env.note_dependency(module.__file__)
+        for dep in (self.options.get("depends") or "").split():
+            self.env.note_dependency(str(Path(self.env.srcdir) / dep))
+        try:
+            text = getattr(module, name)()
+        except Exception as err:  # the page must say which generator failed, not only that the build did
+            raise self.error(f"generated-markdown: {self.arguments[0]} raised {type(err).__name__}: {err}") from err
+        container = nodes.container(classes=["dsv3-generated"])
+        self.state.nested_parse(StringList(text.splitlines(), source=self.arguments[0]), self.content_offset,
+                                container)
+        return [container]
+
+
 def write_student_copies(app: Sphinx) -> None:
     """``_build/student/``: the chapters without solutions, and the zip the labs page links to."""
     spec = importlib.util.spec_from_file_location("dsv3_book_student", STUDENT_TOOL)
@@ -117,6 +158,7 @@ def write_student_copies(app: Sphinx) -> None:
 def setup(app: Sphinx) -> dict:
     plotly_js_source()  # fail early, with the path, if plotly is missing
     app.add_css_file("dsv3.css")
+    app.add_directive("generated-markdown", GeneratedMarkdown)
     app.connect("builder-inited", write_student_copies)
     app.connect("html-page-context", add_plotly_js)
     app.connect("html-page-context", dedupe_inline_scripts, priority=900)  # after every script is added
