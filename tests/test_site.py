@@ -10,6 +10,7 @@ Requires Debian's ``chromium`` (``apt-get install -y chromium``) or ``$CHROMIUM`
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -122,6 +123,25 @@ def test_every_toc_page_is_built(site):
         assert (site / f"{name}.html").is_file(), f"{name}.html missing from the build"
     assert (site / "search.html").is_file() and (site / "searchindex.js").is_file()  # search works offline
     assert not (site / "book" / "CONTRIBUTING.html").exists() and not (site / "README.html").exists()
+
+
+@pytest.mark.slow
+def test_reference_pages_hold_what_they_promise(site):
+    """Bibliography (every entry of references.bib), glossary, the generated notation and timing tables, the
+    student zip behind the labs page's download link."""
+    from dsv3.config import ModelConfig
+
+    bib = (site / "book" / "bibliography.html").read_text()
+    keys = re.findall(r"^@\w+\{(\w+),", (ROOT / "book" / "references.bib").read_text(), flags=re.M)
+    assert len(keys) >= 15 and bib.count('role="doc-biblioentry"') == len(keys)
+    assert "DeepSeek-V3 technical report" in bib and "Auxiliary-loss-free load balancing" in bib
+    assert 'class="simple glossary"' in (site / "book" / "glossary.html").read_text()
+    notation = (site / "book" / "notation.html").read_text()
+    assert f"<p>{ModelConfig.deepseek_v3().kv_lora_rank}</p></td>" in notation  # computed when the page is built
+    timings = (site / "book" / "timings.html").read_text()
+    assert "01_overview" in timings and ("not measured yet" in timings or " s<" in timings)
+    zips = list((site / "_downloads").glob("*/dsv3-book-student.zip"))
+    assert len(zips) == 1 and 'dsv3-book-student.zip"' in (site / "book" / "labs.html").read_text()
 
 
 @pytest.mark.slow
@@ -242,6 +262,7 @@ def _probe_book(tmp_path: Path, cells: list) -> Path:
     src = tmp_path / "book_src"
     (src / "book").mkdir(parents=True)
     shutil.copy(ROOT / "_config.yml", src / "_config.yml")
+    shutil.copy(ROOT / "book" / "references.bib", src / "book" / "references.bib")  # named by _config.yml
     shutil.copytree(ROOT / "book" / "_ext", src / "book" / "_ext")
     shutil.copytree(ROOT / "book" / "_static", src / "book" / "_static")
     (src / "_toc.yml").write_text("format: jb-book\nroot: book/probe\n")

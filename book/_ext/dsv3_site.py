@@ -148,11 +148,16 @@ class GeneratedMarkdown(SphinxDirective):
 
 
 def write_student_copies(app: Sphinx) -> None:
-    """``_build/student/``: the chapters without solutions, and the zip the labs page links to."""
+    """``_build/student/``: the chapters of the book being built without solutions, and the zip the labs page
+    links to. A book without the tool (a test's probe book) gets none; a labs page there would fail the build on
+    its missing download."""
+    if not STUDENT_TOOL.is_file():
+        return
     spec = importlib.util.spec_from_file_location("dsv3_book_student", STUDENT_TOOL)
     student = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(student)
-    student.write(student.chapters(), Path(app.srcdir) / "_build" / "student")
+    chapters = sorted((Path(app.srcdir) / "book").glob(student.CHAPTER_GLOB))
+    student.write(chapters, Path(app.srcdir) / "_build" / "student")
 
 
 def setup(app: Sphinx) -> dict:

@@ -78,20 +78,20 @@ def _cell(value) -> str:
 
 
 def notation_markdown() -> str:
-    """The notation table as MyST markdown: symbol, meaning, config field, its value in DeepSeek-V3
+    """The notation table as MyST markdown: symbol, meaning (where the report defines it), config field (of
+    ``ModelConfig`` unless it names ``TrainConfig``), its value in DeepSeek-V3
     (``ModelConfig.deepseek_v3()``) and in the book (``ModelConfig.tiny()``, ``TrainConfig()``).
 
     Training hyper-parameters are not part of the released config: their DeepSeek-V3 cell stays empty (the report's
     values are given where the chapters use them)."""
     v3, tiny, train = ModelConfig.deepseek_v3(), ModelConfig.tiny(), TrainConfig()
-    rows = ["| Symbol | Meaning | Config field | DeepSeek-V3 | The book | Report |",
-            "|:--|:--|:--|--:|--:|:--|"]
+    rows = ["| Symbol | Meaning | Field of `ModelConfig` | DeepSeek-V3 | The book |", "|:--|:--|:--|--:|--:|"]
     for sym in NOTATION:
         if sym.field is None:
-            field, big, small = "(learned state, not a config field)", "", ""
+            field, big, small = "(learned state)", "", ""
         else:
-            field = f"`{sym.field}`"
+            field = f"`{sym.field.removeprefix('ModelConfig.')}`"
             small = _cell(field_value(sym.field, tiny, train))
             big = "" if sym.field.startswith("TrainConfig.") else _cell(field_value(sym.field, v3, train))
-        rows.append(f"| ${sym.tex}$ | {sym.meaning} | {field} | {big} | {small} | {sym.where} |")
+        rows.append(f"| ${sym.tex}$ | {sym.meaning} ({sym.where}) | {field} | {big} | {small} |")
     return "\n".join(rows)
