@@ -11,14 +11,14 @@ mis-shaped tensor stops the load with one error naming the file and the tensor. 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_directory, atomic_save_file, atomic_write_text, remove_stale_temporaries
 from .config import ModelConfig
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -34,43 +34,6 @@ _NEVER_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|norm|layernorm
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is: the message names the file and the tensor."""
-
-
-# ---------------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    """``safetensors.torch.save_file`` through a temporary file and an atomic rename."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------- names
@@ -140,17 +103,31 @@ def hf_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> I
             yield f"model.layers.{L + k}.{released}", t.clone()
 
 
+def _is_model_file(name: str) -> bool:
+    """Files that ``save_pretrained`` owns in a checkpoint directory (everything else there is carried over)."""
+    return name == "config.json" or name == INDEX_NAME or (name.startswith("model") and name.endswith(".safetensors"))
+
+
 def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: int | None = None,
                     fp8: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` in the released layout: config.json + model.safetensors, or shards of at most
     ``max_shard_bytes`` with an index. ``fp8=True`` stores the projection weights as e4m3 with 128x128 block scales
-    (``weight_scale_inv``), like the release. Every file is written atomically."""
+    (``weight_scale_inv``), like the release.
+
+    The checkpoint is written into a new directory beside ``path`` and swapped in whole (``dsv3.atomic``), so a
+    reader of ``path`` sees the old model or the new one, never a mix, and an interrupted save leaves the old one.
+    Other files already in ``path`` (a tokenizer, a README, a trainer state) are carried over. A weight that is not
+    finite (NaN or Inf) is refused before anything is written.
+    """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     config: ModelConfig = model.config
     tensors: dict[str, torch.Tensor] = {}
     for name, t in hf_state_dict(model, dtype):
         t = t.detach().cpu()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{path}: tensor {name} holds {bad} non-finite values (NaN or Inf); refusing to "
+                                  f"save a model that cannot be loaded back")
         if fp8 and t.dim() == 2 and name.endswith(".weight") and not _NEVER_FP8.search(name):
             q, scale_inv = _fp8_ops().weight_quant(t.float(), FP8_BLOCK)
             tensors[name] = q
@@ -167,25 +144,22 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: i
     if dtype is not None:
         out_config["torch_dtype"] = str(dtype).replace("torch.", "")
     metadata = {"format": "pt"}
-    old = set(path.glob("model*.safetensors")) | {path / INDEX_NAME}
-    if len(shards) == 1:
-        atomic_save_file(shards[0], path / SINGLE_NAME, metadata)
-        written = {path / SINGLE_NAME}
-    else:
-        n = len(shards)
-        weight_map, written = {}, set()
-        for i, shard in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-            atomic_save_file(shard, path / fname, metadata)
-            written.add(path / fname)
-            weight_map.update({k: fname for k in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        atomic_write_text(path / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
-                                                         "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        written.add(path / INDEX_NAME)
-    for stale in old - written:  # files of a previous checkpoint in this directory that no longer belong
-        stale.unlink(missing_ok=True)
-    atomic_write_text(path / "config.json", json.dumps(out_config, indent=2) + "\n")
+    remove_stale_temporaries(path.parent, path.name)  # what a killed save of this directory left beside it
+    with atomic_directory(path, keep=lambda name: not _is_model_file(name)) as tmp:
+        if len(shards) == 1:
+            atomic_save_file(shards[0], tmp / SINGLE_NAME, metadata)
+        else:
+            n = len(shards)
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+                atomic_save_file(shard, tmp / fname, metadata)
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            atomic_write_text(tmp / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
+                                                            "weight_map": dict(sorted(weight_map.items()))},
+                                                           indent=2))
+        atomic_write_text(tmp / "config.json", json.dumps(out_config, indent=2) + "\n")
     return path
 
 
@@ -206,7 +180,9 @@ def _split_shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> li
 
 # ---------------------------------------------------------------------- loading
 def checkpoint_files(path: str | Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files of a checkpoint directory and, when sharded, the index's name -> file map."""
+    """The safetensors files of a checkpoint directory and, when sharded, the index's name -> file map.
+
+    Every file the index names must be a plain file name inside ``path`` (no ``..``, no absolute path)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -214,8 +190,14 @@ def checkpoint_files(path: str | Path) -> tuple[list[Path], dict[str, str] | Non
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name -> file name")
+        for key, fname in weight_map.items():
+            if not isinstance(fname, str) or not fname or Path(fname).name != fname or fname in (".", ".."):
+                raise CheckpointError(f"{index}: tensor {key} is mapped to {fname!r}, which is not a file name inside "
+                                      f"the checkpoint directory")
         files = sorted({path / f for f in weight_map.values()})
         for f in files:
             if not f.is_file():
@@ -229,12 +211,48 @@ def checkpoint_files(path: str | Path) -> tuple[list[Path], dict[str, str] | Non
     raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
 
 
+# dtypes a ``weight_scale_inv`` may scale: the release's e4m3 and the other FP8 format torch has
+FP8_WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _check_finite(t: torch.Tensor, file: Path, key: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{file}: tensor {key} holds {bad} non-finite values (NaN or Inf)")
+
+
+def _read_tensor(f, file: Path, key: str, keys: set[str]) -> torch.Tensor:
+    """One tensor of an open safetensors file, dequantized when it carries a ``weight_scale_inv``, checked finite."""
+    try:
+        tensor = f.get_tensor(key)
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{file}: tensor {key} cannot be read ({e}); is the file truncated?") from None
+    scale_key = key + "_scale_inv"
+    if scale_key in keys:
+        if tensor.dtype not in FP8_WEIGHT_DTYPES:
+            raise CheckpointError(f"{file}: tensor {key} has a {scale_key} but dtype {tensor.dtype}; block scales are "
+                                  f"only defined for FP8 weights ({', '.join(str(d) for d in FP8_WEIGHT_DTYPES)})")
+        scale = f.get_tensor(scale_key)
+        if not scale.is_floating_point():
+            raise CheckpointError(f"{file}: {scale_key} has dtype {scale.dtype}, expected a float scale")
+        _check_finite(scale, file, scale_key)
+        tensor = _dequant(tensor, scale, file, key)
+    elif tensor.dtype in FP8_WEIGHT_DTYPES:
+        raise CheckpointError(f"{file}: FP8 tensor {key} has no {scale_key} in the same file")
+    _check_finite(tensor, file, key)
+    return tensor
+
+
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, strict: bool = True):
     """A ``DeepSeekV3`` from a directory in the released layout (FP8 weights are dequantized on load).
 
     ``dtype`` defaults to the config's ``torch_dtype`` (bfloat16 for the release); routers stay fp32. Tensors are
-    read one at a time from memory-mapped shards straight into the allocated model.
+    read one at a time from memory-mapped shards straight into the allocated model. Every tensor is checked: name,
+    shape, FP8 scales, finiteness; any problem stops the load with a ``CheckpointError`` naming the file and tensor.
+    A checkpoint whose config declares MTP modules but whose files hold none of their tensors (what transformers'
+    ``save_pretrained`` writes) loads as the main model without MTP, with one warning. ``strict=False`` skips
+    tensors the model has no place for (and scales without a weight).
     """
     from safetensors import safe_open
 
@@ -243,6 +261,11 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     path = Path(path)
     config = ModelConfig.from_hf(path)
     files, weight_map = checkpoint_files(path)
+    if config.num_nextn_predict_layers and not _holds_mtp(files, weight_map, config):
+        warnings.warn(f"{path}: config.json declares {config.num_nextn_predict_layers} MTP module(s) "
+                      f"(num_nextn_predict_layers) but the checkpoint holds no MTP tensors (as transformers' "
+                      f"save_pretrained writes it); loading the main model without MTP", stacklevel=2)
+        config = config.replace(num_nextn_predict_layers=0)
     dtype = dtype or getattr(torch, config.torch_dtype, torch.bfloat16)
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.device("meta"):
@@ -261,27 +284,22 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
             raise CheckpointError(f"{file}: cannot be read as safetensors ({e})") from None
         with handle as f:
-            keys = list(f.keys())
+            keys = set(f.keys())
             if weight_map is not None:
                 listed = {k for k, v in weight_map.items() if v == file.name}
-                unlisted = sorted(set(keys) - listed - {k for k in keys if k.endswith("_scale_inv")})
+                unlisted = sorted(keys - listed - {k for k in keys if k.endswith("_scale_inv")})
                 if unlisted and strict:
                     raise CheckpointError(f"{file}: tensor {unlisted[0]} is not listed in {INDEX_NAME}")
-            for key in keys:
+            orphans = sorted(k for k in keys if k.endswith("_scale_inv") and k[: -len("_scale_inv")] not in keys)
+            if orphans and strict:
+                raise CheckpointError(f"{file}: scale {orphans[0]} has no weight "
+                                      f"{orphans[0][: -len('_scale_inv')]} in the same file")
+            for key in sorted(keys):
                 if key.endswith("_scale_inv"):
                     continue
                 target = our_name(key, config)
-                try:
-                    tensor = f.get_tensor(key)
-                except Exception as e:
-                    raise CheckpointError(f"{file}: tensor {key} cannot be read ({e}); is the file truncated?") from None
-                if tensor.dtype == torch.float8_e4m3fn:
-                    scale_key = key + "_scale_inv"
-                    if scale_key not in keys:
-                        raise CheckpointError(f"{file}: FP8 tensor {key} has no {scale_key} in the same file")
-                    tensor = _dequant(tensor, f.get_tensor(scale_key), file, key)
                 if target is None:
-                    shared_copies.append((file, key, tensor))
+                    shared_copies.append((file, key, _read_tensor(f, file, key, keys)))
                     continue
                 name, expert = target
                 if name not in params:
@@ -297,9 +315,11 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                         raise CheckpointError(f"{file}: unexpected tensor {key} (expert {expert} of "
                                               f"n_routed_experts={config.n_routed_experts})")
                     dest = dest[expert]
-                if tuple(tensor.shape) != tuple(dest.shape):
-                    raise CheckpointError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, the config "
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(dest.shape):
+                    raise CheckpointError(f"{file}: tensor {key} has shape {shape}, the config "
                                           f"expects {tuple(dest.shape)}")
+                tensor = _read_tensor(f, file, key, keys)
                 with torch.no_grad():
                     dest.copy_(tensor)
                 filled[name].add(expert)
@@ -319,7 +339,27 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     return model.eval()
 
 
+def _holds_mtp(files: list[Path], weight_map: dict[str, str] | None, config: ModelConfig) -> bool:
+    """Whether any tensor of the checkpoint belongs to an MTP module (a layer index >= num_hidden_layers)."""
+    from safetensors import safe_open
+
+    prefixes = tuple(f"model.layers.{config.num_hidden_layers + k}."
+                     for k in range(config.num_nextn_predict_layers))
+    if weight_map is not None:
+        return any(k.startswith(prefixes) for k in weight_map)
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                if any(k.startswith(prefixes) for k in f.keys()):
+                    return True
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot be read as safetensors ({e})") from None
+    return False
+
+
 def _dequant(w: torch.Tensor, scale_inv: torch.Tensor, file: Path, key: str) -> torch.Tensor:
+    if w.dim() != 2:
+        raise CheckpointError(f"{file}: FP8 tensor {key} has shape {tuple(w.shape)}; block scales need a 2-D weight")
     rows, cols = w.shape
     expect = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
     if tuple(scale_inv.shape) != expect:

@@ -13,10 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
+
 # Fields of the released config.json that carry bookkeeping, not architecture: written by to_hf, ignored by from_hf.
 _HF_ONLY = ("architectures", "auto_map", "model_type", "transformers_version", "dtype", "num_mtp_layers",
             "output_router_logits", "qk_head_dim", "head_dim", "rope_parameters", "rope_theta",
             "rope_scaling", "_name_or_path", "use_return_dict", "return_dict")
+# Fields a config.json must hold (the release's and transformers' both do): they fix every tensor's shape and the
+# routing. The rest default to the release's values.
+REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "n_shared_experts", "n_routed_experts", "kv_lora_rank", "q_lora_rank",
+                    "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "n_group", "topk_group",
+                    "num_experts_per_tok", "first_k_dense_replace")
+# Float fields that must be finite numbers (NaN/Inf here would poison every forward silently)
+_FLOAT_FIELDS = ("routed_scaling_factor", "aux_loss_alpha", "initializer_range", "rms_norm_eps", "rope_theta",
+                 "attention_dropout")
+_YARN_FLOATS = ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 
 
 @dataclass
@@ -153,8 +165,29 @@ class ModelConfig:
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"ModelConfig.qk_rope_head_dim must be even (RoPE rotates pairs), "
                              f"got {self.qk_rope_head_dim}")
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"ModelConfig.{name} must be a finite number, got {value!r}")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if self.initializer_range < 0:
+            raise ValueError(f"ModelConfig.initializer_range must be >= 0, got {self.initializer_range!r}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if not 0 <= self.attention_dropout < 1:
+            raise ValueError(f"ModelConfig.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is None and name != "eos_token_id":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(f"ModelConfig.{name}={value!r} is not a token id of the vocabulary "
+                                 f"[0, vocab_size={self.vocab_size})")
+        for name in ("norm_topk_prob", "tie_word_embeddings", "rope_interleave", "attention_bias", "seq_aux",
+                     "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.hidden_act != "silu":
             raise ValueError(f"ModelConfig.hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
         if self.scoring_func != "sigmoid":
@@ -184,9 +217,16 @@ class ModelConfig:
             if rs["type"] not in ("yarn", "default"):
                 raise ValueError(f"ModelConfig.rope_scaling.type must be 'yarn' (or 'default'), got {rs['type']!r}")
             if rs["type"] == "yarn":
+                for key in _YARN_FLOATS + ("original_max_position_embeddings",):
+                    value = rs.get(key)
+                    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                        raise ValueError(f"ModelConfig.rope_scaling.{key} must be a finite number, got {value!r}")
                 for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
-                    if rs.get(key) is None or rs[key] <= 0:
-                        raise ValueError(f"ModelConfig.rope_scaling.{key} must be > 0, got {rs.get(key)!r}")
+                    if rs[key] <= 0:
+                        raise ValueError(f"ModelConfig.rope_scaling.{key} must be > 0, got {rs[key]!r}")
+                for key in ("mscale", "mscale_all_dim"):
+                    if rs[key] < 0:
+                        raise ValueError(f"ModelConfig.rope_scaling.{key} must be >= 0, got {rs[key]!r}")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A validated copy with some fields changed."""
@@ -202,6 +242,8 @@ class ModelConfig:
         """
         if isinstance(path_or_dict, dict):
             raw, where = dict(path_or_dict), "config dict"
+        elif not isinstance(path_or_dict, (str, Path)):
+            raw, where = path_or_dict, "config"
         else:
             p = Path(path_or_dict)
             if p.is_dir():
@@ -209,12 +251,16 @@ class ModelConfig:
             if not p.is_file():
                 raise FileNotFoundError(f"no config.json at {p}")
             try:
-                raw = json.loads(p.read_text())
-            except json.JSONDecodeError as e:
+                raw = json.loads(p.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{p}: not valid JSON ({e})") from None
             where = str(p)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: a config must be a JSON object of field: value, got "
+                             f"{type(raw).__name__ if raw is not None else 'null'}")
         if raw.get("model_type", "deepseek_v3") not in ("deepseek_v3",):
             raise ValueError(f"{where}: model_type is {raw.get('model_type')!r}, expected 'deepseek_v3'")
+        _check_keys(raw, where, {f.name for f in dataclasses.fields(cls)})
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in names and k not in ("rope_scaling", "rope_theta")}
         if "num_mtp_layers" in raw and "num_nextn_predict_layers" not in raw:
@@ -230,11 +276,13 @@ class ModelConfig:
             theta = rope.get("rope_theta", theta)
             if rope.get("rope_type", rope.get("type", "default")) != "default":
                 scaling = rope
+        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))):
+            raise ValueError(f"{where}: rope_theta must be a number, got {theta!r}")
         kwargs["rope_theta"] = float(theta if theta is not None else 10000.0)
         kwargs["rope_scaling"] = scaling
         try:
             return cls(**kwargs)
-        except ValueError as e:
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"{where}: {e}") from None
 
     def to_hf(self) -> dict:
@@ -255,8 +303,28 @@ class ModelConfig:
         if p.is_dir() or p.suffix != ".json":
             p.mkdir(parents=True, exist_ok=True)
             p = p / "config.json"
-        from .checkpoint import atomic_write_text
         atomic_write_text(p, json.dumps(self.to_hf(), indent=2) + "\n")
+
+
+def _check_keys(raw: dict, where: str, fields: set[str]) -> None:
+    """Missing required keys, or keys that look like a misspelt field, end the read with one error naming them."""
+    import difflib
+
+    known = fields | set(_HF_ONLY)
+    unknown = sorted(k for k in raw if k not in known)
+    typos = {k: difflib.get_close_matches(k, sorted(fields), n=1, cutoff=0.85) for k in unknown}
+    typos = {k: m[0] for k, m in typos.items() if m}
+    missing = [k for k in REQUIRED_HF_KEYS if k not in raw]
+    if not missing and not typos:
+        return  # other unknown keys (transformers' generic bookkeeping) are ignored
+    parts = []
+    if missing:
+        parts.append(f"missing required keys {missing}")
+    if typos:
+        parts.append("unknown keys " + ", ".join(f"{k!r} (did you mean {v!r}?)" for k, v in typos.items()))
+    elif unknown and missing:
+        parts.append(f"unknown keys {unknown}")
+    raise ValueError(f"{where}: " + "; ".join(parts))
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -274,7 +342,10 @@ def _normalize_rope_scaling(rs: dict) -> dict | None:
     if kind == "default":
         return None
     if kind == "yarn":
-        rs["factor"] = float(rs.get("factor") or 1.0)
+        if rs.get("factor") is None:
+            rs["factor"] = 1.0
+        elif isinstance(rs["factor"], (int, float)) and not isinstance(rs["factor"], bool):
+            rs["factor"] = float(rs["factor"])
         rs.setdefault("beta_fast", 32)
         rs.setdefault("beta_slow", 1)
         rs.setdefault("mscale", 1.0)

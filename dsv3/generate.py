@@ -18,6 +18,7 @@ probability min(1, p/q), otherwise resample from max(0, p - q) normalized -- kee
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -249,11 +250,12 @@ def _check(model, prompts: list[torch.Tensor], max_new_tokens: int, temperature:
     if longest + max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} = {longest + max_new_tokens} "
                          f"exceeds max_position_embeddings={config.max_position_embeddings}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy) and finite, got {temperature!r}")
     if not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
-    if not 0.0 < top_p <= 1.0:
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if cache_kind not in CACHE_KINDS:
         raise ValueError(f"cache_kind must be one of {CACHE_KINDS}, got {cache_kind!r}")
@@ -315,6 +317,8 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Ten
     positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, S) RoPE position of each slot
     mask = slots[None, :P] >= pad[:, None]  # (B, P) True = real token
 
+    if speculative:  # a round never drafts past the token budget, so larger requests change nothing
+        num_draft = min(num_draft, max(N - 1, 1))
     D = len(model.mtp) if speculative else 0
     cache = KVCache(config, B, S, cache_kind, dtype=model.dtype, device=device,
                     num_layers=config.num_hidden_layers + D)
@@ -484,93 +488,3 @@ def _speculative_loop(model, seq, positions, cache, prefill_hidden, P, num_draft
             valid[depth] = max(0, min(computed[depth], n - depth))
     return valid[1:]
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line: python -m dsv3 generate
-# ---------------------------------------------------------------------------------------------------------------
-
-def add_cli(subparsers) -> None:
-    """Register ``python -m dsv3 generate``."""
-    p = subparsers.add_parser("generate", help="generate text from a checkpoint (optionally speculative with MTP)",
-                              description="Stream tokens from a checkpoint in the released layout, then print the "
-                                          "generation stats.")
-    p.add_argument("--checkpoint", required=True,
-                   help="directory with config.json and model.safetensors, or a training run directory")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (encoded with the bundled tokenizer)")
-    src.add_argument("--prompt-ids", help="prompt as space-separated token ids")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--speculative", action="store_true", help="draft with the MTP modules and verify")
-    p.add_argument("--num-draft", type=int, default=1, help="tokens drafted per round (with --speculative)")
-    p.add_argument("--cache", choices=CACHE_KINDS, default="latent",
-                   help="latent = absorbed MLA over c_KV + k^R (default); naive = decompressed K/V")
-    p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.set_defaults(func=_cmd_generate)
-
-
-def _cmd_generate(args) -> int:
-    import sys
-
-    from .checkpoint import load_pretrained
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = args.checkpoint
-    try:  # a training run directory (dsv3.train's out_dir) names its latest checkpoint
-        from .train import model_dir
-
-        path = model_dir(path)
-    except ImportError:
-        pass
-    model = load_pretrained(path, device=device)
-    tokenizer = None
-    try:
-        from .data import load_tokenizer
-
-        tok = load_tokenizer()
-        if len(tok) == model.config.vocab_size:
-            tokenizer = tok
-    except (ImportError, FileNotFoundError, ValueError):
-        pass
-    if args.prompt is not None:
-        if tokenizer is None:
-            raise ValueError(f"the checkpoint's vocab_size={model.config.vocab_size} does not match the bundled "
-                             f"tokenizer; pass the prompt as --prompt-ids")
-        ids = tokenizer.encode(args.prompt)
-    else:
-        try:
-            ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
-        except ValueError:
-            raise ValueError(f"--prompt-ids must be integers separated by spaces, got {args.prompt_ids!r}") from None
-
-    emitted: list[int] = []
-    shown = [""]
-
-    def stream(row: int, new: list[int]) -> None:
-        emitted.extend(new)
-        if tokenizer is None:
-            sys.stdout.write("".join(f" {t}" for t in new))
-        else:
-            text = tokenizer.decode(emitted)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(shown[0]):])
-                shown[0] = text
-        sys.stdout.flush()
-
-    if tokenizer is not None:
-        sys.stdout.write(args.prompt if args.prompt is not None else tokenizer.decode(ids))
-    else:
-        sys.stdout.write(" ".join(str(t) for t in ids))
-    stop = None if args.no_stop else [model.config.eos_token_id]
-    gen = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, stop_tokens=stop, cache_kind=args.cache,
-                   speculative=args.speculative, num_draft=args.num_draft, callback=stream)
-    if tokenizer is not None and shown[0] != tokenizer.decode(emitted):
-        sys.stdout.write(tokenizer.decode(emitted)[len(shown[0]):])
-    sys.stdout.write("\n")
-    print(gen.stats)
-    return 0

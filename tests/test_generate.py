@@ -343,7 +343,7 @@ def test_bad_generation_settings():
 # ---------------------------------------------------------------------------------------------- command line
 
 def test_cli_streams_ids_and_stats(tmp_path, capsys):
-    from dsv3.__main__ import main
+    from dsv3.cli import main
 
     model = random_model(small_config(num_nextn_predict_layers=1))
     save_pretrained(model, tmp_path)
@@ -358,7 +358,7 @@ def test_cli_streams_ids_and_stats(tmp_path, capsys):
 
 
 def test_cli_decodes_with_the_bundled_tokenizer(tmp_path, capsys):
-    from dsv3.__main__ import main
+    from dsv3.cli import main
     from dsv3.data import load_tokenizer
 
     tok = load_tokenizer()

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from dsv3 import DeepSeekV3, load_pretrained
-from dsv3.__main__ import main
+from dsv3.cli import main
 from dsv3.data import DOMAIN_FILES, data_dir as bundled_data_dir
-from dsv3.train import (TrainConfig, TrainingDivergedError, bias_update_speed_at, find_checkpoint, init_model,
-                        lr_at, make_data, mtp_weight_at, train)
+from dsv3.rundir import find_checkpoint
+from dsv3.train import (TrainConfig, TrainingDivergedError, bias_update_speed_at, init_model, lr_at, make_data,
+                        mtp_weight_at, train)
 
 from conftest import small_config
 
@@ -228,7 +229,7 @@ def test_cli_train_resume_and_sample(data, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:\n")
     assert main(["train", "--steps", "-1", "--out", str(tmp_path / "bad")]) == 2
-    assert "TrainConfig.steps must be a positive integer, got -1" in capsys.readouterr().err
+    assert "argument --steps: must be a positive integer, got '-1'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
