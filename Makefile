@@ -3,7 +3,7 @@
 PYTHON ?= python3
 export PYTHONHASHSEED := 0
 
-.PHONY: install browser book test test-fast lint notebooks
+.PHONY: install browser book test test-fast lint notebooks student
 
 install:
 	$(PYTHON) -m pip install -q torch==2.13.0 || $(PYTHON) -m pip install -q "torch>=2.4,<2.15"
@@ -35,3 +35,7 @@ lint:
 # re-execute every chapter the way its committed outputs must be made (CPU, fixed environment)
 notebooks: install
 	$(PYTHON) book/_tools/run_notebook.py --all
+
+# the labs without their solutions, for students: _build/student/NN_*.ipynb and dsv3-book-student.zip
+student:
+	$(PYTHON) book/_tools/student.py

@@ -175,6 +175,22 @@ def test_setup_on_gpu_sets_big(monkeypatch, capsys):
     assert "device cuda (Fake H100)" in capsys.readouterr().out
 
 
+def test_setup_device_can_be_forced(monkeypatch, capsys):
+    """``run_notebook.py --device`` sets DSV3_DEVICE: cpu even with a GPU, cuda only with one, nothing else."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake H100")
+    monkeypatch.setenv("DSV3_DEVICE", "cpu")
+    assert viz.setup_notebook() == viz.NotebookSetup(device="cpu", big=False)
+    monkeypatch.setenv("DSV3_DEVICE", "cuda")
+    assert viz.setup_notebook() == viz.NotebookSetup(device="cuda", big=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="DSV3_DEVICE=cuda but torch sees no CUDA GPU"):
+        viz.setup_notebook()
+    monkeypatch.setenv("DSV3_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="DSV3_DEVICE='tpu'"):
+        viz.setup_notebook()
+
+
 def test_setup_on_colab_installs_only_missing_extras_and_enables_widgets(fake_colab, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     device, big = viz.setup_notebook(extras=["plotly>=1", "dsv3-no-such-package>=2", "torch<1"])
@@ -319,6 +335,45 @@ def test_execute_runs_in_the_fixed_environment_and_stores_widget_state(tmp_path,
     view = done.cells[1].outputs[0]["data"]["application/vnd.jupyter.widget-view+json"]
     assert view["model_id"] in state
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"  # our own environment untouched
+
+
+def test_cuda_environment_keeps_the_gpu_and_compiles_triton():
+    cpu = run_notebook.apply_env({"CUDA_VISIBLE_DEVICES": "0"})
+    assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["DSV3_DEVICE"] == "cpu" and cpu["TRITON_INTERPRET"] == "1"
+    cuda = run_notebook.apply_env({"CUDA_VISIBLE_DEVICES": "0"}, device="cuda")
+    assert cuda["CUDA_VISIBLE_DEVICES"] == "0" and cuda["DSV3_DEVICE"] == "cuda" and "TRITON_INTERPRET" not in cuda
+    assert cuda["PYTHONHASHSEED"] == "0" and cuda["OMP_NUM_THREADS"] == "2"
+    with pytest.raises(ValueError, match="device 'gpu'"):
+        run_notebook.apply_env({}, device="gpu")
+
+
+def test_timing_file_and_table(tmp_path):
+    path = tmp_path / "timings.json"
+    names = [p.stem for p in run_notebook.chapters()]
+    table = run_notebook.timing_markdown(path)
+    assert table.count("not measured yet") == 2 * (len(names) + 1)  # every chapter and the total, both devices
+    for i, name in enumerate(names):
+        run_notebook.record_timing(name, 10.04 + i, "cpu", "Fake CPU, cpu (2 threads)", path)
+    run_notebook.record_timing(names[0], 3.0, "cuda", "cuda (Fake H100)", path)
+    run_notebook.record_timing(names[0], 2.5, "cuda", "cuda (Fake H100)", path)  # a re-run replaces the entry
+    data = json.loads(path.read_text())
+    assert data["cuda"] == {names[0]: {"seconds": 2.5, "machine": "cuda (Fake H100)"}}
+    table = run_notebook.timing_markdown(path)
+    lines = table.splitlines()
+    assert lines[2] == f"| [{names[0]}]({names[0]}.ipynb) | 10 s | 2 s |"
+    total = sum(round(10.04 + i, 1) for i in range(len(names)))
+    expected = f"{total:.0f} s" if total < 120 else f"{total / 60:.1f} min"
+    assert f"| **the whole book** | {expected} | not measured yet |" in lines
+    assert lines[-1] == "CPU: measured on Fake CPU, cpu (2 threads). GPU: measured on cuda (Fake H100)."
+
+
+def test_machine_reads_the_device_line_of_the_setup_cell():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("setup")])
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout",
+                                                  text="python 3.11 | torch 2.13 | device cuda (NVIDIA H100)\n")]
+    assert run_notebook.machine(nb, "cuda") == "cuda (NVIDIA H100)"
+    nb.cells[0].outputs[0]["text"] = "python 3.11 | device cpu (2 threads)\n"
+    assert run_notebook.machine(nb, "cpu").endswith("cpu (2 threads)")
 
 
 # A short training run (the book's chaotic case: sign-based bias updates) and a matmul long enough for MKL's

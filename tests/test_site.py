@@ -11,6 +11,7 @@ The browser is Debian's ``chromium`` (``make browser``, or ``$CHROMIUM``) driven
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -99,8 +100,19 @@ def server(site):
 
 def test_toc_lists_exactly_the_chapters_that_exist():
     chapters = sorted(f"book/{p.stem}" for p in (ROOT / "book").glob(run_notebook.CHAPTER_GLOB))
-    assert sorted(TOC) == chapters, "_toc.yml must list every book/NN_*.ipynb and nothing else"
-    assert TOC == sorted(TOC), "_toc.yml lists the chapters in their numbered order"
+    listed = [name for name in TOC if (ROOT / f"{name}.ipynb").is_file()]
+    assert sorted(listed) == chapters, "_toc.yml must list every book/NN_*.ipynb"
+    assert listed == sorted(listed), "_toc.yml lists the chapters in their numbered order"
+    pages = [name for name in TOC if name not in listed]
+    missing = [name for name in pages if not (ROOT / f"{name}.md").is_file()]
+    assert missing == [], f"_toc.yml lists pages that do not exist: {missing}"
+    assert len(set(TOC)) == len(TOC)
+
+
+def test_reference_pages_are_listed():
+    for page in ("book/bibliography", "book/glossary", "book/notation", "book/prerequisites", "book/labs",
+                 "book/timings"):
+        assert page in TOC, f"{page} is missing from _toc.yml"
 
 
 def test_vendored_javascript_is_pinned_and_unmodified():
@@ -113,6 +125,25 @@ def test_every_toc_page_is_built(site):
         assert (site / f"{name}.html").is_file(), f"{name}.html missing from the build"
     assert (site / "search.html").is_file() and (site / "searchindex.js").is_file()  # search works offline
     assert not (site / "book" / "CONTRIBUTING.html").exists() and not (site / "README.html").exists()
+
+
+@pytest.mark.slow
+def test_reference_pages_hold_what_they_promise(site):
+    """Bibliography (every entry of references.bib), glossary, the generated notation and timing tables, the
+    student zip behind the labs page's download link."""
+    from dsv3.config import ModelConfig
+
+    bib = (site / "book" / "bibliography.html").read_text()
+    keys = re.findall(r"^@\w+\{(\w+),", (ROOT / "book" / "references.bib").read_text(), flags=re.M)
+    assert len(keys) >= 15 and bib.count('role="doc-biblioentry"') == len(keys)
+    assert "DeepSeek-V3 technical report" in bib and "Auxiliary-loss-free load balancing" in bib
+    assert 'class="simple glossary"' in (site / "book" / "glossary.html").read_text()
+    notation = (site / "book" / "notation.html").read_text()
+    assert f"<p>{ModelConfig.deepseek_v3().kv_lora_rank}</p></td>" in notation  # computed when the page is built
+    timings = (site / "book" / "timings.html").read_text()
+    assert "01_overview" in timings and ("not measured yet" in timings or " s<" in timings)
+    zips = list((site / "_downloads").glob("*/dsv3-book-student.zip"))
+    assert len(zips) == 1 and 'dsv3-book-student.zip"' in (site / "book" / "labs.html").read_text()
 
 
 @pytest.mark.slow
@@ -165,7 +196,9 @@ def test_plotly_only_output_fails_the_build(tmp_path):
 # --- in the browser -------------------------------------------------------------------------------------------
 
 def expected_outputs(notebook: Path) -> dict:
-    """What the page of ``notebook`` must show: its figures and widget views."""
+    """What the page of ``notebook`` must show: its figures and widget views (none on a markdown page)."""
+    if not notebook.is_file():
+        return {"figures": 0, "widgets": 0}
     nb = nbformat.read(notebook, as_version=4)
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
     return {"figures": sum(PLOTLY_MIMETYPE in o.get("data", {}) for o in outputs),
@@ -314,6 +347,7 @@ def _probe_book(tmp_path: Path, cells: list) -> Path:
     src = tmp_path / "book_src"
     (src / "book").mkdir(parents=True)
     shutil.copy(ROOT / "_config.yml", src / "_config.yml")
+    shutil.copy(ROOT / "book" / "references.bib", src / "book" / "references.bib")  # named by _config.yml
     shutil.copytree(ROOT / "book" / "_ext", src / "book" / "_ext")
     shutil.copytree(ROOT / "book" / "_static", src / "book" / "_static")
     (src / "_toc.yml").write_text("format: jb-book\nroot: book/probe\n")

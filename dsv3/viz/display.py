@@ -236,11 +236,25 @@ def _colab_setup(extras: Sequence[str]) -> None:
     output.enable_custom_widget_manager()  # Colab's built-in manager speaks ipywidgets 7 only
 
 
+def _device(torch) -> str:
+    """``DSV3_DEVICE`` ("cpu" or "cuda", set by ``book/_tools/run_notebook.py --device``) when set, else cuda when
+    a GPU is visible, else cpu."""
+    forced = os.environ.get("DSV3_DEVICE", "").strip().lower()
+    if forced not in ("", "cpu", "cuda"):
+        raise ValueError(f"DSV3_DEVICE={forced!r}: expected 'cpu' or 'cuda'")
+    if forced == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DSV3_DEVICE=cuda but torch sees no CUDA GPU "
+                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+    if forced:
+        return forced
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def setup_notebook(seed: int = 0, extras: Sequence[str] = ()) -> NotebookSetup:
     """First cell of a chapter: seeds, device, versions; on Colab also installs ``extras`` and widget support.
 
     Returns ``(device, big)``: ``device`` is ``"cuda"`` when a GPU is visible, otherwise ``"cpu"`` (never fails on
-    a CPU); ``big`` is ``device == "cuda"``, the switch chapters use to scale their sizes up on a GPU.
+    a CPU); the environment variable ``DSV3_DEVICE`` (``cpu``/``cuda``) forces the choice; ``big`` is ``device == "cuda"``, the switch chapters use to scale their sizes up on a GPU.
     ``extras`` are pip requirements (``"transformers>=4.46"``) a chapter needs; off Colab a missing one is an
     error naming the pip command, since the book never installs into your own environment.
     """
@@ -258,7 +272,7 @@ def setup_notebook(seed: int = 0, extras: Sequence[str] = ()) -> NotebookSetup:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(torch)
     where = torch.cuda.get_device_name(0) if device == "cuda" else f"{torch.get_num_threads()} threads"
     import dsv3
 

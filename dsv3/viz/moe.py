@@ -209,14 +209,14 @@ def _fade(hex_color: str, alpha: float = 0.35) -> str:
 @torch.no_grad()
 def domain_expert_loads(model, corpus, batch_size: int = 8, seq_len: int = 64, max_batches: int = 2) -> torch.Tensor:
     """(L, n_domains, N_r) int64: how many (token, slot) pairs of each domain's validation windows each routed
-    expert of each main-model MoE layer receives."""
+    expert of each main-model MoE layer receives (on the CPU; the batches go to ``model.device``)."""
     was_training = model.training
     model.eval()
     rows = []
     for d in corpus.domains:
         total = None
         for batch in corpus.val_batches(batch_size, seq_len, max_batches=max_batches, domain=d):
-            counts = model(batch.input_ids).expert_counts  # (L, N_r)
+            counts = model(batch.input_ids.to(model.device)).expert_counts.cpu()  # (L, N_r)
             total = counts if total is None else total + counts
         rows.append(total)
     model.train(was_training)
@@ -282,7 +282,7 @@ def show_piece(piece: str) -> str:
 @torch.no_grad()
 def sentence_routing(model, tokenizer, text: str) -> dict:
     """Route ``text`` through a model: its token pieces and, per main-model MoE layer, the chosen experts
-    ``ids`` (N, K) and gating weights ``weights`` (N, K)."""
+    ``ids`` (N, K) and gating weights ``weights`` (N, K), on the CPU (the model runs on ``model.device``)."""
     ids = tokenizer.encode(text)
     if not ids:
         raise ValueError("sentence_routing: the text encodes to no tokens")
@@ -291,12 +291,13 @@ def sentence_routing(model, tokenizer, text: str) -> dict:
                          f"{model.config.max_position_embeddings}")
     was_training = model.training
     model.eval()
-    out = model(torch.tensor([ids]))
+    out = model(torch.tensor([ids], device=model.device))
     model.train(was_training)
     layers = [i for i in range(model.config.num_hidden_layers) if model.config.is_moe_layer(i)]
     return dict(pieces=[tokenizer.decode([i]) for i in ids], token_ids=ids,
                 layers=[f"block {i}" for i in layers],
-                ids=[r.topk_ids.clone() for r in out.routing], weights=[r.topk_weights.clone() for r in out.routing],
+                ids=[r.topk_ids.cpu().clone() for r in out.routing],
+                weights=[r.topk_weights.cpu().clone() for r in out.routing],
                 n_experts=model.config.n_routed_experts)
 
 
