@@ -19,6 +19,7 @@ machine disturbs far less.
 
     python benchmarks/bench_model_cpu.py          # the committed table (benchmarks/results/bench_model_cpu.txt)
     python benchmarks/bench_model_cpu.py --profile   # add a torch.profiler breakdown of both forwards
+    python benchmarks/bench_model_cpu.py --floor     # add each forward's GEMM + attention time alone
 """
 
 from __future__ import annotations
@@ -69,6 +70,19 @@ def forward_table(args) -> list[str]:
              f"  {'dsv3.DeepSeekV3':<40}{t_ours * 1e3:>12.1f}{B * T / t_ours:>12,.0f}{speedup:>9.2f}x",
              f"  speedup: median of the {args.repeats} per-repeat ratios (the two forwards back to back in each)",
              f"  target: dsv3 >= 1.5x transformers eager -> {'met' if speedup >= 1.5 else 'NOT met'}"]
+    if args.floor:
+        lines += ["", "The compute floor: each forward's GEMM and attention ops replayed alone (same shapes and "
+                  "kernels), medians of the repeats:"]
+        floors = {}
+        for name, fn in (("transformers", lambda: hf(ids, use_cache=False)), ("dsv3", lambda: model(ids))):
+            whole, floor, n_ops, n_heavy = gemm_floor(fn, args.repeats)
+            floors[name] = (whole, floor)
+            lines.append(f"  {name:<13}forward {whole * 1e3:6.1f} ms = GEMM + attention {floor * 1e3:6.1f} ms "
+                         f"({floor / whole:.0%}) + the rest {(whole - floor) * 1e3:5.1f} ms "
+                         f"({n_ops} aten ops, {n_heavy} of them GEMM/attention)")
+        lines.append(f"  transformers forward / dsv3 GEMM + attention alone = "
+                     f"{floors['transformers'][0] / floors['dsv3'][1]:.2f}x: the speedup dsv3 would show if "
+                     f"everything but its GEMMs and attention took no time")
     if args.profile:
         ours_parts = component_times(lambda: model(ids), {
             "attention (MLA)": [b.self_attn for b in model.layers],
@@ -119,6 +133,42 @@ def component_times(fn, groups: dict[str, list[torch.nn.Module]], repeats: int) 
         for h in handles:
             h.remove()
     return {name: statistics.median(v) for name, v in totals.items()}
+
+
+GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "_scaled_dot_product_flash_attention_for_cpu"}
+
+
+def gemm_floor(fn, repeats: int) -> tuple[float, float, int, int]:
+    """(forward time, time of its GEMM and attention ops replayed alone, aten ops, of which GEMM/attention), no grad:
+    the ops are recorded once (a TorchDispatchMode, inputs cloned) and replayed back to back with the forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls, self.n_ops = [], 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            self.n_ops += 1
+            if func.overloadpacket.__name__ in GEMM_OPS:
+                keep = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+                self.calls.append((func, keep, kwargs))
+            return func(*args, **kwargs)
+
+    with torch.no_grad():
+        rec = Record()
+        with rec:
+            fn()
+
+        def replay():
+            for func, args, kwargs in rec.calls:
+                func(*args, **kwargs)
+
+        fn(), replay()  # warm up
+        runs = [(median_time(fn, 1, warmup=0), median_time(replay, 1, warmup=0)) for _ in range(repeats)]
+    return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), rec.n_ops,
+            len(rec.calls))
 
 
 def profile_lines(name: str, fn, rows: int = 10) -> list[str]:
@@ -176,6 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--decode-repeats", type=int, default=30)
     p.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of both forwards")
+    p.add_argument("--floor", action="store_true",
+                   help="time each forward's GEMM and attention ops alone: the floor the rest of the forward sits on")
     add_clock_args(p)
     args = p.parse_args(argv)
     header = apply_clock_args(p, args)
