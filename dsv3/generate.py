@@ -339,7 +339,8 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Ten
     # it, so they stay ordinary tensors that the caller may go on using with autograd or in place
     with torch.inference_mode():
         # -- prefill --
-        out = model(seq[:, :P], attention_mask=mask, position_ids=positions[:, :P], cache=cache)
+        out = model(seq[:, :P], attention_mask=mask, position_ids=positions[:, :P], cache=cache,
+                    check_ids=False)  # _check read every prompt id once
         stats.main_forwards += 1
         tok, _ = choose(out.logits[:, -1])  # (B,)
         seq[:, P] = tok
@@ -350,7 +351,8 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Ten
         if not speculative:
             n = P  # slots filled in the cache
             while not rows.all_done:
-                out = model(seq[:, n:n + 1], position_ids=positions[:, n:n + 1], cache=cache)  # logits (B, 1, V)
+                out = model(seq[:, n:n + 1], position_ids=positions[:, n:n + 1], cache=cache,
+                            check_ids=False)  # logits (B, 1, V); ids of its own choosing
                 stats.main_forwards += 1
                 n += 1
                 tok, _ = choose(out.logits[:, -1])  # (B,)
@@ -456,7 +458,8 @@ def _speculative_loop(model, seq, positions, cache, prefill_hidden, P, num_draft
             q.append(probs)
 
         # -- verify: the newest committed token and the k drafts in one forward --
-        out = model(seq[:, n:n + k + 1], position_ids=positions[:, n:n + k + 1], cache=cache)  # logits (B, k+1, V)
+        out = model(seq[:, n:n + k + 1], position_ids=positions[:, n:n + k + 1], cache=cache,
+                    check_ids=False)  # logits (B, k+1, V); ids checked by _check or chosen here
         stats.main_forwards += 1
         stats.rounds += 1
         hidden[0][:, n:n + k + 1] = out.hidden

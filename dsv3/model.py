@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
 from .layers.block import Block
 from .layers.mla import KVCache
@@ -26,17 +27,40 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ModelOutput:
-    """What a forward pass returns. Losses are None without labels; MTP fields are empty unless MTP ran."""
+    """What a forward pass returns. Losses are None without labels; MTP fields are empty unless MTP ran.
 
-    logits: torch.Tensor  # (B, T, V)
+    ``logits`` and ``mtp_logits`` are computed from the hidden states by the output head on first access when the
+    forward did not need them: a training step whose loss runs fused (``dsv3.kernels.linear_cross_entropy``, no
+    (N, V) logits) never materializes them unless asked.
+    """
+
     hidden: torch.Tensor  # (B, T, D), final normalized hidden state (h^0 for the first MTP module)
+    head: nn.Module | None = field(default=None, repr=False)  # the output head that turns hidden states into logits
     loss: torch.Tensor | None = None  # L_main + mtp_weight * mean_k L_MTP^k
     main_loss: torch.Tensor | None = None  # next-token cross-entropy
     mtp_loss: torch.Tensor | None = None  # mean over depths of L_MTP^k
     mtp_losses: list[torch.Tensor] = field(default_factory=list)  # L_MTP^k for k = 1..D
-    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, T - k, V), predicts t_{i+k+1}
+    mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, T - k, D), normalized h^k
     routing: list[Routing] = field(default_factory=list)  # one per MoE block of the main model
     mtp_routing: list[Routing] = field(default_factory=list)  # one per MTP module
+    _logits: torch.Tensor | None = field(default=None, repr=False)
+    _mtp_logits: list[torch.Tensor | None] = field(default_factory=list, repr=False)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(B, T, V) next-token logits."""
+        if self._logits is None:
+            self._logits = self.head(self.hidden)
+        return self._logits
+
+    @property
+    def mtp_logits(self) -> list[torch.Tensor]:
+        """Depth k: (B, T - k, V), predicts t_{i+k+1}."""
+        self._mtp_logits += [None] * (len(self.mtp_hidden) - len(self._mtp_logits))
+        for k, h in enumerate(self.mtp_hidden):
+            if self._mtp_logits[k] is None:
+                self._mtp_logits[k] = self.head(h)
+        return list(self._mtp_logits)
 
     @property
     def expert_counts(self) -> torch.Tensor:
@@ -105,7 +129,7 @@ class DeepSeekV3(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, mtp_weight: float = 0.3, return_mtp: bool | None = None,
-                absorbed: bool = False) -> ModelOutput:
+                absorbed: bool = False, check_ids: bool = True) -> ModelOutput:
         """Run the model.
 
         input_ids (B, T). ``labels`` (B, T) are the next tokens, already aligned (labels[:, t] follows
@@ -113,8 +137,11 @@ class DeepSeekV3(nn.Module):
         cached and new positions. With a ``cache`` the new tokens go after its ``length`` filled positions.
         ``return_mtp`` (default: when labels are given) also runs the MTP modules; ``mtp_weight`` is lambda.
         ``absorbed`` picks the MLA path when no cache is given (a cache's kind decides otherwise).
+        ``check_ids=False`` skips the check that every id lies in the vocabulary, which reads the ids back to the
+        host (a device synchronization): for loops whose ids were checked once where they came in (the trainer's
+        tokenizer against the vocabulary, the tokens generation picks itself).
         """
-        self._check_inputs(input_ids, labels, cache)
+        self._check_inputs(input_ids, labels, cache, check_ids)
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if position_ids is None:
@@ -129,23 +156,45 @@ class DeepSeekV3(nn.Module):
             if r is not None:
                 routing.append(r)
         hidden = self.norm(x)  # (B, T, D)
-        logits = self.lm_head(hidden)  # (B, T, V)
         if cache is not None:
             cache.length = start + T
-        out = ModelOutput(logits=logits, hidden=hidden, routing=routing)
+        out = ModelOutput(hidden=hidden, head=self.lm_head, routing=routing)
 
         if return_mtp is None:
             return_mtp = labels is not None
         if return_mtp and len(self.mtp) > 0 and cache is None:
             self._run_mtp(out, input_ids, position_ids, mask, absorbed)
+        # the fused loss needs no logits: they are then computed only when asked for
+        fused = labels is not None and self._fused_loss(hidden, labels)
+        if not fused:
+            out._logits = self.lm_head(hidden)  # (B, T, V)
+            out._mtp_logits = [self.lm_head(h) for h in out.mtp_hidden]  # depth k: (B, T-k, V)
         if labels is not None:
-            out.main_loss = _cross_entropy(logits, labels)
+            out.main_loss = self._head_loss(hidden, out._logits, labels)
             out.loss = out.main_loss
-            if out.mtp_logits:
-                out.mtp_losses = [_cross_entropy(lg, labels[:, k:]) for k, lg in enumerate(out.mtp_logits, 1)]
+            if out.mtp_hidden:
+                out.mtp_losses = [self._head_loss(h, out._mtp_logits[k - 1] if not fused else None, labels[:, k:])
+                                  for k, h in enumerate(out.mtp_hidden, 1)]
                 out.mtp_loss = torch.stack(out.mtp_losses).mean()
                 out.loss = out.main_loss + mtp_weight * out.mtp_loss
         return out
+
+    def _fused_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> bool:
+        """Whether the losses run fused (``kernels.linear_cross_entropy``, no (B, T, V) logits): where the kernels
+        run Triton. The torch path keeps ``F.cross_entropy`` over materialized logits: the chunked online
+        log-sum-exp rounds differently, and the book's CPU training runs are chaotic (one ulp moves their committed
+        curves)."""
+        return kernels.backend.use_triton(hidden, self.lm_head.weight, labels)
+
+    def _head_loss(self, hidden: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of the output head on ``hidden`` (B, T, D) against labels (B, T), in fp32:
+        from ``logits`` when given, else fused by the vocabulary-chunked ``kernels.linear_cross_entropy`` (its Triton
+        kernels, chosen by ``_fused_loss``; the labels were checked once in ``forward``)."""
+        if logits is None:
+            D = hidden.shape[-1]
+            return kernels.linear_cross_entropy_triton(hidden.reshape(-1, D), self.lm_head.weight,
+                                                       labels.reshape(-1), IGNORE_INDEX)
+        return _cross_entropy(logits, labels)
 
     def _run_mtp(self, out: ModelOutput, input_ids, position_ids, mask, absorbed) -> None:
         """Depth k at position i sees h^{k-1}_i and Emb(t_{i+k}) and predicts t_{i+k+1} (sequences shrink by k)."""
@@ -159,7 +208,7 @@ class DeepSeekV3(nn.Module):
             cos, sin = self.rotary(position_ids[:, : T - k])  # MTP positions are those of h, i
             sub_mask = None if mask is None else mask[:, :, : T - k, : T - k]
             h, r = module(h, emb, cos, sin, sub_mask, None, 0, absorbed)  # (B, T-k, D)
-            out.mtp_logits.append(self.lm_head(h))  # (B, T-k, V)
+            out.mtp_hidden.append(h)  # (B, T-k, D); logits (B, T-k, V) on demand
             if r is not None:
                 out.mtp_routing.append(r)
 
@@ -205,22 +254,29 @@ class DeepSeekV3(nn.Module):
             mask = mask & (key_ok[:, None, None, :] | (k_pos[None, :] == q_pos[:, None]))
         return mask
 
-    def _check_inputs(self, input_ids, labels, cache) -> None:
+    def _check_inputs(self, input_ids, labels, cache, check_ids: bool = True) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq), got "
                              f"{input_ids.dtype} {tuple(input_ids.shape)}")
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty")
-        lo, hi = (int(v) for v in torch.aminmax(input_ids))  # one pass, two values
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
+        if check_ids:  # ids and labels in one read (labels: ignored positions count as 0)
+            values = [*torch.aminmax(input_ids)]
+            if labels is not None:
+                values += [*torch.aminmax(labels.masked_fill(labels == IGNORE_INDEX, 0))]
+            extremes = torch.stack(values).tolist()
+            for name, lo, hi in zip(("input_ids", "labels"), extremes[0::2], extremes[1::2]):
+                if lo < 0 or hi >= self.config.vocab_size:
+                    bad = lo if lo < 0 else hi
+                    ignore = f" ({IGNORE_INDEX} = ignore)" if name == "labels" else ""
+                    raise ValueError(f"{name} holds token id {bad}, outside the vocabulary "
+                                     f"[0, {self.config.vocab_size}){ignore}")
         end = (cache.length if cache is not None else 0) + input_ids.shape[1]
         if end > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {end} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -214,6 +214,29 @@ def test_moe_reference_gradients_match_dense():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_reference_inference_path_has_the_training_bits(dtype):
+    """Without autograd the reference gathers once and writes in place: bit for bit the autograd path's result, so
+    inference and the (chaotic) training runs see the same numbers. Expert 7 receives no token."""
+    x, wg, wu, wd, tw, ids = _moe_inputs(300, 64, 48, 8, 3, dtype=dtype, seed=2)
+    ids = ids % 7  # expert 7 idle
+    with torch.no_grad():
+        fast = K.moe_experts_torch(x, wg, wu, wd, tw, ids)
+    traced = K.moe_experts_torch(x.clone().requires_grad_(), wg, wu, wd, tw, ids)
+    assert traced.requires_grad and fast.dtype == traced.dtype == dtype
+    assert torch.equal(fast, traced.detach())
+
+
+def test_mlp_inference_path_has_the_training_bits():
+    from dsv3.layers.moe import MLP
+
+    torch.manual_seed(0)
+    mlp, x = MLP(64, 96), torch.randn(3, 10, 64)
+    with torch.no_grad():
+        fast = mlp(x)
+    assert torch.equal(fast, mlp(x).detach())
+
+
 def test_expert_counts():
     ids = torch.tensor([[0, 3], [3, 1], [3, 0]])
     assert K.expert_counts(ids, 5).tolist() == [2, 1, 0, 3, 0]

@@ -72,6 +72,48 @@ def test_losses_and_mtp_alignment():
     assert all(layer.gate.e_score_correction_bias.grad is None for layer in model.moe_layers())
 
 
+@pytest.mark.parametrize("chunk", [64, None])  # 64: five vocabulary chunks of 320; None: the automatic width
+def test_fused_loss_matches_unfused_model(monkeypatch, chunk):
+    """The fused loss (main head and every MTP depth through kernels.linear_cross_entropy, no (B, T, V) logits)
+    gives the unfused model's losses and every gradient; the logits are then computed only when asked for."""
+    import dsv3.model
+    from dsv3 import kernels
+
+    cfg = small_config(num_nextn_predict_layers=2)
+    model = random_model(cfg).train()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 25))
+    ids, labels = tokens[:, :-1], tokens[:, 1:].clone()
+    labels[0, :5] = -100  # ignored positions, at the start (every MTP depth still sees them)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=labels, mtp_weight=0.3)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, ref_grads = run()  # CPU, torch backend: F.cross_entropy over materialized logits
+    assert ref._logits is not None
+    calls = []
+
+    def chunked(hidden, weight, lab, ignore_index=-100):
+        calls.append(hidden.shape)
+        return kernels.linear_cross_entropy_torch(hidden, weight, lab, ignore_index, chunk)
+
+    monkeypatch.setattr(DeepSeekV3, "_fused_loss", lambda self, hidden, labels: True)
+    monkeypatch.setattr(dsv3.model.kernels, "linear_cross_entropy_triton", chunked)  # the chunked reference
+    fused, fused_grads = run()
+    T, D = ids.shape[1], cfg.hidden_size
+    assert calls == [(2 * T, D), (2 * (T - 1), D), (2 * (T - 2), D)]  # main head, then depths 1 and 2
+    assert fused._logits is None and all(lg is None for lg in fused._mtp_logits)  # never materialized
+    for a, b in [(fused.loss, ref.loss), (fused.main_loss, ref.main_loss), *zip(fused.mtp_losses, ref.mtp_losses)]:
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert fused_grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        assert torch.allclose(fused_grads[name], g, rtol=1e-4, atol=1e-7), name
+    assert torch.equal(fused.logits, ref.logits)  # the same head on the same hidden state, computed on access
+    assert all(torch.equal(a, b) for a, b in zip(fused.mtp_logits, ref.mtp_logits))
+
+
 def test_ignore_index_is_ignored():
     cfg = small_config()
     model = random_model(cfg)
@@ -179,3 +221,17 @@ def test_bad_inputs(bad, message):
     model = random_model(cfg)
     with pytest.raises(ValueError, match=message):
         model(bad(cfg))
+
+
+@pytest.mark.parametrize("bad_label", [-1, 320])
+def test_bad_labels_are_named_once_at_the_boundary(bad_label):
+    """forward checks labels against the vocabulary in the same read as the ids (-100 stays allowed)."""
+    cfg = small_config()
+    model = random_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+    labels = torch.full((1, 8), -100)
+    labels[0, 3] = bad_label
+    with pytest.raises(ValueError, match=f"labels holds token id {bad_label}, outside the vocabulary"):
+        model(ids, labels=labels)
+    labels[0, 3] = 5
+    assert torch.isfinite(model(ids, labels=labels).loss)

@@ -1,12 +1,14 @@
 """The trainer: schedules, MTP alignment through real batches, the bias update inside training, exact resume,
 bad input before any compute, the NaN stop, capacity dropping, and the train/sample command line."""
 
+import collections
 import importlib
 import json
 import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,6 +219,41 @@ def test_capacity_factor_reports_the_dropped_fraction(data):
     dropping = train(MODEL, config(data, steps=1, eval_every=0, capacity_factor=0.5))
     dropped = dropping.history[0]["dropped"]
     assert len(dropped) == 3 and all(0.4 < d < 1 for d in dropped)  # about half of the pairs find no room
+
+
+def count_host_reads(monkeypatch) -> collections.Counter:
+    """Count the tensor-to-Python reads (item, tolist, bool/float/int of a tensor: each a device synchronization on a
+    GPU) that code in dsv3/ makes, by the file that makes them."""
+    root = Path(trainer.__file__).parent
+    counts = collections.Counter()
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            caller = Path(sys._getframe(1).f_code.co_filename)
+            if caller.is_relative_to(root):
+                counts[caller.relative_to(root).as_posix()] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
+
+
+def test_one_host_read_for_the_metrics_of_a_step(data, monkeypatch):
+    """A training step reads its metrics back once before the optimizer step and its biases once after it, however
+    many micro-batches and MoE layers (before: five reads per micro-batch, one per MoE layer and more); the only
+    other reads are the torch experts' split sizes (one per MoE layer and micro-batch, the reference's loop over
+    experts) and one per evaluation. The history keeps its Python numbers."""
+    counts = count_host_reads(monkeypatch)
+    steps, accum, n_moe = 3, 2, 3  # small_config: 2 MoE blocks + 1 MTP module
+    run = train(MODEL, config(data, steps=steps, grad_accum=accum, eval_every=3, capacity_factor=1.0))
+    assert counts.pop("kernels/moe.py") == steps * accum * n_moe + config(data).eval_batches * n_moe
+    assert counts == {"train.py": 2 * steps + 1}  # + 1: the one evaluation
+    entry = run.history[-1]
+    assert all(type(entry[k]) is float for k in ("loss", "main_loss", "mtp_loss", "balance_loss", "grad_norm",
+                                                "max_vio", "val_loss", "val_mtp_loss", "val_max_vio"))
+    assert all(type(v) is int for row in entry["loads"] for v in row)
+    assert all(type(v) is float for k in ("dropped", "groups_per_token", "max_vio_layers") for v in entry[k])
 
 
 @pytest.mark.slow

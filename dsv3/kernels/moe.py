@@ -53,16 +53,39 @@ def moe_experts_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids):
     out = torch.zeros((N, D), device=x.device, dtype=acc_dtype)  # (N, D) accumulator
     if N == 0:
         return out.to(x.dtype)
+    counts = expert_counts(flat_ids, E).tolist()
+    gate_w = topk_weights.reshape(-1)[order, None].to(acc_dtype)  # (N*K, 1)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate, w_up, w_down, topk_weights))):
+        return _moe_experts_no_grad(x, w_gate, w_up, w_down, gate_w, token, counts, out)
     ys, start = [], 0
-    for e, c in enumerate(expert_counts(flat_ids, E).tolist()):
+    for e, c in enumerate(counts):
         if c == 0:
             continue
         xe = x[token[start:start + c]]  # (c, D) the rows this expert serves
         h = F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())  # (c, I)
         ys.append(h @ w_down[e].t())  # (c, D)
         start += c
-    gate_w = topk_weights.reshape(-1)[order, None].to(acc_dtype)  # (N*K, 1)
     out.index_add_(0, token, torch.cat(ys).to(acc_dtype) * gate_w)  # each token sums its K weighted rows
+    return out.to(x.dtype)
+
+
+def _moe_experts_no_grad(x, w_gate, w_up, w_down, gate_w, token, counts, out):
+    """The same loop without autograd (inference), in fewer passes over memory and the same bits: one gather of the
+    sorted rows instead of one per expert, each expert's result written into its slice of one buffer (no
+    concatenation), silu, product and gating weight applied in place."""
+    xs = x[token]  # (N*K, D) the rows of every pair, grouped by expert
+    ys = torch.empty((xs.shape[0], w_down.shape[1]), device=x.device,
+                     dtype=torch.promote_types(x.dtype, w_down.dtype))  # (N*K, D)
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        xe = xs[start:start + c]  # (c, D) the rows this expert serves
+        h = F.silu(xe @ w_gate[e].t(), inplace=True).mul_(xe @ w_up[e].t())  # (c, I)
+        torch.mm(h, w_down[e].t(), out=ys[start:start + c])  # (c, D)
+        start += c
+    ys = ys.to(out.dtype)
+    out.index_add_(0, token, ys.mul_(gate_w) if ys.dtype == gate_w.dtype else ys * gate_w)
     return out.to(x.dtype)
 
 

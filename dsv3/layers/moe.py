@@ -32,6 +32,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: the same bits with two fewer (..., I) temporaries
+            return self.down_proj(F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (..., D)
 
 
@@ -44,7 +46,9 @@ class Routing:
     scores: torch.Tensor  # (N, N_r) fp32, sigmoid affinities s_{i,t} (differentiable: the balance loss needs them)
     counts: torch.Tensor  # (N_r,) int64, tokens sent to each expert
     batch_shape: tuple[int, int]  # (B, T), to regroup per sequence
-    dropped: float = 0.0  # fraction of (token, slot) pairs dropped by a capacity factor (0 by default: none)
+    # fraction of (token, slot) pairs dropped by a capacity factor: 0.0 by default (none); with a capacity factor a
+    # () fp64 tensor on the device, so that the forward pass never waits for the host (float() reads it)
+    dropped: float | torch.Tensor = 0.0
 
 
 class Router(nn.Module):
@@ -114,7 +118,7 @@ class DeepSeekMoE(nn.Module):
             keep = capacity_keep(ids, weights, self.n_routed_experts, self.capacity_factor,
                                  self.capacity_priority)  # (N, K) bool
             weights = weights * keep  # a dropped pair contributes nothing (the token keeps its residual)
-            dropped = 1.0 - keep.float().mean().item()
+            dropped = 1.0 - keep.float().mean().double()  # () fp64, read by whoever needs the number
         y = self.experts(flat, weights, ids)  # (N, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)  # (N, D)
