@@ -7,6 +7,7 @@ checkpoint except for the stacked experts and the MTP modules (``dsv3.checkpoint
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -45,9 +46,13 @@ class ModelOutput:
 
 
 class DeepSeekV3(nn.Module):
-    """The whole model (paper Sec. 2). ``config.num_nextn_predict_layers`` MTP modules share embedding and head."""
+    """The whole model (paper Sec. 2). ``config.num_nextn_predict_layers`` MTP modules share embedding and head.
 
-    def __init__(self, config: ModelConfig):
+    ``capacity_factor`` / ``capacity_priority``: GShard-style token dropping in every MoE layer, for comparison only
+    (DeepSeek-V3 drops nothing: the default None); ``set_capacity`` and ``capacity`` change it later.
+    """
+
+    def __init__(self, config: ModelConfig, capacity_factor: float | None = None, capacity_priority: str = "order"):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -56,6 +61,7 @@ class DeepSeekV3(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPModule(config, k) for k in range(1, config.num_nextn_predict_layers + 1))
         self.rotary = RotaryEmbedding(config)
+        self.set_capacity(capacity_factor, capacity_priority)
         self.reset_parameters()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -88,6 +94,22 @@ class DeepSeekV3(nn.Module):
         """Every DeepSeekMoE of the model, main blocks first (the balancing code walks these)."""
         blocks = list(self.layers) + (list(self.mtp) if include_mtp else [])
         return [b.mlp for b in blocks if b.is_moe]
+
+    def set_capacity(self, capacity_factor: float | None, priority: str = "order") -> None:
+        """Expert capacity of every MoE layer (main and MTP): None = no dropping (V3), or a factor > 0."""
+        for layer in self.moe_layers():
+            layer.set_capacity(capacity_factor, priority)
+
+    @contextlib.contextmanager
+    def capacity(self, capacity_factor: float | None, priority: str = "order"):
+        """``with model.capacity(1.0): ...`` runs the block with a capacity limit and restores each layer's own."""
+        old = [(layer.capacity_factor, layer.capacity_priority) for layer in self.moe_layers()]
+        self.set_capacity(capacity_factor, priority)
+        try:
+            yield self
+        finally:
+            for layer, (cf, prio) in zip(self.moe_layers(), old):
+                layer.set_capacity(cf, prio)
 
     @property
     def device(self) -> torch.device:

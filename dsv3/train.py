@@ -508,7 +508,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
     model.to(device).train()
     layers = model.moe_layers()
     for layer in layers:
-        layer.capacity_factor = cfg.capacity_factor
+        layer.set_capacity(cfg.capacity_factor)
     optimizer = make_optimizer(model, cfg)
     if ckpt is not None:
         _load_optimizer(model, optimizer, tensors, state["optimizer"], ckpt)

@@ -40,6 +40,27 @@ def test_set_backend_validates_and_context_restores():
     assert K.get_backend() == start
 
 
+def test_backend_belongs_to_the_thread_or_context():
+    import contextvars
+    import threading
+
+    start = K.get_backend()
+    seen = {}
+    with K.use_backend("torch"):
+        worker = threading.Thread(target=lambda: seen.update(thread=K.get_backend()))
+        worker.start()
+        worker.join()
+
+        def set_inside():
+            K.set_backend("auto")
+            return K.get_backend()
+
+        seen["copied context"] = contextvars.copy_context().run(set_inside)
+        assert K.get_backend() == "torch"  # neither the thread nor the copied context changed ours
+    assert seen == {"thread": backend._default, "copied context": "auto"}
+    assert K.get_backend() == start
+
+
 def test_auto_runs_torch_on_cpu_tensors():
     x = torch.randn(3, 8)
     assert not backend.use_triton(x)
