@@ -106,8 +106,10 @@ def test_rope_inplace_and_dispatch():
 
 @pytest.mark.parametrize("N,E,top_k,n_group,topk_group", [
     (6, 256, 8, 8, 4),  # DeepSeek-V3 routing
-    (5, 24, 3, 3, 2),  # groups of 8
-    (4, 20, 5, 4, 4),  # groups of 5 (not a power of two), no group masking
+    (5, 24, 4, 3, 2),  # groups of 8
+    (5, 24, 6, 3, 2),  # groups of 8, group score = sum of the top 3 (K_r / M = 3)
+    (4, 20, 8, 4, 2),  # groups of 5 (not a power of two), group score = sum of the top 4
+    (4, 20, 4, 4, 4),  # groups of 5, no group masking
     (3, 16, 4, 1, 1),  # a single group
 ])
 def test_router(N, E, top_k, n_group, topk_group):

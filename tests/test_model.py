@@ -24,7 +24,7 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("overrides", [
     {},  # YaRN, query compression, groups, shared expert
-    {"q_lora_rank": None, "n_shared_experts": 2, "num_experts_per_tok": 4, "topk_group": 3},
+    {"q_lora_rank": None, "n_shared_experts": 2, "n_routed_experts": 12, "num_experts_per_tok": 6, "topk_group": 3},
     {"rope_scaling": None, "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
 ])
 def test_logits_match_transformers(tmp_path, overrides):

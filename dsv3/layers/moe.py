@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
+from .reference import router_topk_torch
 
 CAPACITY_PRIORITIES = ("order", "weight")
 
@@ -66,12 +67,22 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))  # (N_r, D) centroids e_i
         self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))  # (N_r,) fp32
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> router logits u = x e_i^T (N, N_r), in fp32 as released."""
+        return F.linear(x.float(), self.weight.float())
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) -> gating weights (N, K) fp32, expert ids (N, K) int64, affinities (N, N_r) fp32."""
-        logits = F.linear(x.float(), self.weight.float())  # (N, N_r), routing in fp32 as released
+        logits = self.logits(x)  # (N, N_r)
         weights, ids = kernels.router_topk(logits, self.e_score_correction_bias.float(), self.top_k, self.n_group,
                                            self.topk_group, self.routed_scaling_factor, self.norm_topk_prob)
         return weights, ids, logits.sigmoid()
+
+    def steps(self, x: torch.Tensor) -> dict:
+        """Every intermediate of routing x (N, D), from the reference itself (``router_topk_torch`` with
+        ``return_steps=True``): affinities, biased scores, group scores, kept groups, chosen ids, weights."""
+        return router_topk_torch(self.logits(x), self.e_score_correction_bias.float(), self.top_k, self.n_group,
+                                 self.topk_group, self.routed_scaling_factor, self.norm_topk_prob, return_steps=True)
 
 
 class Experts(nn.Module):
