@@ -316,6 +316,26 @@ def test_mla_decode_reference_matches_sdpa_and_paging(Tq):
     torch.testing.assert_close(K.mla_decode_torch(q, qr, pool_c, pool_k, seq_lens, 0.2, block_table=table), out)
 
 
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_mla_decode_reference_start_offsets_equal_unpadded_rows(Tq):
+    """Left padding as per-row start offsets: row b's real positions [starts[b], seq_len) give what the same row
+    gives unpadded (its real positions shifted to 0), whatever the padding slots hold."""
+    torch.manual_seed(1)
+    B, H, r, dr, S = 3, 4, 16, 8, 30
+    starts, seq_lens = torch.tensor([0, 9, 20]), torch.tensor([30, 30, 30], dtype=torch.int32)
+    q, qr = torch.randn(B, Tq, H, r), torch.randn(B, Tq, H, dr)
+    ckv, kr = torch.randn(B, S, r), torch.randn(B, S, dr)
+    for b, s0 in enumerate(starts.tolist()):
+        ckv[b, :s0], kr[b, :s0] = 1e3, -1e3  # garbage that would dominate any softmax it entered
+    out = K.mla_decode_torch(q, qr, ckv, kr, seq_lens, 0.2, starts=starts)
+    for b, s0 in enumerate(starts.tolist()):
+        alone = K.mla_decode_torch(q[b:b + 1], qr[b:b + 1], ckv[b:b + 1, s0:], kr[b:b + 1, s0:],
+                                   seq_lens[b:b + 1] - s0, 0.2)
+        torch.testing.assert_close(out[b:b + 1], alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(alone, _mla_oracle(q[b:b + 1], qr[b:b + 1], ckv[b:b + 1, s0:], kr[b:b + 1, s0:],
+                                                      seq_lens[b:b + 1].long() - s0, 0.2), rtol=1e-5, atol=1e-5)
+
+
 def test_mla_decode_reference_reads_only_the_filled_positions():
     """One sequence, one query (the unmasked path): positions past seq_len may hold anything, even NaN."""
     torch.manual_seed(0)

@@ -83,8 +83,8 @@ def _cases():
             finally:
                 torch.cuda.get_device_capability = cap
             cases.append((f"mla_decode-rows{rows}-r{r}-sm{arch}", "mla_triton", "_mla_decode_kernel",
-                          dict(Q=P, QR=P, CKV=P, KR=P, SEQ_LENS="*i32", STARTS="*i32", BLOCK_TABLE="*i32", O=P, O_PART="*fp32",
-                               LSE_PART="*fp32"),
+                          dict(Q=P, QR=P, CKV=P, KR=P, SEQ_LENS="*i32", STARTS="*i32", BLOCK_TABLE="*i32", O=P,
+                               O_PART="*fp32", LSE_PART="*fp32"),
                           dict(PAGED=True, PAGE_SIZE=64, NUM_SPLITS=4, DOT_PRECISION="tf32", BLOCK_H=cfg["BLOCK_H"],
                                BLOCK_N=cfg["BLOCK_N"], BLOCK_R=r, BLOCK_DR=64), arch, cfg["num_warps"],
                           cfg["num_stages"], ("qk_scale",)))

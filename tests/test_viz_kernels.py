@@ -1,6 +1,6 @@
 """Chapter 7's cost models and figures (dsv3.viz.roofline, fp8_numerics, layouts, kernels) against dsv3's own
-computations: the cache bytes of dsv3.kv_cache_bytes, real tensors' sizes, the fused MoE kernel's moe_align, dsv3.kernels.fp8, and a random-routing
-simulation."""
+computations: the cache bytes of dsv3.kv_cache_bytes, real tensors' sizes, the fused MoE kernel's moe_align,
+dsv3.kernels.fp8, and a random-routing simulation."""
 
 import math
 

@@ -1,9 +1,9 @@
 """Triton kernel for the biased group-limited top-k router (reference: `dsv3.layers.reference.router_topk_torch`).
 
 One program per token holds its E logits as a (groups, experts per group) tile: sigmoid, bias, the per-group
-sum of the top top_k/topk_group scores (PER_GROUP: 2 for V3), the choice of topk_group groups and the top_k experts are all done in registers by repeated
-max/argmax (top_k and topk_group are small constants, 8 and 4 for V3), and the normalized, scaled weights are
-written once. Ties between equal scores resolve to the lower expert index.
+sum of the top top_k/topk_group scores (PER_GROUP: 2 for V3), the choice of topk_group groups and the top_k
+experts are all done in registers by repeated max/argmax (top_k and topk_group are small constants, 8 and 4 for
+V3), and the normalized, scaled weights are written once. Ties between equal scores resolve to the lower expert index.
 """
 from __future__ import annotations
 

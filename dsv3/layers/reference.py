@@ -11,6 +11,7 @@ kernel tested against it. This module imports torch only, so ``dsv3.kernels`` ca
 | apply_rope_torch    | Sec. 2.1.1, Eq. 3, 8 | rotation of interleaved pairs on the decoupled rope slice       |
 | router_topk_torch   | Sec. 2.1.2, Eq. 13-16| sigmoid, bias for selection only, group-limited top-k           |
 | moe_experts_torch   | Sec. 2.1.2, Eq. 12   | the routed experts' SwiGLU FFNs, weighted by the gates          |
+| mla_decode_torch    | Sec. 2.1.1, Eq. 1-11 | absorbed (latent) attention of MLA, for prefill and decode      |
 """
 from __future__ import annotations
 
@@ -137,3 +138,51 @@ def moe_experts_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids):
     gate_w = topk_weights.reshape(-1)[order, None].to(acc_dtype)  # (N*K, 1)
     out.index_add_(0, token, torch.cat(ys).to(acc_dtype) * gate_w)  # each token sums its K weighted rows
     return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- MLA
+def gather_paged(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """(num_blocks, page, d) pool + (B, max_blocks) table -> contiguous (B, max_blocks * page, d)."""
+    B, nb = block_table.shape
+    page, d = pool.shape[1], pool.shape[2]
+    idx = block_table.long().clamp(0, pool.shape[0] - 1)  # unused entries may hold anything
+    return pool[idx].reshape(B, nb * page, d)
+
+
+def mla_decode_torch(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table=None, starts=None):
+    """Multi-head Latent Attention in latent space (paper Sec. 2.1.1, "absorbed"), the one reference for prefill and
+    decode. Absorbing W^UK into the query and W^UV into the output turns attention into a multi-query attention over
+    the cached latent itself:
+
+        q_latent[h] = q_nope[h] W^UK[h]                                    (B, Tq, H, r)   done by the caller
+        score[h, s] = scale * (q_latent[h] . c^KV[s] + q_rope[h] . k^R[s])
+        o_latent[h] = softmax_s(score[h]) c^KV                              (B, Tq, H, r)   this function
+        output      = o_latent[h] W^UV[h]^T ...                            done by the caller
+
+    The Tq queries of sequence b are its last Tq positions: query t sees positions s with
+    starts[b] <= s < seq_lens[b] - Tq + t + 1 (causal; ``starts`` (B,), default 0, skips left padding, and a padding
+    query sees only itself, so no row is empty). Scores are fp32; the Tq * H queries of a sequence share its cache,
+    so each product is one batched matmul. ``block_table`` reads a paged cache (see ``dsv3.kernels.mla``).
+    """
+    B, Tq, H, r = q_latent.shape
+    if block_table is not None:
+        ckv_cache = gather_paged(ckv_cache, block_table)  # (B, S, r)
+        krope_cache = gather_paged(krope_cache, block_table)  # (B, S, dr)
+    L = min(int(seq_lens.max()), ckv_cache.shape[1]) if B else 0  # positions any query can see
+    ckv = ckv_cache[:, :L].float()  # (B, L, r)
+    q = q_latent.reshape(B, Tq * H, r).float()  # (B, Tq*H, r): query t's heads are rows t*H .. t*H + H - 1
+    q_r = q_rope.reshape(B, Tq * H, -1).float()  # (B, Tq*H, dr)
+    scores = torch.bmm(q, ckv.transpose(1, 2))  # (B, Tq*H, L): all heads read the same latent, like MQA
+    scores = scores.baddbmm_(q_r, krope_cache[:, :L].float().transpose(1, 2)).mul_(scale)  # + the shared rope key
+    masked = Tq > 1 or B > 1 or starts is not None  # one sequence and one query sees all L positions
+    if masked:
+        pos = torch.arange(L, device=q_latent.device)[None, None, :]  # (1, 1, L)
+        limit = (seq_lens.long()[:, None] - Tq + torch.arange(Tq, device=q_latent.device)[None, :] + 1)[:, :, None]
+        visible = pos < limit  # (B, Tq, L) causal
+        if starts is not None:
+            visible &= (pos >= starts.long()[:, None, None]) | (pos == limit - 1)  # left padding: never a key
+        scores = scores.view(B, Tq, H, L).masked_fill_(~visible[:, :, None, :], float("-inf")).view(B, Tq * H, L)
+    p = torch.softmax(scores, dim=-1)  # (B, Tq*H, L)
+    if masked:
+        p = p.nan_to_num(0.0)  # a query with nothing visible (seq_len < Tq) reads nothing
+    return torch.bmm(p, ckv).view(B, Tq, H, r).to(q_latent.dtype)  # (B, Tq, H, r)

@@ -130,7 +130,8 @@ def act_tiles_figure(x: torch.Tensor, block: int = FP8_BLOCK) -> go.Figure:
     floor = 1e-5
     for name, scale, color in (("1x128 tiles", tile_scale, COLORS["blue"]),
                                ("one scale per row", errs["row scale"].expand(K), COLORS["red"])):
-        fig.add_trace(go.Scatter(x=significant((x.abs() / scale).tolist(), 3), y=significant(errs[name].clamp_min(floor).tolist(), 3),
+        fig.add_trace(go.Scatter(x=significant((x.abs() / scale).tolist(), 3),
+                                 y=significant(errs[name].clamp_min(floor).tolist(), 3),
                                  mode="markers", marker=dict(size=4, color=color, opacity=0.6),
                                  name=f"error, {name}"), row=2, col=1)
     fig.add_trace(go.Scatter(x=[2 ** -6] * 2, y=[floor, 1.0], mode="lines", name="2<sup>-6</sup>: smallest normal",

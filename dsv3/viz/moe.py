@@ -2,8 +2,8 @@
 the router's decisions step by step, group (node)-limited routing, and what the experts of a trained model do.
 
 Everything is computed from ``dsv3`` objects: the arithmetic from a ``ModelConfig``, the routing walk-through
-from a real ``Router`` (``routing_steps`` asks the router's reference for its intermediate values), and the activation views
-from the ``Routing`` records a ``DeepSeekV3`` forward pass returns. ``tests/test_viz_moe.py`` checks them.
+from a real ``Router`` (``routing_steps`` asks the router's reference for its intermediate values), and the
+activation views from the ``Routing`` records a ``DeepSeekV3`` forward pass returns. ``tests/test_viz_moe.py`` checks them.
 """
 
 from __future__ import annotations
