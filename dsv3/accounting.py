@@ -24,7 +24,7 @@ def _attention_params(c: ModelConfig) -> int:
     return q + kv + o + bias
 
 
-def _block_params(c: ModelConfig, moe: bool, active: bool) -> dict[str, int]:
+def block_params(c: ModelConfig, moe: bool, active: bool) -> dict[str, int]:
     expert = 3 * c.hidden_size * c.moe_intermediate_size
     parts = {"attention": _attention_params(c), "norms": 2 * c.hidden_size}
     if moe:
@@ -51,14 +51,14 @@ def count_parameters(config: ModelConfig) -> dict:
     activated = head + c.hidden_size
     for i in range(c.num_hidden_layers):
         moe = c.is_moe_layer(i)
-        for name, n in _block_params(c, moe, active=False).items():
+        for name, n in block_params(c, moe, active=False).items():
             breakdown[name] = breakdown.get(name, 0) + n
-        activated += sum(_block_params(c, moe, active=True).values())
+        activated += sum(block_params(c, moe, active=True).values())
     total = sum(breakdown.values())
     mtp = 0
     for k in range(c.num_nextn_predict_layers):
         moe = c.is_moe_layer(c.num_hidden_layers + k)
-        mtp += sum(_block_params(c, moe, active=False).values())
+        mtp += sum(block_params(c, moe, active=False).values())
         mtp += 2 * c.hidden_size + 2 * c.hidden_size * c.hidden_size + c.hidden_size  # enorm, hnorm, eh_proj, norm
     return {"total": total, "activated": activated, "activated_with_embedding": activated + embed, "mtp": mtp,
             "total_with_mtp": total + mtp, "breakdown": breakdown}

@@ -24,12 +24,12 @@ from .config import ModelConfig
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FP8_BLOCK = 128
-_EXPERT_PARAM = re.compile(r"^(layers|mtp)\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
+EXPERT_PARAM = re.compile(r"^(layers|mtp)\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
 # released copies under each MTP layer of tensors the model shares with the main model
-_MTP_SHARED = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+MTP_SHARED = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 # weights the release keeps in high precision when the rest is FP8
-_NEVER_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|norm|layernorm|mlp\.gate\.weight|"
-                        r"e_score_correction_bias|eh_proj)")
+NEVER_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|norm|layernorm|mlp\.gate\.weight|"
+                       r"e_score_correction_bias|eh_proj)")
 
 
 class CheckpointError(ValueError):
@@ -40,7 +40,7 @@ class CheckpointError(ValueError):
 def hf_names(name: str, config: ModelConfig, n_experts: int | None = None) -> list[str]:
     """The released tensor name(s) for one of our state-dict entries (stacked experts -> one name per expert)."""
     L = config.num_hidden_layers
-    m = _EXPERT_PARAM.match(name)
+    m = EXPERT_PARAM.match(name)
     if m:
         kind, idx, proj = m.groups()
         layer = int(idx) if kind == "layers" else L + int(idx)
@@ -64,7 +64,7 @@ def our_name(hf_name: str, config: ModelConfig) -> tuple[str, int | None] | None
     if m:
         layer, rest = int(m.group(1)), m.group(2)
         prefix = f"layers.{layer}" if layer < L else f"mtp.{layer - L}"
-        if layer >= L and rest in _MTP_SHARED:
+        if layer >= L and rest in MTP_SHARED:
             return None
         e = re.match(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", rest)
         if e:
@@ -91,14 +91,14 @@ def hf_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> I
         if dtype is not None and t.is_floating_point() and not name.endswith(("gate.weight",
                                                                                 "e_score_correction_bias")):
             t = t.to(dtype)
-        names = hf_names(name, config, t.shape[0] if _EXPERT_PARAM.match(name) else None)
+        names = hf_names(name, config, t.shape[0] if EXPERT_PARAM.match(name) else None)
         if len(names) == 1:
             yield names[0], t
         else:
             for e, n in enumerate(names):
                 yield n, t[e].clone()  # its own storage: safetensors refuses tensors that share memory
     for k in range(config.num_nextn_predict_layers):
-        for released, ours in _MTP_SHARED.items():
+        for released, ours in MTP_SHARED.items():
             t = state[ours] if dtype is None else state[ours].to(dtype)
             yield f"model.layers.{L + k}.{released}", t.clone()
 
@@ -128,7 +128,7 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: i
             bad = int((~torch.isfinite(t)).sum())
             raise CheckpointError(f"{path}: tensor {name} holds {bad} non-finite values (NaN or Inf); refusing to "
                                   f"save a model that cannot be loaded back")
-        if fp8 and t.dim() == 2 and name.endswith(".weight") and not _NEVER_FP8.search(name):
+        if fp8 and t.dim() == 2 and name.endswith(".weight") and not NEVER_FP8.search(name):
             q, scale_inv = _fp8_ops().weight_quant(t.float(), FP8_BLOCK)
             tensors[name] = q
             tensors[name + "_scale_inv"] = scale_inv
@@ -324,10 +324,10 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     dest.copy_(tensor)
                 filled[name].add(expert)
     for name, got in filled.items():
-        need = set(range(params[name].shape[0])) if _EXPERT_PARAM.match(name) else {None}
+        need = set(range(params[name].shape[0])) if EXPERT_PARAM.match(name) else {None}
         missing = need - got
         if missing:
-            first = hf_names(name, config)[min(missing)] if _EXPERT_PARAM.match(name) else hf_names(name, config)[0]
+            first = hf_names(name, config)[min(missing)] if EXPERT_PARAM.match(name) else hf_names(name, config)[0]
             raise CheckpointError(f"{path}: tensor {first} is missing from the checkpoint")
     for file, key, tensor in shared_copies:
         ours = "embed_tokens.weight" if key.endswith("embed_tokens.weight") else "lm_head.weight"

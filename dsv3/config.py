@@ -204,12 +204,15 @@ class ModelConfig:
                                  f"n_group={self.n_group}")
             if self.topk_group > self.n_group:
                 raise ValueError(f"ModelConfig.topk_group={self.topk_group} exceeds n_group={self.n_group}")
-            if self.experts_per_group < 2:
-                raise ValueError(f"ModelConfig: each group needs at least 2 experts (group score = sum of its top-2 "
-                                 f"affinities), got n_routed_experts/n_group = {self.experts_per_group}")
-            if self.topk_group * self.experts_per_group < self.num_experts_per_tok:
+            if self.num_experts_per_tok % self.topk_group:
+                raise ValueError(f"ModelConfig.num_experts_per_tok={self.num_experts_per_tok} is not divisible by "
+                                 f"topk_group={self.topk_group} (a group's score is the sum of its top "
+                                 f"num_experts_per_tok/topk_group affinities)")
+            if self.topk_group * self.experts_per_group < self.num_experts_per_tok:  # a group holds < K_r/M experts
                 raise ValueError(f"ModelConfig: topk_group={self.topk_group} groups of {self.experts_per_group} experts "
-                                 f"hold fewer than num_experts_per_tok={self.num_experts_per_tok} experts")
+                                 f"hold fewer than num_experts_per_tok={self.num_experts_per_tok} experts (each group "
+                                 f"must hold at least num_experts_per_tok/topk_group = "
+                                 f"{self.num_experts_per_tok // self.topk_group})")
         if self.routed_scaling_factor <= 0:
             raise ValueError(f"ModelConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}")
         rs = self.rope_scaling

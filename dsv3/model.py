@@ -7,6 +7,7 @@ checkpoint except for the stacked experts and the MTP modules (``dsv3.checkpoint
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -69,9 +70,13 @@ class ModelOutput:
 
 
 class DeepSeekV3(nn.Module):
-    """The whole model (paper Sec. 2). ``config.num_nextn_predict_layers`` MTP modules share embedding and head."""
+    """The whole model (paper Sec. 2). ``config.num_nextn_predict_layers`` MTP modules share embedding and head.
 
-    def __init__(self, config: ModelConfig):
+    ``capacity_factor`` / ``capacity_priority``: GShard-style token dropping in every MoE layer, for comparison only
+    (DeepSeek-V3 drops nothing: the default None); ``set_capacity`` and ``capacity`` change it later.
+    """
+
+    def __init__(self, config: ModelConfig, capacity_factor: float | None = None, capacity_priority: str = "order"):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -80,6 +85,7 @@ class DeepSeekV3(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPModule(config, k) for k in range(1, config.num_nextn_predict_layers + 1))
         self.rotary = RotaryEmbedding(config)
+        self.set_capacity(capacity_factor, capacity_priority)
         self.reset_parameters()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -113,6 +119,22 @@ class DeepSeekV3(nn.Module):
         blocks = list(self.layers) + (list(self.mtp) if include_mtp else [])
         return [b.mlp for b in blocks if b.is_moe]
 
+    def set_capacity(self, capacity_factor: float | None, priority: str = "order") -> None:
+        """Expert capacity of every MoE layer (main and MTP): None = no dropping (V3), or a factor > 0."""
+        for layer in self.moe_layers():
+            layer.set_capacity(capacity_factor, priority)
+
+    @contextlib.contextmanager
+    def capacity(self, capacity_factor: float | None, priority: str = "order"):
+        """``with model.capacity(1.0): ...`` runs the block with a capacity limit and restores each layer's own."""
+        old = [(layer.capacity_factor, layer.capacity_priority) for layer in self.moe_layers()]
+        self.set_capacity(capacity_factor, priority)
+        try:
+            yield self
+        finally:
+            for layer, (cf, prio) in zip(self.moe_layers(), old):
+                layer.set_capacity(cf, prio)
+
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
@@ -129,14 +151,15 @@ class DeepSeekV3(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, mtp_weight: float = 0.3, return_mtp: bool | None = None,
-                absorbed: bool = False, check_ids: bool = True) -> ModelOutput:
+                absorbed: bool | None = None, check_ids: bool = True) -> ModelOutput:
         """Run the model.
 
         input_ids (B, T). ``labels`` (B, T) are the next tokens, already aligned (labels[:, t] follows
-        input_ids[:, t]; -100 = ignore). ``attention_mask`` (B, S) marks real tokens (1) vs padding (0) over the
-        cached and new positions. With a ``cache`` the new tokens go after its ``length`` filled positions.
-        ``return_mtp`` (default: when labels are given) also runs the MTP modules; ``mtp_weight`` is lambda.
-        ``absorbed`` picks the MLA path when no cache is given (a cache's kind decides otherwise).
+        input_ids[:, t]; -100 = ignore). ``attention_mask`` (B, S) marks real tokens (1) after LEFT padding (0) over
+        the cached and new positions; it becomes per-row start offsets (a cache keeps them for the next steps).
+        With a ``cache`` the new tokens go after its ``length`` filled positions. ``return_mtp`` (default: when labels
+        are given) also runs the MTP modules; ``mtp_weight`` is lambda. MLA's algorithm is the cache's kind;
+        without a cache ``absorbed=True`` runs the latent (absorbed) attention instead of the naive one.
         ``check_ids=False`` skips the check that every id lies in the vocabulary, which reads the ids back to the
         host (a device synchronization): for loops whose ids were checked once where they came in (the trainer's
         tokenizer against the vocabulary, the tokens generation picks itself).
@@ -144,15 +167,19 @@ class DeepSeekV3(nn.Module):
         self._check_inputs(input_ids, labels, cache, check_ids)
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
+        if cache is not None and absorbed is not None and absorbed != (cache.kind == "latent"):
+            raise ValueError(f"absorbed={absorbed} contradicts the {cache.kind!r} cache, whose kind picks the "
+                             f"attention (leave absorbed unset with a cache)")
+        latent = bool(absorbed)
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)  # (B, T)
-        mask = self._attention_mask(B, T, start, attention_mask, cache, input_ids.device)  # (B, 1, T, S) | None
+        starts = self._row_starts(B, start + T, attention_mask, cache, input_ids.device)  # (B,) or None
         cos, sin = self.rotary(position_ids)  # (B, T, R/2) each
 
         x = self.embed_tokens(input_ids)  # (B, T, D)
         routing = []
         for block in self.layers:
-            x, r = block(x, cos, sin, mask, cache, start, absorbed)  # (B, T, D)
+            x, r = block(x, cos, sin, starts, cache, start, latent)  # (B, T, D)
             if r is not None:
                 routing.append(r)
         hidden = self.norm(x)  # (B, T, D)
@@ -163,7 +190,7 @@ class DeepSeekV3(nn.Module):
         if return_mtp is None:
             return_mtp = labels is not None
         if return_mtp and len(self.mtp) > 0 and cache is None:
-            self._run_mtp(out, input_ids, position_ids, mask, absorbed)
+            self._run_mtp(out, input_ids, position_ids, starts, latent)
         # the fused loss needs no logits: they are then computed only when asked for
         fused = labels is not None and self._fused_loss(hidden, labels)
         if not fused:
@@ -196,7 +223,7 @@ class DeepSeekV3(nn.Module):
                                                        labels.reshape(-1), IGNORE_INDEX)
         return _cross_entropy(logits, labels)
 
-    def _run_mtp(self, out: ModelOutput, input_ids, position_ids, mask, absorbed) -> None:
+    def _run_mtp(self, out: ModelOutput, input_ids, position_ids, starts, latent) -> None:
         """Depth k at position i sees h^{k-1}_i and Emb(t_{i+k}) and predicts t_{i+k+1} (sequences shrink by k)."""
         T = input_ids.shape[1]
         h = out.hidden  # (B, T, D) = h^0
@@ -206,8 +233,7 @@ class DeepSeekV3(nn.Module):
             h = h[:, : T - k]  # (B, T-k, D): positions that still have a token t_{i+k}
             emb = self.embed_tokens(input_ids[:, k:])  # (B, T-k, D)
             cos, sin = self.rotary(position_ids[:, : T - k])  # MTP positions are those of h, i
-            sub_mask = None if mask is None else mask[:, :, : T - k, : T - k]
-            h, r = module(h, emb, cos, sin, sub_mask, None, 0, absorbed)  # (B, T-k, D)
+            h, r = module(h, emb, cos, sin, starts, None, 0, latent)  # (B, T-k, D): the same rows, the same padding
             out.mtp_hidden.append(h)  # (B, T-k, D); logits (B, T-k, V) on demand
             if r is not None:
                 out.mtp_routing.append(r)
@@ -220,39 +246,34 @@ class DeepSeekV3(nn.Module):
         [start, start + T)."""
         module = self.mtp[depth - 1]
         B, T = tokens.shape
-        mask = self._attention_mask(B, T, start, attention_mask, cache, tokens.device, update_cache_mask=False)
+        starts = self._row_starts(B, start + T, attention_mask, cache, tokens.device, update_cache=False)
         cos, sin = self.rotary(position_ids)  # (B, T, R/2)
-        h, _ = module(prev_hidden, self.embed_tokens(tokens), cos, sin, mask, cache, start)  # (B, T, D)
+        h, _ = module(prev_hidden, self.embed_tokens(tokens), cos, sin, starts, cache, start)  # (B, T, D)
         return h, self.lm_head(h)  # (B, T, D), (B, T, V)
 
-    def _attention_mask(self, B, T, start, attention_mask, cache, device, update_cache_mask=True):
-        """(B, 1, T, S) bool mask (True = attend) for queries at cache positions [start, start+T), or None when
-        nothing is padded and causal attention needs no offset: no cached positions, or a single query (which sees
-        every key, as in a decoding step)."""
-        S = start + T
-        if attention_mask is not None:
-            if attention_mask.shape != (B, S):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
-                                 f"(cached + new positions)")
-            key_ok = attention_mask.to(device=device, dtype=torch.bool)  # (B, S)
-            if cache is not None and update_cache_mask:
-                cache.key_mask[:, :S] = key_ok
-                cache.padded = cache.padded or not bool(key_ok.all())
-        elif cache is not None:
-            key_ok = cache.key_mask[:, :S]  # (B, S)
-        else:
-            key_ok = None
-        if key_ok is not None and bool(key_ok.all()):
-            key_ok = None
-        if key_ok is None and (start == 0 or T == 1):
-            return None
-        q_pos = torch.arange(start, S, device=device)  # (T,)
-        k_pos = torch.arange(S, device=device)  # (S,)
-        mask = (k_pos[None, :] <= q_pos[:, None]).expand(B, 1, T, S)  # (B, 1, T, S) causal
-        if key_ok is not None:
-            # a padding query still sees itself, so no softmax row is empty (its output is never used)
-            mask = mask & (key_ok[:, None, None, :] | (k_pos[None, :] == q_pos[:, None]))
-        return mask
+    def _row_starts(self, B, S, attention_mask, cache, device, update_cache=True) -> torch.Tensor | None:
+        """Left padding as per-row start offsets: (B,) each row's first real position among the S cached + new ones,
+        or None when no row is padded. ``attention_mask`` (B, S) must be zeros then ones in every row; with a cache
+        the offsets are kept there (``cache.starts``) for the steps that follow."""
+        if attention_mask is None:
+            if cache is None or not cache.ragged:
+                return None
+            return cache.starts
+        if attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
+                             f"(cached + new positions)")
+        real = attention_mask.to(device=device, dtype=torch.bool)  # (B, S)
+        starts = S - real.sum(dim=1)  # (B,) padding slots before each row's first real token
+        left_padded = real == (torch.arange(S, device=device)[None, :] >= starts[:, None])  # (B, S)
+        ragged, ok = (bool(v) for v in torch.stack([starts.any(), left_padded.all()]))  # one sync for both
+        if not ok:
+            row = int((~left_padded).any(dim=1).nonzero()[0])
+            raise ValueError(f"attention_mask row {row} is not left padding (zeros, then ones): padding is carried as "
+                             f"per-row start offsets; left-pad the rows (dsv3.generate does this for ragged prompts)")
+        if cache is not None and update_cache:
+            cache.starts.copy_(starts)
+            cache.ragged = ragged
+        return starts if ragged else None
 
     def _check_inputs(self, input_ids, labels, cache, check_ids: bool = True) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):

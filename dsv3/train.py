@@ -396,7 +396,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, device: torch.device, ru
     model.to(device).train()
     layers = model.moe_layers()
     for layer in layers:
-        layer.capacity_factor = cfg.capacity_factor
+        layer.set_capacity(cfg.capacity_factor)
     optimizer = make_optimizer(model, cfg)
     if ckpt is not None:
         rundir.load_optimizer(model, optimizer, tensors, state["optimizer"], ckpt)

@@ -19,7 +19,7 @@ def hf_twin(model, tmp_path):
 
 @pytest.mark.parametrize("overrides", [
     {},  # YaRN, query compression, groups, shared expert
-    {"q_lora_rank": None, "n_shared_experts": 2, "num_experts_per_tok": 4, "topk_group": 3},
+    {"q_lora_rank": None, "n_shared_experts": 2, "n_routed_experts": 12, "num_experts_per_tok": 6, "topk_group": 3},
     {"rope_scaling": None, "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
 ])
 def test_logits_match_transformers(tmp_path, overrides):
@@ -178,6 +178,52 @@ def test_left_padding_matches_unpadded():
         b = model(padded, attention_mask=mask, position_ids=pos).logits[:, 4:]
         c = model(padded, attention_mask=mask, position_ids=pos, absorbed=True).logits[:, 4:]
     assert rel_err(b, a) < 1e-5 and rel_err(c, a) < 1e-5
+
+
+def test_ragged_batch_equals_per_row_runs_and_transformers(tmp_path):
+    """Rows of 5, 12 and 9 tokens left-padded into one batch: prefill and cached decoding (naive and latent caches,
+    and latent prefill without a cache) give each row what it gets alone, unpadded, and what transformers gives
+    the padded batch at the real positions. The padding is per-row start offsets, kept by the cache."""
+    cfg = small_config()
+    model = random_model(cfg)
+    hf = hf_twin(model, tmp_path)
+    lens, extra = [5, 12, 9], 4
+    rows = [torch.randint(0, cfg.vocab_size, (n + extra,)) for n in lens]
+    P, B = max(lens), len(lens)
+    ids = torch.zeros(B, P, dtype=torch.long)
+    mask = torch.zeros(B, P, dtype=torch.long)
+    for b, n in enumerate(lens):
+        ids[b, P - n:], mask[b, P - n:] = rows[b][:n], 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        alone = [model(r[None]).logits[0] for r in rows]  # (n + extra, V) each
+        theirs = hf(ids, attention_mask=mask, position_ids=pos).logits
+        for b, n in enumerate(lens):
+            assert rel_err(theirs[b, P - n:], alone[b][:n]) < 1e-4
+        prefill = model(ids, attention_mask=mask, position_ids=pos, absorbed=True).logits
+        for b, n in enumerate(lens):
+            assert rel_err(prefill[b, P - n:], alone[b][:n]) < 1e-5
+        for kind in ("latent", "naive"):
+            cache = model.new_cache(B, P + extra, kind=kind)
+            steps = [model(ids, attention_mask=mask, position_ids=pos, cache=cache).logits]
+            assert cache.starts.tolist() == [P - n for n in lens] and cache.ragged
+            for t in range(extra):
+                nxt = torch.stack([rows[b][n + t] for b, n in enumerate(lens)])[:, None]  # (B, 1)
+                steps.append(model(nxt, position_ids=pos[:, -1:] + t + 1, cache=cache).logits)
+            out = torch.cat(steps, dim=1)  # (B, P + extra, V)
+            for b, n in enumerate(lens):
+                assert rel_err(out[b, P - n:], alone[b]) < 1e-5, kind
+
+
+def test_padding_must_be_left_and_absorbed_must_agree_with_the_cache():
+    cfg = small_config()
+    model = random_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="attention_mask row 0 is not left padding"):
+        model(ids, attention_mask=right)
+    with pytest.raises(ValueError, match="absorbed=False contradicts the 'latent' cache"):
+        model(ids, cache=model.new_cache(2, 8), absorbed=False)
 
 
 def test_routing_is_reported_and_never_drops_tokens():

@@ -164,9 +164,9 @@ def test_dropped_fraction_matches_the_layers_capacity_switch():
     x = torch.randn(2, 16, cfg.hidden_size)
     with torch.no_grad():
         _, r = moe(x)
-        moe.capacity_factor = 0.75
-        _, r_cap = moe(x)
-    moe.capacity_factor = None
+        with model.capacity(0.75):
+            _, r_cap = moe(x)
+    assert moe.capacity_factor is None  # the context restored the layer's own setting
     assert r_cap.dropped == pytest.approx(vb.dropped_fraction(r.topk_ids, cfg.n_routed_experts, [0.75])[0], abs=1e-6)
 
 

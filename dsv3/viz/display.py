@@ -88,6 +88,11 @@ pio.templates["dsv3"] = theme
 pio.templates.default = "dsv3"  # every go.Figure made after `import dsv3.viz` uses the book's theme
 
 
+def significant(values, digits: int = 4) -> list[float]:
+    """Round to `digits` significant digits: figure data stays small and insensitive to the last bits."""
+    return [float(f"{v:.{digits}g}") for v in values]
+
+
 def figure(**layout: Any) -> go.Figure:
     """An empty figure with the book's theme and the given layout (``figure(title="...", height=360)``)."""
     return go.Figure(layout=dict(template=theme, **layout))
