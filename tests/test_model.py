@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from dsv3 import save_pretrained
+from dsv3 import DeepSeekV3, save_pretrained
 from helpers import random_model, rel_err, small_config
 
 transformers.logging.set_verbosity_error()
