@@ -42,3 +42,9 @@ def test_markdown():
     md = ev.MTP_ABLATION.markdown()
     assert md.count("\n") == 2 + 3 + len(BENCHMARKS) - 1 and "| HumanEval (Pass@1) | 0-shot | 20.7 | 26.8 | 44.5 | 53.7 |" in md
     assert "2.258" in ev.balance_scope_markdown()
+
+
+def test_mla_vs_mha_from_the_v2_report():
+    t = ev.MLA_VS_MHA
+    assert "2405.04434" in t.source and t.setup["KV Cache per Token (# Element)"] == ("110.6K", "15.6K", "860.2K", "34.6K")
+    assert t.tally("small") == (3, 0, 1) and t.tally("large") == (4, 0, 0)  # "MLA shows better performance than MHA"

@@ -4,6 +4,8 @@
 - ``MTP_ABLATION``: Table 4, multi-token prediction on two MoE baselines (Sec. 4.5.1).
 - ``AUX_FREE_ABLATION``: Table 5, auxiliary-loss-free balancing against purely auxiliary-loss-based balancing
   (Sec. 4.5.2).
+- ``MLA_VS_MHA``: the DeepSeek-V2 report's (arXiv 2405.04434) comparison of MLA with MHA on MoE models, Appendix
+  D.2, Table 9 of its first version (Table 7 in appendix C.2 of later versions).
 - ``BALANCE_SCOPE``: Sec. 4.5.3, validation losses of 1B and 3B MoE models balanced sequence-wise, batch-wise
   (auxiliary loss) and by the auxiliary-loss-free method.
 
@@ -92,6 +94,20 @@ AUX_FREE_ABLATION = Ablation(
           "MBPP (Pass@1)": ("3-shot", (36.6, 35.8, 59.2, 61.2)),
           "GSM8K (EM)": ("8-shot", (27.1, 29.6, 70.7, 74.5)),
           "MATH (EM)": ("4-shot", (10.9, 11.1, 37.2, 39.6))},
+)
+
+MLA_VS_MHA = Ablation(
+    source="DeepSeek-V2 report (arXiv 2405.04434), Appendix D.2, Table 9",
+    caption="Comparison between MLA and MHA on hard benchmarks. DeepSeek-V2 shows better performance than MHA, but "
+            "requires a significantly smaller amount of KV cache.",
+    columns=("Small MoE w/ MHA", "Small MoE w/ MLA", "Large MoE w/ MHA", "Large MoE w/ MLA"),
+    setup={"# Activated Params": ("2.5B", "2.4B", "25.0B", "21.5B"),
+           "# Total Params": ("15.8B", "15.7B", "250.8B", "247.4B"),
+           "KV Cache per Token (# Element)": ("110.6K", "15.6K", "860.2K", "34.6K")},
+    rows={"BBH (EM)": ("3-shot", (37.9, 39.0, 46.6, 50.7)),
+          "MMLU (Acc.)": ("5-shot", (48.7, 50.0, 57.5, 59.0)),
+          "C-Eval (Acc.)": ("5-shot", (51.6, 50.9, 57.9, 59.2)),
+          "CMMLU (Acc.)": ("5-shot", (52.3, 53.4, 60.7, 62.5))},
 )
 
 # Sec. 4.5.3: "in our experiments with 1B MoE models, the validation losses are: 2.258 (using a sequence-wise
