@@ -48,3 +48,12 @@ def test_mla_vs_mha_from_the_v2_report():
     t = ev.MLA_VS_MHA
     assert "2405.04434" in t.source and t.setup["KV Cache per Token (# Element)"] == ("110.6K", "15.6K", "860.2K", "34.6K")
     assert t.tally("small") == (3, 0, 1) and t.tally("large") == (4, 0, 0)  # "MLA shows better performance than MHA"
+
+
+def test_training_flops_from_the_tables_setup():
+    import pytest
+    assert ev.parse_count("1.33T") == 1.33e12 and ev.parse_count("110.6K") == 110600.0
+    with pytest.raises(ValueError, match="suffix"):
+        ev.parse_count("2.4")
+    assert ev.AUX_FREE_ABLATION.training_flops(0) == 6 * 2.4e9 * 1.33e12
+    assert ev.MTP_ABLATION.training_flops(2) == 6 * 20.9e9 * 540e9

@@ -17,6 +17,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+_SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
+
+
+def parse_count(text: str) -> float:
+    """'2.4B' -> 2.4e9, '1.33T' -> 1.33e12, '110.6K' -> 110600.0 (the tables' own notation)."""
+    if not text or text[-1] not in _SUFFIX:
+        raise ValueError(f"expected a number with a K/M/B/T suffix, got {text!r}")
+    return float(text[:-1]) * _SUFFIX[text[-1]]
+
+
 @dataclass(frozen=True)
 class Ablation:
     """A two-scale ablation table: for each benchmark, (small baseline, small variant, large baseline, large variant).
@@ -43,6 +53,13 @@ class Ablation:
         """(better, equal, worse) benchmark counts for the variant at ``scale``."""
         d = self.changes(scale).values()
         return sum(x > 0 for x in d), sum(x == 0 for x in d), sum(x < 0 for x in d)
+
+    def training_flops(self, column: int) -> float:
+        """Training compute of one column's model by the 6 x activated parameters x tokens rule (Chapter 1:
+        C_train ~ 3 C_fwd ~ 6 N_act per token; attention left out), from the table's own setup rows."""
+        active = next(v for k, v in self.setup.items() if k.startswith("# Activated Params"))[column]
+        tokens = self.setup["# Training Tokens"][column]
+        return 6 * parse_count(active) * parse_count(tokens)
 
     def markdown(self) -> str:
         head = "| Benchmark (metric) | shots | " + " | ".join(self.columns) + " |"
