@@ -7,6 +7,7 @@ checkpoint except for the stacked experts and the MTP modules (``dsv3.checkpoint
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -117,6 +118,12 @@ class DeepSeekV3(nn.Module):
         self._check_inputs(input_ids, labels, cache)
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
+        if labels is not None and labels.dtype != torch.int64:
+            labels = labels.long()  # int32 labels, as input_ids may be (cross_entropy wants int64)
+        if isinstance(mtp_weight, (int, float)) and not math.isfinite(mtp_weight):
+            raise ValueError(f"mtp_weight must be a finite number, got {mtp_weight!r}")
+        if position_ids is not None:
+            self._check_positions(position_ids, B, T)
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)  # (B, T)
         mask = self._attention_mask(B, T, start, attention_mask, cache, input_ids.device)  # (B, 1, T, S) | None
@@ -182,9 +189,15 @@ class DeepSeekV3(nn.Module):
         every key, as in a decoding step)."""
         S = start + T
         if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor):
+                raise ValueError(f"attention_mask must be a tensor of 1 (token) and 0 (padding), got "
+                                 f"{type(attention_mask).__name__}")
             if attention_mask.shape != (B, S):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
                                  f"(cached + new positions)")
+            if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
+                raise ValueError(f"attention_mask must hold only 1 (token) and 0 (padding), got {bad!r}")
             key_ok = attention_mask.to(device=device, dtype=torch.bool)  # (B, S)
             if cache is not None and update_cache_mask:
                 cache.key_mask[:, :S] = key_ok
@@ -205,7 +218,21 @@ class DeepSeekV3(nn.Module):
             mask = mask & (key_ok[:, None, None, :] | (k_pos[None, :] == q_pos[:, None]))
         return mask
 
+    def _check_positions(self, position_ids, B: int, T: int) -> None:
+        if (not isinstance(position_ids, torch.Tensor) or position_ids.shape != (B, T)
+                or position_ids.is_floating_point()):
+            raise ValueError(f"position_ids must be an integer tensor of shape {(B, T)} like input_ids, got "
+                             f"{getattr(position_ids, 'dtype', type(position_ids).__name__)} "
+                             f"{tuple(getattr(position_ids, 'shape', ()))}")
+        lo, hi = (int(v) for v in torch.aminmax(position_ids))
+        if lo < 0 or hi >= self.config.max_position_embeddings:
+            raise ValueError(f"position_ids holds position {lo if lo < 0 else hi}, outside [0, "
+                             f"max_position_embeddings={self.config.max_position_embeddings})")
+
     def _check_inputs(self, input_ids, labels, cache) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq), got "
+                             f"{type(input_ids).__name__}")
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq), got "
                              f"{input_ids.dtype} {tuple(input_ids.shape)}")
@@ -219,8 +246,20 @@ class DeepSeekV3(nn.Module):
         if end > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {end} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
-        if labels is not None and labels.shape != input_ids.shape:
+        if labels is None:
+            return
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"labels must be an integer tensor like input_ids, got "
+                             f"{getattr(labels, 'dtype', type(labels).__name__)}")
+        if labels.shape != input_ids.shape:
             raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
+        ignored = labels == IGNORE_INDEX
+        outside = ~ignored & ((labels < 0) | (labels >= self.config.vocab_size))
+        if bool(outside.any()):
+            raise ValueError(f"labels holds token id {int(labels[outside][0])}, outside the vocabulary "
+                             f"[0, {self.config.vocab_size}) (and not the ignore index {IGNORE_INDEX})")
+        if bool(ignored.all()):
+            raise ValueError(f"labels are all the ignore index {IGNORE_INDEX}: there is no target to compute a loss on")
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
