@@ -4,11 +4,23 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .config import ModelConfig
 
 ATTENTION_KINDS = ("mla", "mha", "gqa", "mqa")
+
+
+def _check_config(config) -> None:
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a dsv3.ModelConfig (ModelConfig.from_hf reads a config.json or dict), got "
+                         f"{type(config).__name__}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy integers too
 
 
 def _attention_params(c: ModelConfig) -> int:
@@ -44,6 +56,7 @@ def count_parameters(config: ModelConfig) -> dict:
     which is a lookup), ``activated_with_embedding``, ``mtp`` (the MTP modules' own parameters; they share the
     embedding and output head), ``total_with_mtp``, and ``breakdown``: component -> count for the main model.
     """
+    _check_config(config)
     c = config
     embed = c.vocab_size * c.hidden_size
     head = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
@@ -75,14 +88,19 @@ def kv_cache_bytes(config: ModelConfig, seq_len: int, batch: int = 1, dtype: tor
     """
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
-    if seq_len < 0 or batch <= 0:
-        raise ValueError(f"seq_len must be >= 0 and batch > 0, got seq_len={seq_len}, batch={batch}")
+    _check_config(config)
+    if not _is_int(seq_len) or seq_len < 0:
+        raise ValueError(f"seq_len must be an integer >= 0, got {seq_len!r}")
+    if not _is_int(batch) or batch <= 0:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype such as torch.bfloat16, got {dtype!r}")
     c = config
     if attention == "mla":
         per_layer = c.kv_lora_rank + c.qk_rope_head_dim
     else:
         if attention == "gqa":
-            if groups is None or groups <= 0 or c.num_attention_heads % groups:
+            if not _is_int(groups) or groups <= 0 or c.num_attention_heads % groups:
                 raise ValueError(f"gqa needs groups dividing num_attention_heads={c.num_attention_heads}, "
                                  f"got groups={groups!r}")
             kv_heads = groups

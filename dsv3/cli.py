@@ -55,6 +55,14 @@ def _int_at_least(lo: int, kind: str):
 
 positive_int = _int_at_least(1, "a positive integer")
 non_negative_int = _int_at_least(0, "an integer >= 0")
+MAX_THREADS = 1024  # torch.set_num_threads(100000) crashes the process (segmentation fault)
+
+
+def thread_count(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {text!r}")
+    return value
 
 
 def finite_float(text: str) -> float:
@@ -107,7 +115,7 @@ def _set_threads(n: int | None) -> None:
 def _device(name: str | None) -> torch.device:
     from .train import resolve_device
 
-    return resolve_device(name or "auto")
+    return resolve_device("auto" if name is None else name)
 
 
 # ---------------------------------------------------------------------- info
@@ -163,6 +171,8 @@ def _parse_domains(text: str) -> tuple[str, ...] | dict[str, float]:
     weights = {}
     for p in parts:
         name, _, w = p.partition("=")
+        if name.strip() in weights:
+            raise ValueError(f"--domains names {name.strip()!r} twice")
         try:
             weights[name.strip()] = float(w) if w else 1.0
         except ValueError:
@@ -206,7 +216,7 @@ def _add_train(sub) -> None:
     p.add_argument("--domains", default=None,
                    help="comma-separated domains, optionally weighted: shakespeare=2,arithmetic=1,code=1 "
                         f"(default {','.join(d.domains)})")
-    p.add_argument("--threads", type=positive_int, default=None,
+    p.add_argument("--threads", type=thread_count, default=None,
                    help=f"torch CPU threads (default: torch's choice, {torch.get_num_threads()} here)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
@@ -260,7 +270,7 @@ def _add_decoding_flags(p, temperature: float) -> None:
     p.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=unit_interval, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--threads", type=positive_int, default=default_threads(),
+    p.add_argument("--threads", type=thread_count, default=default_threads(),
                    help="torch CPU threads (default: half the cores, at most 8: torch's default of every core "
                         "slows decoding badly on a busy machine)")
 
@@ -366,6 +376,12 @@ def _cmd_generate(args) -> int:
             raise ValueError(f"the checkpoint's vocab_size={model.config.vocab_size} does not match the bundled "
                              f"tokenizer; pass the prompt as --prompt-ids")
         ids = tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("--prompt encodes to no tokens")
+    outside = [t for t in ids if t >= model.config.vocab_size]
+    if outside:
+        raise ValueError(f"--prompt-ids holds token id {outside[0]}, outside the vocabulary "
+                         f"[0, {model.config.vocab_size})")
 
     emitted: list[int] = []
     shown = [""]

@@ -8,6 +8,7 @@ checkpoint except for the stacked experts and the MTP modules (``dsv3.checkpoint
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -171,7 +172,13 @@ class DeepSeekV3(nn.Module):
             raise ValueError(f"absorbed={absorbed} contradicts the {cache.kind!r} cache, whose kind picks the "
                              f"attention (leave absorbed unset with a cache)")
         latent = bool(absorbed)
-        if position_ids is None:
+        if labels is not None and labels.dtype != torch.int64:
+            labels = labels.long()  # int32 labels, as input_ids may be (cross_entropy wants int64)
+        if isinstance(mtp_weight, (int, float)) and not math.isfinite(mtp_weight):
+            raise ValueError(f"mtp_weight must be a finite number, got {mtp_weight!r}")
+        if position_ids is not None:
+            self._check_positions(position_ids, B, T, check_ids)
+        else:
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)  # (B, T)
         starts = self._row_starts(B, start + T, attention_mask, cache, input_ids.device)  # (B,) or None
         cos, sin = self.rotary(position_ids)  # (B, T, R/2) each
@@ -259,9 +266,15 @@ class DeepSeekV3(nn.Module):
             if cache is None or not cache.ragged:
                 return None
             return cache.starts
+        if not isinstance(attention_mask, torch.Tensor):
+            raise ValueError(f"attention_mask must be a tensor of 1 (token) and 0 (padding), got "
+                             f"{type(attention_mask).__name__}")
         if attention_mask.shape != (B, S):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
                              f"(cached + new positions)")
+        if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
+            raise ValueError(f"attention_mask must hold only 1 (token) and 0 (padding), got {bad!r}")
         real = attention_mask.to(device=device, dtype=torch.bool)  # (B, S)
         starts = S - real.sum(dim=1)  # (B,) padding slots before each row's first real token
         left_padded = real == (torch.arange(S, device=device)[None, :] >= starts[:, None])  # (B, S)
@@ -275,25 +288,49 @@ class DeepSeekV3(nn.Module):
             cache.ragged = ragged
         return starts if ragged else None
 
+    def _check_positions(self, position_ids, B: int, T: int, check_values: bool = True) -> None:
+        if (not isinstance(position_ids, torch.Tensor) or position_ids.shape != (B, T)
+                or position_ids.is_floating_point()):
+            raise ValueError(f"position_ids must be an integer tensor of shape {(B, T)} like input_ids, got "
+                             f"{getattr(position_ids, 'dtype', type(position_ids).__name__)} "
+                             f"{tuple(getattr(position_ids, 'shape', ()))}")
+        if not check_values:  # a loop that made the positions itself (generation) skips the read to the host
+            return
+        lo, hi = (int(v) for v in torch.aminmax(position_ids))
+        if lo < 0 or hi >= self.config.max_position_embeddings:
+            raise ValueError(f"position_ids holds position {lo if lo < 0 else hi}, outside [0, "
+                             f"max_position_embeddings={self.config.max_position_embeddings})")
+
     def _check_inputs(self, input_ids, labels, cache, check_ids: bool = True) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq), got "
+                             f"{type(input_ids).__name__}")
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq), got "
                              f"{input_ids.dtype} {tuple(input_ids.shape)}")
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"labels must be an integer tensor like input_ids, got "
+                                 f"{getattr(labels, 'dtype', type(labels).__name__)}")
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
         if check_ids:  # ids and labels in one read (labels: ignored positions count as 0)
             values = [*torch.aminmax(input_ids)]
             if labels is not None:
-                values += [*torch.aminmax(labels.masked_fill(labels == IGNORE_INDEX, 0))]
-            extremes = torch.stack(values).tolist()
-            for name, lo, hi in zip(("input_ids", "labels"), extremes[0::2], extremes[1::2]):
+                ignored = labels == IGNORE_INDEX
+                values += [*torch.aminmax(labels.masked_fill(ignored, 0)), ignored.all().to(values[0].dtype)]
+            read = torch.stack(values).tolist()
+            for name, lo, hi in zip(("input_ids", "labels"), read[0:4:2], read[1:4:2]):
                 if lo < 0 or hi >= self.config.vocab_size:
                     bad = lo if lo < 0 else hi
-                    ignore = f" ({IGNORE_INDEX} = ignore)" if name == "labels" else ""
+                    ignore = f" (and not the ignore index {IGNORE_INDEX})" if name == "labels" else ""
                     raise ValueError(f"{name} holds token id {bad}, outside the vocabulary "
                                      f"[0, {self.config.vocab_size}){ignore}")
+            if labels is not None and read[4]:
+                raise ValueError(f"labels are all the ignore index {IGNORE_INDEX}: there is no target to compute a "
+                                 f"loss on")
         end = (cache.length if cache is not None else 0) + input_ids.shape[1]
         if end > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {end} exceeds max_position_embeddings="

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import torch
 
 from . import balance as bal
 from . import rundir
+from .accounting import count_parameters
 from .checkpoint import load_pretrained
 from .config import ModelConfig
 from .model import DeepSeekV3
@@ -121,6 +123,13 @@ class TrainConfig:
             integer(name, 1)
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             integer(name, 0)
+        if self.seed >= 2**63:
+            raise ValueError(f"TrainConfig.seed must be below 2**63 (torch's seed range), got {self.seed!r}")
+        for name in ("out_dir", "data_dir"):
+            if getattr(self, name) == "":
+                raise ValueError(f"TrainConfig.{name} is an empty path; give a directory (or None for the default)")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"TrainConfig.progress must be true or false, got {self.progress!r}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"TrainConfig.batch_size={self.batch_size} is not divisible by "
                              f"grad_accum={self.grad_accum}")
@@ -353,6 +362,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
                          f"{model_config.num_nextn_predict_layers} MTP depths; use seq_len > "
                          f"{model_config.num_nextn_predict_layers}")
     device = resolve_device(cfg.device)
+    _check_fits(model_config, device)
 
     run_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
     if run_dir is None:
@@ -361,6 +371,23 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
         raise ValueError(f"TrainConfig.out_dir {str(run_dir)!r} is a file, not a directory")
     with RunLock(run_dir):  # one run per directory; taking it also proves the directory writable before compute
         return _train(model_config, cfg, device, run_dir, resume, callback)
+
+
+def _check_fits(model_config: ModelConfig, device: torch.device) -> None:
+    """Refuse a model whose fp32 training state (weights, gradients, two AdamW moments: 16 bytes a parameter) exceeds
+    the device's whole memory, before allocating it (``--config deepseek_v3`` on a laptop)."""
+    need = 16 * count_parameters(model_config)["total_with_mtp"]
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not on this platform: let the allocator decide
+            return
+    if need > have:
+        raise ValueError(f"the model has {count_parameters(model_config)['total_with_mtp']:,} parameters: training "
+                         f"it needs about {need / 2**30:,.0f} GiB (fp32 weights, gradients and AdamW moments), "
+                         f"more than the {have / 2**30:,.0f} GiB of {device}")
 
 
 def _train(model_config: ModelConfig, cfg: TrainConfig, device: torch.device, run_dir: Path | None, resume: bool,
