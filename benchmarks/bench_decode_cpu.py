@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cpu_bench import add_clock_args, apply_clock_args, load_note, now, random_model, yarn_tiny  # noqa: E402
+
 from dsv3 import ModelConfig, load_pretrained, save_pretrained  # noqa: E402
 from dsv3.generate import generate  # noqa: E402
-
-from cpu_bench import add_clock_args, apply_clock_args, load_note, now, random_model, yarn_tiny  # noqa: E402
 
 DOMAINS = ("shakespeare", "arithmetic", "code")
 

@@ -183,12 +183,12 @@ def atomic_directory(path: str | Path, keep: callable | None = None) -> Iterator
 
 
 def remove_stale_temporaries(directory: str | Path, stem: str = "") -> list[Path]:
-    """Delete the temporaries (``.{stem}*.tmp``) that a killed writer left in ``directory``; returns what went."""
+    """Delete the temporaries (``.{stem}.*.tmp``, or every ``.*.tmp``) a killed writer left in ``directory``."""
     directory = Path(directory)
     gone = []
     if not directory.is_dir():
         return gone
-    for p in directory.glob(f".{stem}*{TMP_SUFFIX}"):
+    for p in directory.glob(f".{stem}.*{TMP_SUFFIX}" if stem else f".*{TMP_SUFFIX}"):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:

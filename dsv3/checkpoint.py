@@ -24,23 +24,38 @@ from .config import ModelConfig
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FP8_BLOCK = 128
-_EXPERT_PARAM = re.compile(r"^(layers|mtp)\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
+EXPERT_PARAM = re.compile(r"^(layers|mtp)\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
 # released copies under each MTP layer of tensors the model shares with the main model
-_MTP_SHARED = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+MTP_SHARED = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 # weights the release keeps in high precision when the rest is FP8
-_NEVER_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|norm|layernorm|mlp\.gate\.weight|"
-                        r"e_score_correction_bias|eh_proj)")
+NEVER_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|norm|layernorm|mlp\.gate\.weight|"
+                       r"e_score_correction_bias|eh_proj)")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is: the message names the file and the tensor."""
 
 
+# dtypes a model can be loaded or saved in (the model computes in floating point; FP8 is save_pretrained(fp8=True))
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_dtype(dtype, what: str) -> None:
+    if dtype is not None and dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"{what} must be None or one of {', '.join(map(str, WEIGHT_DTYPES))}, got {dtype!r}")
+
+
+def _check_path(path, what: str) -> Path:
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise ValueError(f"{what} must be a directory path, got {path!r}")
+    return Path(path)
+
+
 # ---------------------------------------------------------------------- names
 def hf_names(name: str, config: ModelConfig, n_experts: int | None = None) -> list[str]:
     """The released tensor name(s) for one of our state-dict entries (stacked experts -> one name per expert)."""
     L = config.num_hidden_layers
-    m = _EXPERT_PARAM.match(name)
+    m = EXPERT_PARAM.match(name)
     if m:
         kind, idx, proj = m.groups()
         layer = int(idx) if kind == "layers" else L + int(idx)
@@ -64,7 +79,7 @@ def our_name(hf_name: str, config: ModelConfig) -> tuple[str, int | None] | None
     if m:
         layer, rest = int(m.group(1)), m.group(2)
         prefix = f"layers.{layer}" if layer < L else f"mtp.{layer - L}"
-        if layer >= L and rest in _MTP_SHARED:
+        if layer >= L and rest in MTP_SHARED:
             return None
         e = re.match(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", rest)
         if e:
@@ -88,17 +103,19 @@ def hf_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> I
     L = config.num_hidden_layers
     state = model.state_dict()
     for name, t in state.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # the embedding itself (transformers writes no lm_head for tied embeddings either)
         if dtype is not None and t.is_floating_point() and not name.endswith(("gate.weight",
                                                                                 "e_score_correction_bias")):
             t = t.to(dtype)
-        names = hf_names(name, config, t.shape[0] if _EXPERT_PARAM.match(name) else None)
+        names = hf_names(name, config, t.shape[0] if EXPERT_PARAM.match(name) else None)
         if len(names) == 1:
             yield names[0], t
         else:
             for e, n in enumerate(names):
                 yield n, t[e].clone()  # its own storage: safetensors refuses tensors that share memory
     for k in range(config.num_nextn_predict_layers):
-        for released, ours in _MTP_SHARED.items():
+        for released, ours in MTP_SHARED.items():
             t = state[ours] if dtype is None else state[ours].to(dtype)
             yield f"model.layers.{L + k}.{released}", t.clone()
 
@@ -119,7 +136,14 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: i
     Other files already in ``path`` (a tokenizer, a README, a trainer state) are carried over. A weight that is not
     finite (NaN or Inf) is refused before anything is written.
     """
-    path = Path(path)
+    path = _check_path(path, "save_pretrained: path")
+    if not isinstance(getattr(model, "config", None), ModelConfig):
+        raise ValueError(f"save_pretrained needs a dsv3.DeepSeekV3 model (with a .config), got {type(model).__name__}")
+    _check_dtype(dtype, "save_pretrained: dtype")
+    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
+                                        or max_shard_bytes <= 0):
+        raise ValueError(f"save_pretrained: max_shard_bytes must be a positive integer (bytes) or None, got "
+                         f"{max_shard_bytes!r}")
     config: ModelConfig = model.config
     tensors: dict[str, torch.Tensor] = {}
     for name, t in hf_state_dict(model, dtype):
@@ -128,7 +152,7 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: i
             bad = int((~torch.isfinite(t)).sum())
             raise CheckpointError(f"{path}: tensor {name} holds {bad} non-finite values (NaN or Inf); refusing to "
                                   f"save a model that cannot be loaded back")
-        if fp8 and t.dim() == 2 and name.endswith(".weight") and not _NEVER_FP8.search(name):
+        if fp8 and t.dim() == 2 and name.endswith(".weight") and not NEVER_FP8.search(name):
             q, scale_inv = _fp8_ops().weight_quant(t.float(), FP8_BLOCK)
             tensors[name] = q
             tensors[name + "_scale_inv"] = scale_inv
@@ -236,6 +260,9 @@ def _read_tensor(f, file: Path, key: str, keys: set[str]) -> torch.Tensor:
         if not scale.is_floating_point():
             raise CheckpointError(f"{file}: {scale_key} has dtype {scale.dtype}, expected a float scale")
         _check_finite(scale, file, scale_key)
+        if not bool((scale > 0).all()):
+            raise CheckpointError(f"{file}: {scale_key} holds {int((scale <= 0).sum())} scales <= 0; block scales "
+                                  f"are positive (a zero scale erases its block, a negative one flips its sign)")
         tensor = _dequant(tensor, scale, file, key)
     elif tensor.dtype in FP8_WEIGHT_DTYPES:
         raise CheckpointError(f"{file}: FP8 tensor {key} has no {scale_key} in the same file")
@@ -258,7 +285,9 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
 
     from .model import DeepSeekV3
 
-    path = Path(path)
+    path = _check_path(path, "load_pretrained: path")
+    _check_dtype(dtype, "load_pretrained: dtype")
+    device = _check_device(device)
     config = ModelConfig.from_hf(path)
     files, weight_map = checkpoint_files(path)
     if config.num_nextn_predict_layers and not _holds_mtp(files, weight_map, config):
@@ -266,8 +295,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                       f"(num_nextn_predict_layers) but the checkpoint holds no MTP tensors (as transformers' "
                       f"save_pretrained writes it); loading the main model without MTP", stacklevel=2)
         config = config.replace(num_nextn_predict_layers=0)
-    dtype = dtype or getattr(torch, config.torch_dtype, torch.bfloat16)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = dtype or getattr(torch, config.torch_dtype)
     with torch.device("meta"):
         model = DeepSeekV3(config)
     model.to(dtype)
@@ -276,6 +304,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     model.to_empty(device=device)
     model.rotary = type(model.rotary)(config).to(device)  # non-persistent buffers are recomputed, not loaded
     params = dict(model.state_dict(keep_vars=True))
+    if config.tie_word_embeddings:
+        params.pop("lm_head.weight")  # the embedding; a copy in the file must equal it
     filled: dict[str, set] = {name: set() for name in params}
     shared_copies = []
     for file in files:
@@ -290,6 +320,9 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                 unlisted = sorted(keys - listed - {k for k in keys if k.endswith("_scale_inv")})
                 if unlisted and strict:
                     raise CheckpointError(f"{file}: tensor {unlisted[0]} is not listed in {INDEX_NAME}")
+                absent = sorted(listed - keys)
+                if absent and strict:
+                    raise CheckpointError(f"{INDEX_NAME} maps tensor {absent[0]} to {file}, which does not hold it")
             orphans = sorted(k for k in keys if k.endswith("_scale_inv") and k[: -len("_scale_inv")] not in keys)
             if orphans and strict:
                 raise CheckpointError(f"{file}: scale {orphans[0]} has no weight "
@@ -302,6 +335,9 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     shared_copies.append((file, key, _read_tensor(f, file, key, keys)))
                     continue
                 name, expert = target
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    shared_copies.append((file, key, _read_tensor(f, file, key, keys)))
+                    continue
                 if name not in params:
                     if strict:
                         raise CheckpointError(f"{file}: unexpected tensor {key} (the config has "
@@ -320,23 +356,50 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     raise CheckpointError(f"{file}: tensor {key} has shape {shape}, the config "
                                           f"expects {tuple(dest.shape)}")
                 tensor = _read_tensor(f, file, key, keys)
+                if dest.is_floating_point() and not tensor.is_floating_point():
+                    raise CheckpointError(f"{file}: tensor {key} has dtype {tensor.dtype}; a floating-point weight "
+                                          f"is expected (converting it would change its values)")
                 with torch.no_grad():
                     dest.copy_(tensor)
+                if dest.dtype != tensor.dtype and dest.is_floating_point() and not bool(torch.isfinite(dest).all()):
+                    raise CheckpointError(f"{file}: tensor {key} holds values too large for {dest.dtype} (they "
+                                          f"overflow to Inf); load it with a wider dtype= such as torch.float32")
                 filled[name].add(expert)
     for name, got in filled.items():
-        need = set(range(params[name].shape[0])) if _EXPERT_PARAM.match(name) else {None}
+        need = set(range(params[name].shape[0])) if EXPERT_PARAM.match(name) else {None}
         missing = need - got
         if missing:
-            first = hf_names(name, config)[min(missing)] if _EXPERT_PARAM.match(name) else hf_names(name, config)[0]
+            first = hf_names(name, config)[min(missing)] if EXPERT_PARAM.match(name) else hf_names(name, config)[0]
             raise CheckpointError(f"{path}: tensor {first} is missing from the checkpoint")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+        params["lm_head.weight"] = model.lm_head.weight
     for file, key, tensor in shared_copies:
         ours = "embed_tokens.weight" if key.endswith("embed_tokens.weight") else "lm_head.weight"
         if tuple(tensor.shape) != tuple(params[ours].shape):
             raise CheckpointError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, expected "
                                   f"{tuple(params[ours].shape)} (a copy of the shared {ours})")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+        if key == "lm_head.weight" and not torch.equal(tensor.to(params[ours].dtype), params[ours].detach()):
+            raise CheckpointError(f"{file}: config.json ties the word embeddings (tie_word_embeddings=true), but "
+                                  f"tensor lm_head.weight differs from model.embed_tokens.weight")
     return model.eval()
+
+
+def _check_device(device) -> torch.device:
+    """The device to load onto: a real one that is present (``meta`` holds no weights)."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"load_pretrained: device {device!r} is not a device (cpu, cuda, cuda:N)") from None
+    if dev.type == "meta":
+        raise ValueError("load_pretrained: device 'meta' holds no weights; load onto cpu or cuda")
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index is not None and dev.index >= torch.cuda.device_count())):
+        raise ValueError(f"load_pretrained: device {device!r} is not available (CUDA devices here: "
+                         f"{torch.cuda.device_count() if torch.cuda.is_available() else 0})")
+    return dev
 
 
 def _holds_mtp(files: list[Path], weight_map: dict[str, str] | None, config: ModelConfig) -> bool:

@@ -39,23 +39,29 @@ def default_threads() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _int_at_least(lo: int, kind: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo:
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}")
+        return value
+
+    parse.__name__ = kind  # argparse names the type in its messages
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+positive_int = _int_at_least(1, "a positive integer")
+non_negative_int = _int_at_least(0, "an integer >= 0")
+MAX_THREADS = 1024  # torch.set_num_threads(100000) crashes the process (segmentation fault)
+
+
+def thread_count(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {text!r}")
     return value
 
 
@@ -116,7 +122,7 @@ def _set_threads(n: int | None) -> None:
 def _device(name: str | None) -> torch.device:
     from .train import resolve_device
 
-    return resolve_device(name or "auto")
+    return resolve_device("auto" if name is None else name)
 
 
 # ---------------------------------------------------------------------- info
@@ -172,6 +178,8 @@ def _parse_domains(text: str) -> tuple[str, ...] | dict[str, float]:
     weights = {}
     for p in parts:
         name, _, w = p.partition("=")
+        if name.strip() in weights:
+            raise ValueError(f"--domains names {name.strip()!r} twice")
         try:
             weights[name.strip()] = float(w) if w else 1.0
         except ValueError:
@@ -215,7 +223,7 @@ def _add_train(sub) -> None:
     p.add_argument("--domains", default=None,
                    help="comma-separated domains, optionally weighted: shakespeare=2,arithmetic=1,code=1 "
                         f"(default {','.join(d.domains)})")
-    p.add_argument("--threads", type=positive_int, default=None,
+    p.add_argument("--threads", type=thread_count, default=None,
                    help=f"torch CPU threads (default: torch's choice, {torch.get_num_threads()} here)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("distributed (start with torchrun --nproc-per-node N -m dsv3 train ...)")
@@ -311,7 +319,7 @@ def _add_decoding_flags(p, temperature: float) -> None:
     p.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=unit_interval, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--threads", type=positive_int, default=default_threads(),
+    p.add_argument("--threads", type=thread_count, default=default_threads(),
                    help="torch CPU threads (default: half the cores, at most 8: torch's default of every core "
                         "slows decoding badly on a busy machine)")
 
@@ -417,6 +425,12 @@ def _cmd_generate(args) -> int:
             raise ValueError(f"the checkpoint's vocab_size={model.config.vocab_size} does not match the bundled "
                              f"tokenizer; pass the prompt as --prompt-ids")
         ids = tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("--prompt encodes to no tokens")
+    outside = [t for t in ids if t >= model.config.vocab_size]
+    if outside:
+        raise ValueError(f"--prompt-ids holds token id {outside[0]}, outside the vocabulary "
+                         f"[0, {model.config.vocab_size})")
 
     emitted: list[int] = []
     shown = [""]

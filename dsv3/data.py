@@ -367,7 +367,11 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     path = data_dir() / TOKENIZER_FILE if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist (run dsv3.data.build_data_files())")
-    return Tokenizer(path.read_text(encoding="utf-8"), source=str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"tokenizer file {str(path)!r} is not valid UTF-8: {e}") from None
+    return Tokenizer(text, source=str(path))
 
 
 def build_data_files(directory: str | os.PathLike | None = None,

@@ -19,12 +19,14 @@ probability min(1, p/q), otherwise resample from max(0, p - q) normalized -- kee
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
+from .config import ModelConfig
 from .layers.mla import CACHE_KINDS, KVCache
 
 
@@ -213,6 +215,9 @@ def _as_prompts(input_ids, attention_mask) -> list[torch.Tensor]:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
                              f"{tuple(input_ids.shape)} like input_ids")
+        if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
+            raise ValueError(f"attention_mask must hold only 1 (token) and 0 (padding), got {bad!r}")
         return [row[m.bool()].long() for row, m in zip(input_ids, attention_mask)]
     if attention_mask is not None:
         raise ValueError("attention_mask is only accepted with a tensor input_ids; pass ragged prompts as a list")
@@ -227,15 +232,34 @@ def _as_prompts(input_ids, attention_mask) -> list[torch.Tensor]:
         if isinstance(row, torch.Tensor):
             prompts.append(row.reshape(-1).long())
         elif isinstance(row, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in row):
+            huge = [t for t in row if not -2**63 <= t < 2**63]
+            if huge:
+                raise ValueError(f"prompt {b} holds token id {huge[0]}, outside the vocabulary")
             prompts.append(torch.tensor(list(row), dtype=torch.long))
         else:
             raise ValueError(f"prompt {b} must be a list of int token ids or a 1-D tensor, got {row!r:.60}")
     return prompts
 
 
+def _stop_set(stop_tokens, config) -> set[int]:
+    """``stop_tokens`` (None, one id, or a list of ids) as a set of token ids of the vocabulary."""
+    if stop_tokens is None:
+        return set()
+    ids = [stop_tokens] if isinstance(stop_tokens, numbers.Integral) else stop_tokens
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, set, frozenset, torch.Tensor)):
+        raise ValueError(f"stop_tokens must be a token id or a list of token ids, got {stop_tokens!r}")
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < config.vocab_size:
+            raise ValueError(f"stop_tokens holds {t!r}, not a token id of the vocabulary [0, {config.vocab_size})")
+    return {int(t) for t in ids}
+
+
 def _check(model, prompts: list[torch.Tensor], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-           cache_kind: str, speculative: bool, num_draft: int) -> None:
+           cache_kind: str, speculative: bool, num_draft: int, seed: int | None = None) -> None:
     config = model.config
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be None or an integer in [0, 2**64), got {seed!r}")
     for b, p in enumerate(prompts):
         if p.numel() == 0:
             raise ValueError(f"the prompt is empty (prompt {b} has no tokens)" if len(prompts) > 1
@@ -253,7 +277,7 @@ def _check(model, prompts: list[torch.Tensor], max_new_tokens: int, temperature:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
             or temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy) and finite, got {temperature!r}")
-    if not isinstance(top_k, int) or top_k < 0:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
@@ -289,13 +313,13 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Ten
     ``callback(row, new_ids)`` is called whenever a row gains tokens (streaming).
     """
     t_start = time.perf_counter()
-    config = model.config
+    config = getattr(model, "config", None)
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"generate needs a dsv3.DeepSeekV3 model, got {type(model).__name__}")
     prompts = _as_prompts(input_ids, attention_mask)
-    _check(model, prompts, max_new_tokens, temperature, top_k, top_p, cache_kind, speculative, num_draft)
-    if isinstance(stop_tokens, int):
-        stop_tokens = [stop_tokens]
+    _check(model, prompts, max_new_tokens, temperature, top_k, top_p, cache_kind, speculative, num_draft, seed)
+    stop_tokens = _stop_set(stop_tokens, config)
     device = model.device
-    stop_tokens = set(stop_tokens or [])
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     generator = torch.Generator(device=device)
@@ -339,8 +363,12 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Ten
     # it, so they stay ordinary tensors that the caller may go on using with autograd or in place
     with torch.inference_mode():
         # -- prefill --
-        out = model(seq[:, :P], attention_mask=mask, position_ids=positions[:, :P], cache=cache)
+        out = model(seq[:, :P], attention_mask=mask, position_ids=positions[:, :P], cache=cache,
+                    check_ids=False)  # _check read every prompt id once
         stats.main_forwards += 1
+        if not bool(torch.isfinite(out.logits[:, -1]).all()):  # argmax of NaN is token 0: garbage, not an error
+            raise ValueError("the model's logits after the prompt are not finite (NaN or Inf): its weights hold "
+                             "NaN/Inf or overflow in its dtype")
         tok, _ = choose(out.logits[:, -1])  # (B,)
         seq[:, P] = tok
         rows.commit(tok[:, None])
@@ -350,7 +378,8 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Ten
         if not speculative:
             n = P  # slots filled in the cache
             while not rows.all_done:
-                out = model(seq[:, n:n + 1], position_ids=positions[:, n:n + 1], cache=cache)  # logits (B, 1, V)
+                out = model(seq[:, n:n + 1], position_ids=positions[:, n:n + 1], cache=cache,
+                            check_ids=False)  # logits (B, 1, V); ids of its own choosing
                 stats.main_forwards += 1
                 n += 1
                 tok, _ = choose(out.logits[:, -1])  # (B,)
@@ -456,7 +485,8 @@ def _speculative_loop(model, seq, positions, cache, prefill_hidden, P, num_draft
             q.append(probs)
 
         # -- verify: the newest committed token and the k drafts in one forward --
-        out = model(seq[:, n:n + k + 1], position_ids=positions[:, n:n + k + 1], cache=cache)  # logits (B, k+1, V)
+        out = model(seq[:, n:n + k + 1], position_ids=positions[:, n:n + k + 1], cache=cache,
+                    check_ids=False)  # logits (B, k+1, V); ids checked by _check or chosen here
         stats.main_forwards += 1
         stats.rounds += 1
         hidden[0][:, n:n + k + 1] = out.hidden

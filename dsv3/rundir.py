@@ -135,13 +135,18 @@ def find_checkpoint(path: str | Path) -> Path | None:
                                     f"(expected {CHECKPOINT_PREFIX}NNNNNN inside {path})")
         ckpt = path / name
         if not (ckpt / TRAINER_JSON).is_file():
-            raise RunDirectoryError(f"{latest} names {name}, which is not a complete checkpoint")
+            raise RunDirectoryError(f"{latest} names {name}, which is not a complete checkpoint "
+                                    f"(no {ckpt / TRAINER_JSON})")
         return ckpt
+    if latest.exists() or latest.is_symlink():
+        raise RunDirectoryError(f"{latest} is not a file (it should hold the name of the newest checkpoint)")
     return None
 
 
 def model_dir(path: str | Path) -> Path:
     """The directory holding ``config.json`` + weights for a run directory, a checkpoint, or a model directory."""
+    if not str(path):
+        raise ValueError("the checkpoint path is empty")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import torch
 
 from . import balance as bal
 from . import rundir
+from .accounting import count_parameters
 from .checkpoint import load_pretrained
 from .config import ModelConfig
 from .model import DeepSeekV3
@@ -121,6 +123,13 @@ class TrainConfig:
             integer(name, 1)
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             integer(name, 0)
+        if self.seed >= 2**63:
+            raise ValueError(f"TrainConfig.seed must be below 2**63 (torch's seed range), got {self.seed!r}")
+        for name in ("out_dir", "data_dir"):
+            if getattr(self, name) == "":
+                raise ValueError(f"TrainConfig.{name} is an empty path; give a directory (or None for the default)")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"TrainConfig.progress must be true or false, got {self.progress!r}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"TrainConfig.batch_size={self.batch_size} is not divisible by "
                              f"grad_accum={self.grad_accum}")
@@ -355,6 +364,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
                          f"{model_config.num_nextn_predict_layers} MTP depths; use seq_len > "
                          f"{model_config.num_nextn_predict_layers}")
     device = resolve_device(cfg.device)
+    _check_fits(model_config, device)
 
     run_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
     if run_dir is None:
@@ -366,6 +376,23 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
     lock = RunLock(run_dir) if parallel is None or parallel.rank == 0 else contextlib.nullcontext()
     with lock:
         return _train(model_config, cfg, device, run_dir, resume, callback, parallel)
+
+
+def _check_fits(model_config: ModelConfig, device: torch.device) -> None:
+    """Refuse a model whose fp32 training state (weights, gradients, two AdamW moments: 16 bytes a parameter) exceeds
+    the device's whole memory, before allocating it (``--config deepseek_v3`` on a laptop)."""
+    need = 16 * count_parameters(model_config)["total_with_mtp"]
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not on this platform: let the allocator decide
+            return
+    if need > have:
+        raise ValueError(f"the model has {count_parameters(model_config)['total_with_mtp']:,} parameters: training "
+                         f"it needs about {need / 2**30:,.0f} GiB (fp32 weights, gradients and AdamW moments), "
+                         f"more than the {have / 2**30:,.0f} GiB of {device}")
 
 
 def _train(model_config: ModelConfig, cfg: TrainConfig, device: torch.device, run_dir: Path | None, resume: bool,
@@ -401,7 +428,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, device: torch.device, ru
     model.to(device).train()
     layers = model.moe_layers()
     for layer in layers:
-        layer.capacity_factor = cfg.capacity_factor
+        layer.set_capacity(cfg.capacity_factor)
     if parallel is not None:
         model = parallel.parallelize(model)
     optimizer = make_optimizer(model, cfg)
@@ -446,39 +473,49 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, device: torch.device, ru
             for g in optimizer.param_groups:
                 g["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loads = torch.zeros(len(layers), model_config.n_routed_experts, dtype=torch.long)  # (L, N_r)
-            sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-            groups, dropped = torch.zeros(len(layers)), torch.zeros(len(layers))
+            # the step's metrics stay on the device and are read back once, before the optimizer step
+            loads = torch.zeros(len(layers), model_config.n_routed_experts, dtype=torch.long, device=device)  # (L, N_r)
+            groups = torch.zeros(len(layers), device=device)  # (L,) fp32
+            dropped = torch.zeros(len(layers), device=device)  # (L,) fp32
+            micro = []  # per micro-batch: () total, loss, main_loss, mtp_loss, balance_loss, as fp64 on the device
             for _ in range(cfg.grad_accum):
                 batch = next(batches)
                 ids, labels = batch.input_ids.to(device), batch.labels.to(device)  # (b, T) each
                 if parallel is not None:
                     ids, labels = parallel.local_batch(ids, labels)  # this rank's rows of the global batch
                 with _autocast(device, cfg.dtype):
-                    out = model(ids, labels=labels, mtp_weight=lam)
+                    # make_data checked the tokenizer against the vocabulary once: no per-forward id check
+                    out = model(ids, labels=labels, mtp_weight=lam, check_ids=False)
                     routings = out.routing + out.mtp_routing
                     balance_term = bal.balance_loss(routings, cfg.balance, cfg.seq_aux_alpha,
                                                     cfg.aux_alpha).to(out.loss.device)
                     total = out.loss + balance_term
-                value = total.item()
-                if not math.isfinite(value):
-                    raise TrainingDivergedError(_diverged_message("loss", value, step + 1, run_dir, last_saved))
                 (total / cfg.grad_accum).backward()
-                sums["loss"] += out.loss.item() / cfg.grad_accum
-                sums["main_loss"] += out.main_loss.item() / cfg.grad_accum
-                sums["mtp_loss"] += (out.mtp_loss.item() if out.mtp_loss is not None else 0.0) / cfg.grad_accum
-                sums["balance_loss"] += balance_term.item() / cfg.grad_accum
+                mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros((), device=out.loss.device)
+                micro.append(torch.stack([t.detach().double() for t in (total, out.loss, out.main_loss, mtp,
+                                                                          balance_term)]))
                 loads += bal.expert_loads(routings)
-                groups += torch.tensor(bal.mean_groups_per_token(routings, model_config.n_group)) / cfg.grad_accum
-                dropped += torch.tensor([r.dropped for r in routings]) / cfg.grad_accum
-            if parallel is not None:
-                sums, loads, groups = parallel.reduce_step(sums, loads, groups)
+                groups += bal.mean_groups_per_token(routings, model_config.n_group) / cfg.grad_accum
+                dropped += torch.stack([torch.as_tensor(r.dropped, dtype=torch.float64, device=device)
+                                        for r in routings]).float() / cfg.grad_accum
+            if parallel is not None:  # over the ranks: global means, loads of the global batch, the global norm
+                micro, loads, groups = parallel.reduce_step(micro, loads, groups)
                 grad_norm = parallel.clip_grad_norm_(params, cfg.grad_clip)
             elif cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:
-                grad_norm = float(torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            vio = bal.max_vio(loads)  # (L,)
+            read = _read_once(micro=torch.stack(micro), grad_norm=grad_norm,
+                              max_vio=vio[:n_main].mean() if n_main else torch.zeros(()), max_vio_layers=vio,
+                              loads=loads, groups_per_token=groups, dropped=dropped)
+            grad_norm = read["grad_norm"]
+            sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+            for value, *parts in read["micro"]:
+                if not math.isfinite(value):
+                    raise TrainingDivergedError(_diverged_message("loss", value, step + 1, run_dir, last_saved))
+                for key, v in zip(sums, parts):
+                    sums[key] += v / cfg.grad_accum
             if not math.isfinite(grad_norm):
                 raise TrainingDivergedError(_diverged_message("gradient norm", grad_norm, step + 1, run_dir,
                                                               last_saved))
@@ -489,15 +526,14 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, device: torch.device, ru
             train_time += time.perf_counter() - t0
             tokens_this_call += micro_tokens * cfg.grad_accum
 
-            vio = bal.max_vio(loads)  # (L,)
             entry = {"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, **sums, "lr": lr,
                      "mtp_weight": lam, "bias_update_speed": gamma, "grad_norm": grad_norm,
-                     "max_vio": float(vio[:n_main].mean()) if n_main else 0.0,
-                     "max_vio_layers": vio.tolist(), "loads": loads.tolist(),
-                     "biases": [layer.gate.e_score_correction_bias.detach().cpu().tolist() for layer in layers],
-                     "groups_per_token": groups.tolist()}
+                     "max_vio": read["max_vio"], "max_vio_layers": read["max_vio_layers"], "loads": read["loads"],
+                     # after the bias update: the step's second read
+                     "biases": torch.stack([layer.gate.e_score_correction_bias.detach() for layer in layers]).tolist(),
+                     "groups_per_token": read["groups_per_token"]}
             if cfg.capacity_factor is not None:
-                entry["dropped"] = dropped.tolist()
+                entry["dropped"] = read["dropped"]
             if parallel is not None:
                 entry.update(parallel.step_stats())
             if val and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -526,6 +562,24 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, device: torch.device, ru
     return result
 
 
+def _read_once(**tensors: torch.Tensor) -> dict:
+    """Read device tensors back to the host in one transfer (one synchronization instead of one per value): each
+    comes back as ``tolist()`` returns it (a number for a 0-dim tensor, nested lists otherwise, ints for integer
+    tensors). Values travel as fp64, which holds fp32/bf16 values and integers below 2**53 exactly."""
+    flat = torch.cat([t.detach().reshape(-1).double().to(next(iter(tensors.values())).device)
+                      for t in tensors.values()]).tolist()
+    out, i = {}, 0
+    for name, t in tensors.items():
+        values = flat[i:i + t.numel()]
+        i += t.numel()
+        if not (t.is_floating_point() or t.is_complex()):
+            values = [int(v) for v in values]
+        for size in reversed(t.shape[1:]):
+            values = [values[j:j + size] for j in range(0, len(values), size)]
+        out[name] = values[0] if t.dim() == 0 else values
+    return out
+
+
 def _diverged_message(what: str, value: float, step: int, run_dir: Path | None, last_saved: int | None) -> str:
     msg = f"training stopped: the {what} is {value} at step {step}"
     if run_dir is not None and last_saved is not None:
@@ -539,26 +593,36 @@ def _diverged_message(what: str, value: float, step: int, run_dir: Path | None, 
 def evaluate(model: DeepSeekV3, batches, device: torch.device | str = "cpu", dtype: str = "auto",
              mtp_weight: float = 0.3, n_main: int | None = None, parallel: Any = None) -> dict:
     """Validation: mean next-token loss and MTP loss over fixed batches, and the global MaxVio -- loads summed over
-    the whole validation set, per MoE layer (``val_max_vio`` averages the ``n_main`` main-model layers)."""
+    the whole validation set, per MoE layer (``val_max_vio`` averages the ``n_main`` main-model layers).
+
+    ``batches`` come from the corpus the trainer checked against the vocabulary (``make_data``): their ids are not
+    checked again, and the results are read back to the host once."""
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    main = mtp = 0.0
-    loads = None
+    losses, loads = [], None  # per batch: () main and MTP loss on the device; (L, N_r) loads summed on the device
     for b in batches:
         ids, labels = b.input_ids.to(device), b.labels.to(device)
         if parallel is not None:
             ids, labels = parallel.local_batch(ids, labels)
         with _autocast(device, dtype):
-            out = model(ids, labels=labels, mtp_weight=mtp_weight)
-        main += out.main_loss.item() / len(batches)
-        mtp += (out.mtp_loss.item() if out.mtp_loss is not None else 0.0) / len(batches)
+            # make_data checked the tokenizer against the vocabulary once: no per-forward id check
+            out = model(ids, labels=labels, mtp_weight=mtp_weight, check_ids=False)
+        mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros((), device=out.main_loss.device)
+        losses.append(torch.stack([out.main_loss.double(), mtp.double()]))
         step_loads = bal.expert_loads(out.routing + out.mtp_routing)  # (L, N_r)
         loads = step_loads if loads is None else loads + step_loads
     model.train(was_training)
     if parallel is not None:  # global means and loads over the ranks
-        main, mtp, loads = parallel.reduce_eval(main, mtp, loads)
+        losses, loads = parallel.reduce_eval(losses, loads)
     vio = bal.max_vio(loads)  # (L,)
     n_main = len(out.routing) if n_main is None else n_main
-    return {"val_loss": main, "val_mtp_loss": mtp, "val_max_vio": float(vio[:n_main].mean()) if n_main else 0.0,
-            "val_max_vio_layers": vio.tolist(), "val_loads": loads.tolist()}
+    read = _read_once(losses=torch.stack(losses), max_vio=vio[:n_main].mean() if n_main else torch.zeros(()),
+                      max_vio_layers=vio, loads=loads)  # one host synchronization for the whole validation
+    main = mtp = 0.0
+    for main_b, mtp_b in read["losses"]:  # the same float arithmetic, in the same order, as one read per batch
+        main += main_b / len(batches)
+        mtp += mtp_b / len(batches)
+    return {"val_loss": main, "val_mtp_loss": mtp, "val_max_vio": read["max_vio"],
+            "val_max_vio_layers": read["max_vio_layers"], "val_loads": read["loads"]}
+

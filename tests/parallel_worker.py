@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import random_model, small_config
+from helpers import random_model, small_config
 
 from dsv3.parallel import (
     CommStats,

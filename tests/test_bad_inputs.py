@@ -15,14 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsv3 import ModelConfig, generate, load_pretrained, save_pretrained
-from dsv3 import atomic, rundir
+import dsv3
+from dsv3 import ModelConfig, atomic, generate, load_pretrained, rundir, save_pretrained
 from dsv3.checkpoint import INDEX_NAME, CheckpointError
 from dsv3.cli import main
 from dsv3.rundir import RunDirectoryError, RunLock, find_checkpoint, list_checkpoints
 from dsv3.train import TrainConfig, train
-
-from conftest import random_model, small_config
+from helpers import random_model, small_config
 
 RUN_MODEL = small_config(vocab_size=2048)  # the bundled tokenizer's vocabulary
 
@@ -263,7 +262,8 @@ def test_a_huge_num_draft_is_clamped_to_what_can_be_drafted():
     assert torch.equal(gen.tokens, generate(model, [5, 6, 7], 6).tokens)  # greedy speculative == greedy
 
 
-@pytest.mark.parametrize("kw, message", [({"temperature": float("nan")}, r"temperature must be >= 0 \(0 = greedy\) and finite"),
+@pytest.mark.parametrize("kw, message", [({"temperature": float("nan")},
+                                          r"temperature must be >= 0 \(0 = greedy\) and finite"),
                                          ({"temperature": float("inf")}, "and finite, got inf"),
                                          ({"top_p": float("nan")}, r"top_p must be in \(0, 1\]")])
 def test_non_finite_sampling_settings_are_refused(kw, message):
@@ -527,3 +527,271 @@ def test_threads_flag_sets_torch_threads(model_dir, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------- a second probe (hostile user, round 2)
+@pytest.mark.parametrize("overrides, message", [
+    ({"num_nextn_predict_layers": True}, r"ModelConfig\.num_nextn_predict_layers must be a non-negative integer"),
+    ({"topk_method": "greedy"}, r"ModelConfig\.topk_method must be 'noaux_tc'"),  # once built noaux_tc routing
+    ({"torch_dtype": "float99"}, r"ModelConfig\.torch_dtype must be one of"),  # once loaded as bfloat16
+    ({"torch_dtype": "int8"}, r"ModelConfig\.torch_dtype must be one of"),
+    ({"num_key_value_heads": 3}, r"ModelConfig\.num_key_value_heads=3 must equal num_attention_heads=4"),
+    ({"aux_loss_alpha": -1.0}, r"ModelConfig\.aux_loss_alpha must be >= 0"),
+    ({"quantization_config": "fp8"}, r"ModelConfig\.quantization_config must be an object or null"),
+    ({"quantization_config": {"quant_method": "int4"}}, r"quantization_config\.quant_method must be 'fp8'"),
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}},
+     r"quantization_config\.weight_block_size must be \[128, 128\]"),
+    ({"rope_scaling": []}, r"ModelConfig\.rope_scaling must be an object of YaRN settings or null"),  # was no RoPE
+    ({"rope_scaling": "yarn"}, r"ModelConfig\.rope_scaling must be an object"),
+])
+def test_config_values_that_once_passed_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**overrides)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("original_max_position_embeddings", 1.5, r"rope_scaling\.original_max_position_embeddings must be an integer"),
+    ("fatcor", 3.0, r"rope_scaling has unknown keys 'fatcor' \(did you mean 'factor'\?\)"),
+])
+def test_rope_scaling_typos_and_fractions_are_refused(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(rope_scaling=dict(small_config().rope_scaling, **{key: value}))
+
+
+def test_from_hf_refuses_duplicate_keys_bad_eos_lists_and_rope_types(tmp_path):
+    hf = small_config().to_hf()
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(hf)[:-1] + ', "hidden_size": 65}')  # JSON keeps the last one silently
+    with pytest.raises(ValueError, match=rf"{path}: key 'hidden_size' appears more than once"):
+        ModelConfig.from_hf(path)
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=rf"{path}: not valid JSON \(RecursionError"):
+        ModelConfig.from_hf(path)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(hf).encode())  # a BOM from a Windows editor is fine
+    assert ModelConfig.from_hf(path) == small_config()
+    for eos in ([], [1, 999]):  # [] was an IndexError, 999 was ignored
+        with pytest.raises(ValueError, match=r"config dict: eos_token_id=.* must list token ids of the vocabulary"):
+            ModelConfig.from_hf(dict(hf, eos_token_id=eos))
+    with pytest.raises(ValueError, match=r"config dict: rope_parameters must be an object or null, got 'x'"):
+        ModelConfig.from_hf(dict(hf, rope_parameters="x"))
+    with pytest.raises(ValueError, match=r"config dict: rope_scaling must be an object or null, got 5"):
+        ModelConfig.from_hf(dict(hf, rope_scaling=5))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda c: dsv3.kv_cache_bytes(c, 1.5), r"seq_len must be an integer >= 0, got 1\.5"),  # returned 360.0
+    (lambda c: dsv3.kv_cache_bytes(c, float("nan")), r"seq_len must be an integer >= 0, got nan"),
+    (lambda c: dsv3.kv_cache_bytes(c, 10, batch=2.5), r"batch must be a positive integer, got 2\.5"),
+    (lambda c: dsv3.kv_cache_bytes(c, 10, dtype="bf16"), r"dtype must be a torch\.dtype"),
+    (lambda c: dsv3.kv_cache_bytes(c.to_hf(), 10), r"config must be a dsv3\.ModelConfig .* got dict"),
+    (lambda c: dsv3.count_parameters(None), r"config must be a dsv3\.ModelConfig .* got NoneType"),
+])
+def test_accounting_refuses_non_integer_sizes_and_non_configs(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(small_config())
+
+
+# checkpoints
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_a_non_float_weight_is_refused_not_cast(tmp_path, dtype):
+    save_pretrained(random_model(small_config()), tmp_path)
+    _rewrite(tmp_path, lambda t: t.update({WEIGHT: t[WEIGHT].to(dtype)}))  # int64 truncated every weight to 0
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor {WEIGHT} has dtype {dtype}; a "
+                                              r"floating-point weight is expected"):
+        load_pretrained(tmp_path)
+
+
+def test_a_weight_that_overflows_the_load_dtype_is_refused(tmp_path):
+    save_pretrained(random_model(small_config()), tmp_path)
+    _rewrite(tmp_path, lambda t: t[WEIGHT].view(-1).__setitem__(0, 1e38))  # finite in fp32, Inf in fp16
+    with pytest.raises(CheckpointError, match=rf"tensor {WEIGHT} holds values too large for torch\.float16"):
+        load_pretrained(tmp_path, dtype=torch.float16)
+    load_pretrained(tmp_path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0])
+def test_block_scales_must_be_positive(tmp_path, scale):
+    save_pretrained(random_model(small_config()), tmp_path, fp8=True)
+    S = WEIGHT + "_scale_inv"
+    _rewrite(tmp_path, lambda t: t.update({S: torch.full_like(t[S], scale)}))  # zeroed or negated the weight
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: {S} holds 1 scales <= 0"):
+        load_pretrained(tmp_path)
+
+
+def test_an_index_entry_for_a_tensor_its_shard_lacks_is_refused(tmp_path):
+    save_pretrained(random_model(small_config()), tmp_path, max_shard_bytes=100_000)
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    shard = index["weight_map"][WEIGHT]
+    index["weight_map"]["model.ghost.weight"] = shard  # was ignored
+    (tmp_path / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"{INDEX_NAME} maps tensor model\.ghost\.weight to .*{shard}, which "
+                                              r"does not hold it"):
+        load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"dtype": "float32"}, r"load_pretrained: dtype must be None or one of"),  # was 'Invalid device string'
+    ({"dtype": torch.int8}, r"load_pretrained: dtype must be None or one of"),
+    ({"dtype": torch.float8_e4m3fn}, r"load_pretrained: dtype must be None or one of"),  # loaded as FP8
+    ({"device": "bogus"}, r"load_pretrained: device 'bogus' is not a device"),
+    ({"device": "meta"}, r"load_pretrained: device 'meta' holds no weights"),  # returned a model without weights
+])
+def test_load_pretrained_refuses_bad_dtype_and_device(tmp_path, kw, message):
+    save_pretrained(random_model(small_config()), tmp_path)
+    with pytest.raises(ValueError, match=message):
+        load_pretrained(tmp_path, **kw)
+    with pytest.raises(ValueError, match=r"load_pretrained: path must be a directory path, got None"):
+        load_pretrained(None)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"max_shard_bytes": -1}, r"max_shard_bytes must be a positive integer \(bytes\) or None, got -1"),
+    ({"max_shard_bytes": "1GB"}, r"max_shard_bytes must be a positive integer"),
+    ({"dtype": torch.int8}, r"save_pretrained: dtype must be None or one of"),  # wrote truncated integers
+    ({"dtype": "bf16"}, r"save_pretrained: dtype must be None or one of"),
+])
+def test_save_pretrained_refuses_bad_sizes_and_dtypes(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        save_pretrained(random_model(small_config()), tmp_path / "m", **kw)
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(ValueError, match=r"save_pretrained needs a dsv3\.DeepSeekV3 model .* got Linear"):
+        save_pretrained(torch.nn.Linear(2, 2), tmp_path / "m")
+
+
+def test_tied_embeddings_save_load_and_a_differing_head_is_refused(tmp_path):
+    model = random_model(small_config(tie_word_embeddings=True))
+    save_pretrained(model, tmp_path)  # was a safetensors RuntimeError about shared memory
+    assert "lm_head.weight" not in load_file(str(tmp_path / "model.safetensors"))
+    loaded = load_pretrained(tmp_path, dtype=torch.float32)
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    ids = torch.randint(0, 320, (1, 6))
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    _rewrite(tmp_path, lambda t: t.update({"lm_head.weight": torch.zeros(320, 64)}))  # was silently dropped
+    with pytest.raises(CheckpointError, match=r"tie_word_embeddings=true\), but tensor lm_head\.weight differs from "
+                                              r"model\.embed_tokens\.weight"):
+        load_pretrained(tmp_path)
+
+
+# the model's forward
+@pytest.mark.parametrize("kw, message", [
+    ({"input_ids": [[1, 2]]}, r"input_ids must be an integer tensor of shape \(batch, seq\), got list"),
+    ({"labels": torch.full((2, 8), 320)}, r"labels holds token id 320, outside the vocabulary \[0, 320\)"),
+    ({"labels": torch.full((2, 8), -5)}, r"labels holds token id -5"),  # was torch's IndexError
+    ({"labels": torch.full((2, 8), -100)}, r"labels are all the ignore index -100"),  # was a NaN loss
+    ({"labels": torch.ones(2, 8)}, r"labels must be an integer tensor like input_ids, got torch\.float32"),
+    ({"attention_mask": torch.full((2, 8), 0.5)}, r"attention_mask must hold only 1 \(token\) and 0 \(padding\), "
+                                                  r"got 0\.5"),  # was read as 1
+    ({"attention_mask": [[1] * 8] * 2}, r"attention_mask must be a tensor"),
+    ({"position_ids": torch.arange(3)}, r"position_ids must be an integer tensor of shape \(2, 8\)"),
+    ({"position_ids": torch.full((2, 8), 10**6)}, r"position_ids holds position 1000000, outside \[0, "
+                                                  r"max_position_embeddings=512\)"),
+    ({"labels": torch.ones(2, 8, dtype=torch.long), "mtp_weight": float("nan")}, r"mtp_weight must be a finite"),
+])
+def test_forward_refuses_bad_labels_masks_and_positions(kw, message):
+    model = random_model(small_config())
+    kw = {"input_ids": torch.randint(0, 320, (2, 8)), **kw}
+    with pytest.raises(ValueError, match=message):
+        model(**kw)
+
+
+def test_int32_labels_give_the_int64_loss():
+    model = random_model(small_config())
+    ids = torch.randint(0, 320, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(model(ids, labels=ids.int()).loss, model(ids, labels=ids).loss)  # was a RuntimeError
+
+
+# generation
+@pytest.mark.parametrize("kw, message", [
+    ({"seed": -1, "temperature": 1.0}, r"seed must be None or an integer in \[0, 2\*\*64\), got -1"),
+    ({"seed": 1.5, "temperature": 1.0}, r"seed must be None or an integer"),  # was torch's RuntimeError
+    ({"seed": 2**70, "temperature": 1.0}, r"seed must be None or an integer"),
+    ({"stop_tokens": [999]}, r"stop_tokens holds 999, not a token id of the vocabulary \[0, 320\)"),
+    ({"stop_tokens": "1"}, r"stop_tokens must be a token id or a list of token ids, got '1'"),  # was ignored
+    ({"attention_mask": torch.full((1, 2), 0.5), "input_ids": torch.tensor([[1, 2]])},
+     r"attention_mask must hold only 1 \(token\) and 0 \(padding\), got 0\.5"),
+    ({"input_ids": [1, 10**30]}, r"prompt 0 holds token id 10{30}, outside the vocabulary"),  # was OverflowError
+])
+def test_generate_refuses_bad_seeds_stop_tokens_and_masks(kw, message):
+    kw = {"input_ids": [1, 2], **kw}
+    with pytest.raises(ValueError, match=message):
+        generate(random_model(small_config()), kw.pop("input_ids"), 2, **kw)
+
+
+def test_generate_refuses_a_model_with_nan_logits_and_non_models():
+    model = random_model(small_config())
+    with torch.no_grad():
+        model.layers[0].self_attn.kv_a_proj_with_mqa.weight[0, 0] = float("nan")  # argmax of NaN gave token 0
+    with pytest.raises(ValueError, match=r"the model's logits after the prompt are not finite"):
+        generate(model, [1, 2, 3], 3)
+    with pytest.raises(ValueError, match=r"generate needs a dsv3\.DeepSeekV3 model, got NoneType"):
+        generate(None, [1], 2)
+
+
+# training and data
+@pytest.mark.parametrize("kw, message", [
+    ({"progress": "no"}, r"TrainConfig\.progress must be true or false"),  # showed the bar
+    ({"seed": 2**70}, r"TrainConfig\.seed must be below 2\*\*63"),
+    ({"data_dir": ""}, r"TrainConfig\.data_dir is an empty path"),  # read the current directory
+    ({"out_dir": ""}, r"TrainConfig\.out_dir is an empty path"),
+])
+def test_train_config_values_that_once_passed_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kw)
+
+
+def test_a_model_too_big_for_the_machine_is_refused_before_allocating(data, tmp_path, monkeypatch):
+    no_compute(monkeypatch)
+    with pytest.raises(ValueError, match=r"the model has [\d,]+ parameters: training it needs about [\d,]+ GiB .* "
+                                         r"more than the [\d,]+ GiB of cpu"):
+        train(ModelConfig.deepseek_v3(), run_config(data, tmp_path / "run", device="cpu"))  # began allocating 671B
+
+
+def test_a_tokenizer_that_is_not_utf8_names_the_file(tmp_path):
+    from dsv3.data import load_tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match=rf"tokenizer file '{path}' is not valid UTF-8"):  # was a UnicodeDecodeError
+        load_tokenizer(path)
+
+
+def test_a_latest_that_is_a_directory_or_names_an_incomplete_checkpoint_is_named(finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")
+    ckpt = find_checkpoint(run)
+    (ckpt / "trainer.json").unlink()
+    with pytest.raises(RunDirectoryError, match=rf"names {ckpt.name}, which is not a complete checkpoint \(no "
+                                                rf"{ckpt / 'trainer.json'}\)"):
+        find_checkpoint(run)
+    (run / "latest").unlink()
+    (run / "latest").mkdir()  # was "nothing to resume: holds no checkpoint"
+    with pytest.raises(RunDirectoryError, match=rf"{run / 'latest'} is not a file"):
+        find_checkpoint(run)
+
+
+# the command line
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--threads", "100000", "--prompt-ids", "1"], "argument --threads: must be at most 1024"),  # segfault
+    (["sample", "--threads", "5000"], "argument --threads: must be at most 1024"),
+    (["generate", "--prompt", ""], "--prompt encodes to no tokens"),
+    (["generate", "--prompt-ids", str(10**30)], "--prompt-ids holds token id 1" + "0" * 30 + ", outside the vocabulary"),
+    (["generate", "--device", "meta", "--prompt-ids", "1"], "device 'meta' holds no weights"),  # was a traceback
+    (["train", "--out", "x", "--domains", "shakespeare=1,shakespeare=2"], "--domains names 'shakespeare' twice"),
+])
+def test_cli_errors_of_the_second_probe_are_one_line(model_dir, capsys, argv, message):
+    if argv[0] in ("generate", "sample"):
+        argv = [*argv, "--checkpoint", str(model_dir)]
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith("error: ") and out.err.count("\n") == 1, out.err
+    assert message in out.err
+
+
+def test_cli_empty_checkpoint_path_is_refused(capsys):
+    assert main(["generate", "--checkpoint", "", "--prompt-ids", "1"]) == 2  # loaded whatever the cwd held
+    assert capsys.readouterr().err == "error: the checkpoint path is empty\n"
+
+
+def test_cli_empty_device_is_refused(model_dir, capsys):
+    assert main(["generate", "--checkpoint", str(model_dir), "--prompt-ids", "1", "--device", ""]) == 2  # was auto
+    assert "TrainConfig.device '' is not a device" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_config
+from helpers import small_config
 
 from dsv3.parallel import Topology, expected_bytes, plan_topology
 from dsv3.parallel.expert import _copies

@@ -12,9 +12,7 @@ import torch.nn.functional as F
 
 from dsv3.train import TrainConfig, mtp_weight_at
 from dsv3.viz import mtp as vm
-
-from conftest import random_model, small_config
-
+from helpers import random_model, small_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small ops run faster on one thread
 

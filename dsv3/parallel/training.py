@@ -89,15 +89,16 @@ class Distributed:
         b = B // W
         return input_ids[self.rank * b:(self.rank + 1) * b], labels[self.rank * b:(self.rank + 1) * b]
 
-    def reduce_step(self, sums: dict, loads: torch.Tensor, groups: torch.Tensor):
-        """Global means of the logged losses and groups per token; loads summed over the whole global batch."""
-        keys = list(sums)
-        t = torch.tensor([sums[k] for k in keys] + groups.tolist(), dtype=torch.float64)
+    def reduce_step(self, micro: list[torch.Tensor], loads: torch.Tensor, groups: torch.Tensor):
+        """Global means of the per-micro-batch losses (a list of (5,) fp64 tensors) and of the groups per token
+        (L,); loads (L, N_r) summed over the whole global batch."""
+        t = torch.cat([torch.stack(micro).reshape(-1), groups.double()])
         dist.all_reduce(t)
         t /= self.world_size
         loads = loads.clone()
         dist.all_reduce(loads)
-        return dict(zip(keys, t[:len(keys)].tolist())), loads, t[len(keys):].to(groups.dtype)
+        n = len(micro) * micro[0].numel()
+        return list(t[:n].view(len(micro), -1).unbind(0)), loads, t[n:].to(groups.dtype)
 
     def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> float:
         """Finish the gradients (expert gradients / ep) and clip by the global norm; returns the norm before
@@ -111,12 +112,12 @@ class Distributed:
         # every element of every parameter lives on exactly one rank (FSDP shards, expert slices)
         sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum().double()
         dist.all_reduce(sq)
-        norm = float(sq.sqrt())
+        norm = sq.sqrt()
         if max_norm > 0:
-            coef = min(max_norm / (norm + 1e-6), 1.0)
+            coef = min(max_norm / (float(norm) + 1e-6), 1.0)
             for g in grads:
                 g.mul_(coef)
-        return norm
+        return norm  # () fp64, like torch.nn.utils.clip_grad_norm_ returns a tensor
 
     def step_stats(self) -> dict:
         """The all-to-all counters of the step, summed over every rank (max for the node count); resets them."""
@@ -132,17 +133,17 @@ class Distributed:
         return {"internode_bytes": int(t[0]), "intranode_bytes": int(t[1]), "control_bytes": int(t[2]),
                 "nodes_per_token_max": int(mx), "nodes_per_token_mean": float(t[3] / t[4]) if t[4] else 0.0}
 
-    def reduce_eval(self, main: float, mtp: float, loads: torch.Tensor):
-        """Validation: mean losses over the ranks, loads summed (the global MaxVio); evaluation traffic is not a
-        step's, so the counters restart."""
-        t = torch.tensor([main, mtp], dtype=torch.float64)
+    def reduce_eval(self, losses: list[torch.Tensor], loads: torch.Tensor):
+        """Validation: each batch's (main, MTP) losses averaged over the ranks, loads summed (the global MaxVio);
+        evaluation traffic is not a step's, so the counters restart."""
+        t = torch.stack(losses).double()
         dist.all_reduce(t)
         t /= self.world_size
         loads = loads.clone()
         dist.all_reduce(loads)
         self.stats.reset()
         self.reshard()
-        return float(t[0]), float(t[1]), loads
+        return list(t.unbind(0)), loads
 
     def reshard(self) -> None:
         """Back to the sharded parameters the optimizer holds: FSDP2 keeps the root unsharded after a forward

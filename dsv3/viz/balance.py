@@ -287,7 +287,7 @@ def balance_gradients(model, input_ids: torch.Tensor, labels: torch.Tensor, aux_
     was_training = model.training
     model.train()
     with torch.enable_grad():
-        out = model(input_ids, labels=labels)
+        out = model(input_ids.to(model.device), labels=labels.to(model.device))
         losses = {"main": out.main_loss, "aux": bal.batch_aux_loss(out.routing, aux_alpha),
                   "seq": bal.sequence_balance_loss(out.routing, seq_alpha)}
         grads = {k: torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) for k, v in losses.items()}
@@ -330,7 +330,7 @@ def dropped_fraction(topk_ids: torch.Tensor, n_experts: int, factors: Sequence[f
                      priority: str = "order") -> list[float]:
     """For each capacity factor, the fraction of (token, slot) pairs that GShard-style capacity
     (``capacity_keep``: at most ceil(cf * N * K / N_r) pairs per expert) would drop from these routing choices."""
-    weights = torch.ones(topk_ids.shape)
+    weights = torch.ones(topk_ids.shape, device=topk_ids.device)
     return [1.0 - capacity_keep(topk_ids, weights, n_experts, cf, priority).float().mean().item() for cf in factors]
 
 
