@@ -112,20 +112,6 @@ def test_sparkline_and_report():
     assert vb.sparkline([e["max_vio"] for e in h], 3.0) in text
 
 
-def test_sequence_loss_by_hand_equals_dsv3():
-    torch.manual_seed(0)
-    B, T, E, K = 3, 5, 6, 2
-    scores = torch.rand(B * T, E)
-    ids = torch.stack([torch.randperm(E)[:K] for _ in range(B * T)])
-    r = _routing(scores, ids, B, T)
-    hand = vb.sequence_loss_by_hand(r, 0.01)
-    assert math.isclose(hand, bal.sequence_balance_loss([r], 0.01).item(), rel_tol=1e-6)
-    # a perfectly balanced sequence gives alpha
-    ids = torch.tensor([[0, 1], [2, 3], [4, 5]])
-    assert math.isclose(vb.sequence_loss_by_hand(_routing(torch.full((3, 6), 0.5), ids, 1, 3), 0.2), 0.2,
-                        rel_tol=1e-9)
-
-
 @pytest.mark.slow
 def test_balance_gradients_on_a_random_model():
     cfg = small_config(num_nextn_predict_layers=0)

@@ -68,14 +68,6 @@ def test_group_limit_allows_a_sixth_of_v3_sets():
     assert vm.group_limited_combinations(256, 8, 8, 8) == math.comb(256, 8)  # no limit: everything
 
 
-def test_moe_by_hand_equals_forward():
-    cfg = small_config()
-    moe = _moe(cfg)
-    x = torch.randn(7, cfg.hidden_size)
-    y, _ = moe(x[None])
-    assert torch.allclose(vm.moe_by_hand(moe, x), y[0], atol=1e-5)
-
-
 def test_moe_table_lists_paper_values():
     md = vm.moe_table({"V3": V3, "tiny": ModelConfig.tiny()})
     assert "| `n_routed_experts` | $N_r$ | 256 | 256 | 16 |" in md
@@ -86,10 +78,11 @@ def test_moe_table_lists_paper_values():
 
 @pytest.mark.parametrize("cfg", [small_config(), ModelConfig.tiny(),
                                  small_config(n_routed_experts=12, num_experts_per_tok=6, topk_group=2)])  # K_r/M = 3
-def test_routing_steps_reach_the_routers_decisions(cfg):
+def test_router_steps_reach_the_routers_decisions(cfg):
     moe = _moe(cfg, seed=3)
     x = torch.randn(50, cfg.hidden_size)
-    st = vm.routing_steps(moe.gate, x)
+    with torch.no_grad():
+        st = moe.gate.steps(x)
     weights, ids, scores = moe.gate(x)
     assert torch.equal(st["ids"], ids)
     assert torch.allclose(st["weights"], weights, atol=1e-6)
@@ -107,7 +100,8 @@ def test_routing_steps_reach_the_routers_decisions(cfg):
 def test_group_routing_figure_frames_follow_the_tokens():
     cfg = ModelConfig.tiny()
     moe = _moe(cfg)
-    st = vm.routing_steps(moe.gate, torch.randn(6, cfg.hidden_size))
+    with torch.no_grad():
+        st = moe.gate.steps(torch.randn(6, cfg.hidden_size))
     fig = vm.group_routing_figure(st, tokens=range(4))
     assert len(fig.frames) == 4 and len(fig.layout.sliders[0].steps) == 4
     for t, frame in enumerate(fig.frames):

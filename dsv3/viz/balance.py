@@ -1,11 +1,11 @@
 """Tables, figures and the gamma widget of Chapter 4 ("Load balancing without auxiliary loss", paper Sec. 2.1.2,
 Eq. 16-20): routing collapse, the auxiliary loss and its gradient, the bias rule over training, MaxVio, the
-sequence-wise loss written out by hand, and token dropping with a capacity factor.
+sequence-wise loss, and token dropping with a capacity factor.
 
 The training histories come from ``dsv3.train.train`` (one dict per optimizer step with ``loads``, ``biases``,
 ``max_vio``; see ``TrainResult``), the losses from ``dsv3.balance``, the dropping from
-``dsv3.layers.moe.capacity_keep``; nothing here re-implements them. ``sequence_loss_by_hand`` is the exception on
-purpose: Eq. 17-20 with Python loops, the independent check the chapter compares ``dsv3.balance`` against.
+``dsv3.layers.moe.capacity_keep``; nothing here re-implements them (Chapter 4 writes Eq. 17-20 with Python loops in
+its own cells, the lesson, and asserts it against ``dsv3.balance``).
 ``tests/test_viz_balance.py`` checks every function on synthetic histories and tiny random models.
 """
 
@@ -301,25 +301,6 @@ def balance_gradients(model, input_ids: torch.Tensor, labels: torch.Tensor, aux_
                      "other_norm": float(_flat(g[n_r:], others).norm()),
                      "cos_with_main": float(torch.nn.functional.cosine_similarity(flat, main, dim=0))}
     return result
-
-
-def sequence_loss_by_hand(routing: Routing, alpha: float) -> float:
-    """Eq. 17-20 with Python loops over sequences, experts and tokens (no tensors ops beyond reading numbers):
-    alpha * mean over sequences of sum_i f_i P_i, with f_i = N_r / (K_r T) * count_t(i in top-K of t) and
-    P_i = 1/T sum_t s_{i,t} / sum_j s_{j,t}."""
-    B, T = routing.batch_shape
-    scores, ids = routing.scores.detach().tolist(), routing.topk_ids.tolist()
-    E, K = len(scores[0]), len(ids[0])
-    per_sequence = []
-    for b in range(B):
-        tokens = range(b * T, (b + 1) * T)
-        total = 0.0
-        for i in range(E):
-            f = E / (K * T) * sum(1 for t in tokens if i in ids[t])  # Eq. 18
-            P = sum(scores[t][i] / sum(scores[t]) for t in tokens) / T  # Eq. 19-20
-            total += f * P  # Eq. 17
-        per_sequence.append(total)
-    return alpha * sum(per_sequence) / B
 
 
 # ---------------------------------------------------------------------------------------------------------------

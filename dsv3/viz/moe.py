@@ -2,7 +2,7 @@
 the router's decisions step by step, group (node)-limited routing, and what the experts of a trained model do.
 
 Everything is computed from ``dsv3`` objects: the arithmetic from a ``ModelConfig``, the routing walk-through
-from a real ``Router`` (``routing_steps`` asks the router's reference for its intermediate values), and the
+from a real ``Router`` (``Router.steps`` asks the router's reference for its intermediate values), and the
 activation views from the ``Routing`` records a ``DeepSeekV3`` forward pass returns. ``tests/test_viz_moe.py`` checks them.
 """
 
@@ -13,11 +13,10 @@ from typing import Sequence
 
 import plotly.graph_objects as go
 import torch
-import torch.nn.functional as F
 from plotly.subplots import make_subplots
 
 from ..config import ModelConfig
-from ..layers.moe import DeepSeekMoE, Router
+from ..layers.moe import Router
 from .display import COLORS, COLORWAY, figure, theme
 
 GROUP_COLORS = [COLORS["blue"], COLORS["orange"], COLORS["green"], COLORS["violet"], COLORS["cyan"],
@@ -89,28 +88,10 @@ def granularity_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def moe_by_hand(moe: DeepSeekMoE, x: torch.Tensor) -> torch.Tensor:
-    """Eq. 12 with explicit loops (the slow, obvious way): shared experts plus sum_i g_i FFN_i over each token's
-    chosen experts, using the layer's own weights and routing. x (N, D) -> (N, D), without the residual."""
-    weights, ids, _ = moe.gate(x)  # (N, K), (N, K)
-    out = moe.shared_experts(x) if moe.shared_experts is not None else torch.zeros_like(x)  # (N, D)
-    rows = []
-    E = moe.experts
-    for n in range(x.shape[0]):
-        y = out[n].clone()  # (D,)
-        for k in range(ids.shape[1]):
-            e = int(ids[n, k])
-            h = F.silu(E.gate_proj[e] @ x[n]) * (E.up_proj[e] @ x[n])  # (I,)
-            y = y + weights[n, k] * (E.down_proj[e] @ h)  # (D,)
-        rows.append(y)
-    return torch.stack(rows)  # (N, D)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The router, step by step
 # ---------------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def routing_steps(router: Router, x: torch.Tensor) -> dict:
     """Every intermediate value of the biased, group-limited routing of tokens x (N, D) (Eq. 13-16 plus node-limited
     routing), as the router's own reference computes them (``Router.steps``, i.e. ``router_topk_torch`` asked for
