@@ -31,21 +31,23 @@ CHAPTERS = (
             ("config.py", "model.py", "accounting.py", "layers/block.py")),
     Chapter("02_mla", "Multi-head Latent Attention", "MLA", ("2.1.1 MLA",),
             ("layers/norm.py", "layers/rope.py", "layers/mla.py")),
-    Chapter("03_moe", "DeepSeekMoE", "MoE", ("2.1.2 DeepSeekMoE",), ("layers/moe.py",)),
+    Chapter("03_moe", "DeepSeekMoE", "MoE", ("2.1.2 DeepSeekMoE",), ("layers/moe.py", "layers/reference.py")),
     Chapter("04_load_balancing", "Auxiliary-loss-free load balancing", "load balancing", ("2.1.2 DeepSeekMoE",),
-            ("balance.py", "train.py", "data.py")),
+            ("balance.py", "train.py", "rundir.py", "data.py")),
     Chapter("05_mtp", "Multi-Token Prediction", "MTP", ("2.2 MTP",), ("layers/mtp.py", "train.py")),
     Chapter("06_speculative", "Speculative decoding with MTP", "speculative decoding",
             ("2.2 MTP", "5.4.3 MTP evaluation"), ("generate.py",)),
-    Chapter("07_kernels", "Triton kernels", "kernels", ("3 Infrastructures",), ("kernels/",)),
+    Chapter("07_kernels", "Triton kernels", "kernels", ("3 Infrastructures",),
+            ("kernels/", "layers/reference.py", "timing.py")),
     Chapter("08_checkpoints", "Loading the released weights", "checkpoints", ("3.3 FP8 training",),
-            ("checkpoint.py",)),
+            ("checkpoint.py", "atomic.py")),
 )
 
 # Reading order of the package (STYLE.md): rows of the module table follow it; unknown modules go last.
 READING_ORDER = ("config.py", "layers/norm.py", "layers/rope.py", "layers/mla.py", "layers/moe.py",
-                 "layers/block.py", "layers/mtp.py", "model.py", "accounting.py", "balance.py", "checkpoint.py",
-                 "generate.py", "train.py", "data.py", "kernels/", "viz/", "__main__.py")
+                 "layers/block.py", "layers/mtp.py", "layers/reference.py", "model.py", "accounting.py", "balance.py",
+                 "atomic.py", "checkpoint.py", "generate.py", "train.py", "rundir.py", "data.py", "parallel/",
+                 "kernels/", "timing.py", "viz/", "cli.py", "__main__.py")
 EXPANDED = ("layers",)  # subpackages listed module by module; the others get one row
 
 
