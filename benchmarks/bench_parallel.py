@@ -41,27 +41,40 @@ N_TOKENS = 16384
 def sampled(config: ModelConfig, topo, topk_group: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(N_TOKENS, config.n_routed_experts, generator=g)
-    _, ids = router_topk_torch(logits, None, config.num_experts_per_tok, config.n_group, topk_group,
-                               config.routed_scaling_factor, config.norm_topk_prob)
+    _, ids = router_topk_torch(
+        logits,
+        None,
+        config.num_experts_per_tok,
+        config.n_group,
+        topk_group,
+        config.routed_scaling_factor,
+        config.norm_topk_prob,
+    )
     src = torch.randint(0, topo.n_nodes, (N_TOKENS,), generator=g)
     c = copies_per_token(ids, topo, src)
     return {k: v.float().mean().item() for k, v in c.items()} | {"nodes_max": int(c["nodes"].max())}
 
 
 def routing_table(name: str, config: ModelConfig, topo, hidden_bytes: int) -> list[str]:
-    lines = [f"### {name}: {config.n_routed_experts} experts in {config.n_group} groups, "
-             f"top-{config.num_experts_per_tok}"
-             f", EP {topo.expert_parallel} on {topo.n_nodes} nodes of {topo.ranks_per_node} "
-             f"({hidden_bytes:,} bytes per hidden-state copy)", "",
-             "| node limit | dispatch | distinct nodes / token (max) | IB copies / token | IB bytes / token | "
-             "vs lower bound |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"### {name}: {config.n_routed_experts} experts in {config.n_group} groups, "
+        f"top-{config.num_experts_per_tok}"
+        f", EP {topo.expert_parallel} on {topo.n_nodes} nodes of {topo.ranks_per_node} "
+        f"({hidden_bytes:,} bytes per hidden-state copy)",
+        "",
+        "| node limit | dispatch | distinct nodes / token (max) | IB copies / token | IB bytes / token | "
+        "vs lower bound |",
+        "|---|---|---|---|---|---|",
+    ]
     for limit in (config.topk_group, config.n_group):
         s = sampled(config, topo, limit)
         label = f"M = {limit}" if limit < config.n_group else f"none (M = {limit} = n_group)"
         lb = s["dedup"]
         for kind, copies in (("deduplicated (one per node)", s["dedup"]), ("per expert", s["no_dedup"])):
-            lines.append(f"| {label} | {kind} | {s['nodes']:.2f} ({s['nodes_max']}) | {copies:.2f} | "
-                         f"{copies * hidden_bytes:,.0f} | {copies / lb:.2f} |")
+            lines.append(
+                f"| {label} | {kind} | {s['nodes']:.2f} ({s['nodes_max']}) | {copies:.2f} | "
+                f"{copies * hidden_bytes:,.0f} | {copies / lb:.2f} |"
+            )
     return lines + [""]
 
 
@@ -71,12 +84,45 @@ def v3_closed_form() -> float:
 
 
 def run(nproc: int, out: Path, extra: list[str]) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore::FutureWarning",
-           "TOKENIZERS_PARALLELISM": "false"}
-    flags = ["train", "--steps", "6", "--batch-size", "8", "--seq-len", "64", "--eval-every", "0", "--threads", "1",
-             "--no-progress", "--out", str(out), *extra]
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
-            "dsv3", *flags] if nproc > 1 else [sys.executable, "-m", "dsv3", *flags])
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "PYTHONWARNINGS": "ignore::FutureWarning",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    flags = [
+        "train",
+        "--steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "64",
+        "--eval-every",
+        "0",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "dsv3",
+            *flags,
+        ]
+        if nproc > 1
+        else [sys.executable, "-m", "dsv3", *flags]
+    )
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     if proc.returncode != 0:
@@ -87,24 +133,37 @@ def run(nproc: int, out: Path, extra: list[str]) -> dict:
 
 
 def main() -> None:
-    lines = ["# Expert-parallel communication (dsv3.parallel)", "",
-             "Written by `benchmarks/bench_parallel.py`. Part 1 counts inter-node copies from routing sampled with the "
-             "real router; part 2 runs `torchrun -m dsv3 train` on this CPU.", "",
-             "## 1. Inter-node copies per token per MoE layer (sampled routing, 16,384 tokens)", ""]
+    lines = [
+        "# Expert-parallel communication (dsv3.parallel)",
+        "",
+        "Written by `benchmarks/bench_parallel.py`. Part 1 counts inter-node copies from routing sampled with the "
+        "real router; part 2 runs `torchrun -m dsv3 train` on this CPU.",
+        "",
+        "## 1. Inter-node copies per token per MoE layer (sampled routing, 16,384 tokens)",
+        "",
+    ]
     v3 = ModelConfig.deepseek_v3()
     v3_topo = plan_topology(64, 64, v3.n_routed_experts, v3.n_group, ranks_per_node=8)
     lines += routing_table("DeepSeek-V3", v3, v3_topo, v3.hidden_size * 2)
     unl = sampled(v3, v3_topo, v3.n_group)
-    lines += [f"Check: without the node limit a V3 token reaches {unl['nodes']:.3f} distinct nodes in the sample, "
-              f"{v3_closed_form():.3f} in closed form (8 (1 - C(224,8)/C(256,8))).", ""]
+    lines += [
+        f"Check: without the node limit a V3 token reaches {unl['nodes']:.3f} distinct nodes in the sample, "
+        f"{v3_closed_form():.3f} in closed form (8 (1 - C(224,8)/C(256,8))).",
+        "",
+    ]
     tiny = ModelConfig.tiny()
     tiny_topo = plan_topology(4, 4, tiny.n_routed_experts, tiny.n_group, ranks_per_node=1)
     lines += routing_table("tiny", tiny, tiny_topo, tiny.hidden_size * 4)
 
-    lines += ["## 2. Measured on this machine: `torchrun -m dsv3 train`, tiny model, 6 steps of 8 x 64 tokens", "",
-              "2 shared CPU cores, gloo, 1 thread per process: more processes time-share the same 2 cores.", "",
-              "| processes | layout | tokens/s | inter-node bytes / step | intra-node bytes / step | "
-              "nodes / token (mean, max) | IB copies / token / layer |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## 2. Measured on this machine: `torchrun -m dsv3 train`, tiny model, 6 steps of 8 x 64 tokens",
+        "",
+        "2 shared CPU cores, gloo, 1 thread per process: more processes time-share the same 2 cores.",
+        "",
+        "| processes | layout | tokens/s | inter-node bytes / step | intra-node bytes / step | "
+        "nodes / token (mean, max) | IB copies / token / layer |",
+        "|---|---|---|---|---|---|---|",
+    ]
     # what one inter-node copy costs in a training step (dsv3.parallel.expected_bytes): the fp32 hidden state out and
     # back, forward and backward, plus K fp32 weights + K int64 ids out and the K weight gradients back
     per_copy = 4 * tiny.hidden_size * 4 + tiny.num_experts_per_tok * (4 + 8 + 4)
@@ -113,32 +172,47 @@ def main() -> None:
         tmp = Path(tmp)
         unlimited = tmp / "unlimited.json"
         unlimited.write_text(json.dumps(ModelConfig.tiny(topk_group=tiny.n_group).to_hf()))
-        layouts = [(1, "one process", []), (2, "EP 2, 1 node", ["--expert-parallel", "2"]),
-                   (4, "EP 4, 4 nodes x 1, M = 2", ["--expert-parallel", "4", "--ranks-per-node", "1"]),
-                   (4, "EP 4, 4 nodes x 1, no limit", ["--expert-parallel", "4", "--ranks-per-node", "1", "--config",
-                                                       str(unlimited)]),
-                   (4, "EP 4, 2 nodes x 2, M = 2", ["--expert-parallel", "4", "--ranks-per-node", "2"]),
-                   (4, "DP 2 x EP 2, 2 nodes x 1", ["--data-parallel", "2", "--expert-parallel", "2",
-                                                    "--ranks-per-node", "1"])]
+        layouts = [
+            (1, "one process", []),
+            (2, "EP 2, 1 node", ["--expert-parallel", "2"]),
+            (4, "EP 4, 4 nodes x 1, M = 2", ["--expert-parallel", "4", "--ranks-per-node", "1"]),
+            (
+                4,
+                "EP 4, 4 nodes x 1, no limit",
+                ["--expert-parallel", "4", "--ranks-per-node", "1", "--config", str(unlimited)],
+            ),
+            (4, "EP 4, 2 nodes x 2, M = 2", ["--expert-parallel", "4", "--ranks-per-node", "2"]),
+            (
+                4,
+                "DP 2 x EP 2, 2 nodes x 1",
+                ["--data-parallel", "2", "--expert-parallel", "2", "--ranks-per-node", "1"],
+            ),
+        ]
         for i, (n, label, extra) in enumerate(layouts):
             r = run(n, tmp / f"run{i}", extra)
             h = r["history"]
             if n == 1:
                 lines.append(f"| 1 | {label} | {r['tokens_per_s']:,.0f} | - | - | - | - |")
                 continue
+
             def mean(key: str, h=h) -> float:
                 return sum(e[key] for e in h) / len(h)
 
-            lines.append(f"| {n} | {label} | {r['tokens_per_s']:,.0f} | {mean('internode_bytes'):,.0f} | "
-                         f"{mean('intranode_bytes'):,.0f} | {mean('nodes_per_token_mean'):.2f}, "
-                         f"{max(e['nodes_per_token_max'] for e in h)} | "
-                         f"{mean('internode_bytes') / per_copy / token_layers:.2f} |")
-    lines += ["", "Bytes per step count forward and backward, hidden states and routing metadata, over the 3 MoE "
-              "layers (2 main + 1 MTP) and all ranks; control traffic (split sizes) is not included. The last column "
-              f"divides the inter-node bytes by what one copy costs in a step ({per_copy:,} bytes) and by the "
-              f"{token_layers:,} token-layers of a step: compare it with the sampled 'deduplicated' rows of part 1 "
-              "(4 nodes x 1). Which rank a token lives on changes its copies, so layouts with the same routing can "
-              "differ (DP 2 x EP 2 vs EP 4 on 2 nodes x 2)."]
+            lines.append(
+                f"| {n} | {label} | {r['tokens_per_s']:,.0f} | {mean('internode_bytes'):,.0f} | "
+                f"{mean('intranode_bytes'):,.0f} | {mean('nodes_per_token_mean'):.2f}, "
+                f"{max(e['nodes_per_token_max'] for e in h)} | "
+                f"{mean('internode_bytes') / per_copy / token_layers:.2f} |"
+            )
+    lines += [
+        "",
+        "Bytes per step count forward and backward, hidden states and routing metadata, over the 3 MoE "
+        "layers (2 main + 1 MTP) and all ranks; control traffic (split sizes) is not included. The last column "
+        f"divides the inter-node bytes by what one copy costs in a step ({per_copy:,} bytes) and by the "
+        f"{token_layers:,} token-layers of a step: compare it with the sampled 'deduplicated' rows of part 1 "
+        "(4 nodes x 1). Which rank a token lives on changes its copies, so layouts with the same routing can "
+        "differ (DP 2 x EP 2 vs EP 4 on 2 nodes x 2).",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     (ROOT / "benchmarks" / "results" / "bench_parallel.md").write_text(text)

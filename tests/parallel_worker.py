@@ -17,8 +17,6 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import random_model, small_config
-
 from dsv3.parallel import (
     CommStats,
     apply_expert_parallel,
@@ -27,6 +25,7 @@ from dsv3.parallel import (
     init_distributed,
     plan_topology,
 )
+from helpers import random_model, small_config
 
 
 def config_from(args):
@@ -74,20 +73,35 @@ def grads(args, out: Path) -> dict:
         e = expected_bytes(r.topk_ids, topo, topo.ep_rank, config.hidden_size * 4)
         for k in expect:
             expect[k] += e[k]
-    return {"rank": rank, "logit_err": worst_logit, "grad_err": worst_grad, "n_params": len(names),
-            "measured": measured, "expected": expect, "topk_group": config.topk_group}
+    return {
+        "rank": rank,
+        "logit_err": worst_logit,
+        "grad_err": worst_grad,
+        "n_params": len(names),
+        "measured": measured,
+        "expected": expect,
+        "topk_group": config.topk_group,
+    }
 
 
 def train_config(args):
     from dsv3.train import TrainConfig
 
-    return TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, warmup_steps=2, eval_every=0,
-                       save_every=args.save_every, progress=False, out_dir=args.run_dir, grad_accum=args.grad_accum)
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch,
+        seq_len=args.seq,
+        warmup_steps=2,
+        eval_every=0,
+        save_every=args.save_every,
+        progress=False,
+        out_dir=args.run_dir,
+        grad_accum=args.grad_accum,
+    )
 
 
 def train_cfg_model(args):
-    return small_config(vocab_size=2048, n_group=args.n_group, topk_group=args.topk_group,
-                        num_nextn_predict_layers=1)
+    return small_config(vocab_size=2048, n_group=args.n_group, topk_group=args.topk_group, num_nextn_predict_layers=1)
 
 
 def train(args, out: Path) -> dict:
@@ -99,11 +113,28 @@ def train(args, out: Path) -> dict:
         if args.die_at and entry["step"] == args.die_at and dist.get_rank() == 1:
             os.kill(os.getpid(), 9)
 
-    result = train_distributed(train_cfg_model(args), train_config(args), expert_parallel=args.ep,
-                               data_parallel=args.dp, ranks_per_node=args.rpn, timeout_s=args.timeout,
-                               resume=args.resume, callback=callback)
-    keys = ("loss", "main_loss", "grad_norm", "biases", "loads", "internode_bytes", "intranode_bytes",
-            "control_bytes", "nodes_per_token_max", "nodes_per_token_mean")
+    result = train_distributed(
+        train_cfg_model(args),
+        train_config(args),
+        expert_parallel=args.ep,
+        data_parallel=args.dp,
+        ranks_per_node=args.rpn,
+        timeout_s=args.timeout,
+        resume=args.resume,
+        callback=callback,
+    )
+    keys = (
+        "loss",
+        "main_loss",
+        "grad_norm",
+        "biases",
+        "loads",
+        "internode_bytes",
+        "intranode_bytes",
+        "control_bytes",
+        "nodes_per_token_max",
+        "nodes_per_token_mean",
+    )
     return {"rank": dist.get_rank(), "history": [{k: h[k] for k in keys} for h in result.history]}
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import small_config
 
 from dsv3.parallel import Topology, expected_bytes, plan_topology
 from dsv3.parallel.expert import _copies
+from helpers import small_config
 
 WORKER = Path(__file__).resolve().parent / "parallel_worker.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,18 +37,31 @@ def test_topology_data_parallel_layout():
     assert (topo.data_parallel, topo.dp_rank, topo.ep_rank, topo.n_nodes) == (2, 1, 1, 2)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(world_size=6, expert_parallel=4, n_routed_experts=8, n_group=2), "world size 6 is not a multiple of "
-                                                                           "expert_parallel=4"),
-    (dict(world_size=4, expert_parallel=2, data_parallel=3, n_routed_experts=8, n_group=2),
-     "data_parallel x expert_parallel = 3 x 2 = 6"),
-    (dict(world_size=4, expert_parallel=4, ranks_per_node=3, n_routed_experts=8, n_group=2),
-     "expert_parallel=4 ranks do not split into nodes of ranks_per_node=3"),
-    (dict(world_size=3, expert_parallel=3, ranks_per_node=1, n_routed_experts=8, n_group=2),
-     "n_routed_experts=8 is not divisible by expert_parallel=3"),
-    (dict(world_size=4, expert_parallel=4, ranks_per_node=1, n_routed_experts=8, n_group=2),
-     "n_group=2 router groups cannot be placed on 4 nodes"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            dict(world_size=6, expert_parallel=4, n_routed_experts=8, n_group=2),
+            "world size 6 is not a multiple of expert_parallel=4",
+        ),
+        (
+            dict(world_size=4, expert_parallel=2, data_parallel=3, n_routed_experts=8, n_group=2),
+            "data_parallel x expert_parallel = 3 x 2 = 6",
+        ),
+        (
+            dict(world_size=4, expert_parallel=4, ranks_per_node=3, n_routed_experts=8, n_group=2),
+            "expert_parallel=4 ranks do not split into nodes of ranks_per_node=3",
+        ),
+        (
+            dict(world_size=3, expert_parallel=3, ranks_per_node=1, n_routed_experts=8, n_group=2),
+            "n_routed_experts=8 is not divisible by expert_parallel=3",
+        ),
+        (
+            dict(world_size=4, expert_parallel=4, ranks_per_node=1, n_routed_experts=8, n_group=2),
+            "n_group=2 router groups cannot be placed on 4 nodes",
+        ),
+    ],
+)
 def test_topology_errors_name_the_numbers(kwargs, message):
     with pytest.raises(ValueError, match=message):
         plan_topology(**kwargs)
@@ -85,10 +98,23 @@ def test_copies_per_token_agrees_with_expected_bytes_and_bounds_the_naive_dispat
 
 # ---------------------------------------------------------------------- multi-process runs (torchrun, gloo)
 def torchrun(nproc: int, *args, timeout: float = 240, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONWARNINGS": "ignore::FutureWarning"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--standalone", str(WORKER), *map(str, args)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONWARNINGS": "ignore::FutureWarning",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--standalone",
+        str(WORKER),
+        *map(str, args),
+    ]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -100,8 +126,9 @@ def read_ranks(out: Path, n: int) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc, extra", [(2, ["--ep", 2]),
-                                          (4, ["--ep", 4, "--rpn", 1, "--n-group", 4, "--topk-group", 2])])
+@pytest.mark.parametrize(
+    "nproc, extra", [(2, ["--ep", 2]), (4, ["--ep", 4, "--rpn", 1, "--n-group", 4, "--topk-group", 2])]
+)
 def test_expert_parallel_matches_one_process(tmp_path, nproc, extra):
     """Logits and every gradient of the EP model (each rank: its slice of the batch and of the experts) equal the
     one-process model's; the bytes counted by CommStats equal the count derived from the routing; no token reaches
@@ -122,8 +149,9 @@ def oracle(steps: int, batch: int, seq: int, n_group: int, topk_group: int, **kw
     from dsv3.train import TrainConfig, train
 
     config = small_config(vocab_size=2048, n_group=n_group, topk_group=topk_group, num_nextn_predict_layers=1)
-    cfg = TrainConfig(steps=steps, batch_size=batch, seq_len=seq, warmup_steps=2, eval_every=0, save_every=0,
-                      progress=False, **kw)
+    cfg = TrainConfig(
+        steps=steps, batch_size=batch, seq_len=seq, warmup_steps=2, eval_every=0, save_every=0, progress=False, **kw
+    )
     return train(config, cfg)
 
 
@@ -139,12 +167,28 @@ def assert_same_history(dist_history, one_history, n_group_limit):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["--ep", 4, "--rpn", 2], ["--dp", 2, "--ep", 2, "--rpn", 1]],
-                         ids=["ep4-2nodes", "dp2xep2"])
+@pytest.mark.parametrize(
+    "layout", [["--ep", 4, "--rpn", 2], ["--dp", 2, "--ep", 2, "--rpn", 1]], ids=["ep4-2nodes", "dp2xep2"]
+)
 def test_training_matches_one_process(tmp_path, layout):
     """10 steps of EP 4 (2 nodes x 2 ranks) and of DP 2 x EP 2 give the one-process losses, loads and biases."""
-    torchrun(4, "train", tmp_path, *layout, "--n-group", 2, "--topk-group", 1, "--batch", 8, "--seq", 16,
-             "--steps", 10, timeout=300)
+    torchrun(
+        4,
+        "train",
+        tmp_path,
+        *layout,
+        "--n-group",
+        2,
+        "--topk-group",
+        1,
+        "--batch",
+        8,
+        "--seq",
+        16,
+        "--steps",
+        10,
+        timeout=300,
+    )
     ranks = read_ranks(tmp_path, 4)
     one = oracle(10, 8, 16, 2, 1)
     for r in ranks:
@@ -158,8 +202,25 @@ def test_training_matches_one_process(tmp_path, layout):
 @pytest.mark.slow
 def test_killed_rank_fails_the_run_with_a_message(tmp_path):
     t0 = time.perf_counter()
-    proc = torchrun(2, "train", tmp_path, "--ep", 2, "--batch", 4, "--seq", 16, "--steps", 50, "--die-at", 2,
-                    "--timeout", 20, timeout=180, expect_ok=False)
+    proc = torchrun(
+        2,
+        "train",
+        tmp_path,
+        "--ep",
+        2,
+        "--batch",
+        4,
+        "--seq",
+        16,
+        "--steps",
+        50,
+        "--die-at",
+        2,
+        "--timeout",
+        20,
+        timeout=180,
+        expect_ok=False,
+    )
     assert proc.returncode != 0
     assert "rank 1" in proc.stderr.lower() or "local_rank: 1" in proc.stderr, proc.stderr[-3000:]
     assert "Signal 9" in proc.stderr or "SIGKILL" in proc.stderr, proc.stderr[-3000:]
@@ -174,10 +235,23 @@ def test_resume_after_a_kill_is_exact_and_checkpoints_load_in_one_process(tmp_pa
     from dsv3 import load_pretrained
 
     run = tmp_path / "run"
-    common = ["--ep", 2, "--n-group", 4, "--topk-group", 2, "--batch", 4, "--seq", 16, "--run-dir", run,
-              "--save-every", 2]
-    proc = torchrun(2, "train", tmp_path / "a", *common, "--steps", 6, "--die-at", 3, "--timeout", 20,
-                    expect_ok=False)
+    common = [
+        "--ep",
+        2,
+        "--n-group",
+        4,
+        "--topk-group",
+        2,
+        "--batch",
+        4,
+        "--seq",
+        16,
+        "--run-dir",
+        run,
+        "--save-every",
+        2,
+    ]
+    proc = torchrun(2, "train", tmp_path / "a", *common, "--steps", 6, "--die-at", 3, "--timeout", 20, expect_ok=False)
     assert proc.returncode != 0 and (run / "latest").read_text().strip() == "checkpoint-000002"
     torchrun(2, "train", tmp_path / "b", *common, "--steps", 6, "--resume")
     common[common.index(run)] = tmp_path / "run_whole"
@@ -195,12 +269,27 @@ def test_resume_after_a_kill_is_exact_and_checkpoints_load_in_one_process(tmp_pa
 
 
 def _cli(nproc: int | None, *args, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONWARNINGS": "ignore::FutureWarning"}
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m"]
-                if nproc else [sys.executable, "-m"])
-    return subprocess.run([*launcher, "dsv3", "train", *map(str, args)], check=False, env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONWARNINGS": "ignore::FutureWarning",
+    }
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m"]
+        if nproc
+        else [sys.executable, "-m"]
+    )
+    return subprocess.run(
+        [*launcher, "dsv3", "train", *map(str, args)],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.slow
@@ -210,8 +299,23 @@ def test_cli_distributed_run_writes_the_one_process_model(tmp_path):
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps(small_config(vocab_size=2048).to_hf()))
-    flags = ["--config", config, "--steps", 3, "--batch-size", 4, "--seq-len", 16, "--eval-every", 3,
-             "--eval-batches", 1, "--no-progress", "--threads", 1]
+    flags = [
+        "--config",
+        config,
+        "--steps",
+        3,
+        "--batch-size",
+        4,
+        "--seq-len",
+        16,
+        "--eval-every",
+        3,
+        "--eval-batches",
+        1,
+        "--no-progress",
+        "--threads",
+        1,
+    ]
     dist_run = _cli(2, *flags, "--expert-parallel", 2, "--dist-timeout", 60, "--out", tmp_path / "A")
     assert dist_run.returncode == 0, dist_run.stderr[-4000:]
     one_run = _cli(None, *flags, "--out", tmp_path / "B")

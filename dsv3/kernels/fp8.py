@@ -16,6 +16,7 @@ loading uses. The Triton kernels decode and encode e4m3 with integer bit operati
 (and in the interpreter); the GEMM uses the tensor cores' native fp8 on compute capability >= 8.9 and
 fp16 tensor cores (which hold every e4m3 value exactly) elsewhere.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,11 +37,14 @@ def _check_weight(w, scale_inv, block):
         raise ValueError(f"fp8 weight must be 2-D (M, N), got {tuple(w.shape)}")
     want = (_nblocks(w.shape[0], block), _nblocks(w.shape[1], block))
     if tuple(scale_inv.shape) != want:
-        raise ValueError(f"weight_scale_inv for a {tuple(w.shape)} weight must be {want} "
-                         f"(one per {block}x{block} block), got {tuple(scale_inv.shape)}")
+        raise ValueError(
+            f"weight_scale_inv for a {tuple(w.shape)} weight must be {want} "
+            f"(one per {block}x{block} block), got {tuple(scale_inv.shape)}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- references
+
 
 def weight_quant_torch(w: torch.Tensor, block: int = 128):
     """Quantize a (M, N) weight to e4m3 with one fp32 scale per block x block tile (used to write FP8
@@ -65,7 +69,7 @@ def weight_dequant_torch(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: in
     out = w_fp8.to(torch.float32)  # (M, N)
     s = scale_inv.float().repeat_interleave(block, dim=1)[:, :N]  # (Mb, N) one row per block row
     Mf = (M // block) * block
-    out[:Mf].view(M // block, block, N).mul_(s[:M // block, None, :])  # full block rows
+    out[:Mf].view(M // block, block, N).mul_(s[: M // block, None, :])  # full block rows
     if Mf < M:
         out[Mf:].mul_(s[-1])  # the partial last block row
     return out.to(dtype)
@@ -99,6 +103,7 @@ def fp8_gemm_torch(a_fp8, a_scale, w_fp8, w_scale_inv, out_dtype=torch.bfloat16,
 
 # ---------------------------------------------------------------------------------------------- dispatch
 
+
 def _triton():
     return backend.load("fp8_triton")
 
@@ -112,8 +117,7 @@ def act_quant_triton(x, block: int = 128):
     return _triton().act_quant(x, block)
 
 
-def fp8_gemm_triton(a_fp8, a_scale, w_fp8, w_scale_inv, out_dtype=torch.bfloat16, block: int = 128,
-                    native=None):
+def fp8_gemm_triton(a_fp8, a_scale, w_fp8, w_scale_inv, out_dtype=torch.bfloat16, block: int = 128, native=None):
     _check_weight(w_fp8, w_scale_inv, block)
     return _triton().fp8_gemm(a_fp8, a_scale, w_fp8, w_scale_inv, out_dtype, block, native)
 

@@ -6,5 +6,13 @@ from .comm import CommStats
 from .expert import ExpertParallelExperts, apply_expert_parallel, expected_bytes
 from .topology import Topology, build_mesh, init_distributed, plan_topology
 
-__all__ = ["CommStats", "ExpertParallelExperts", "Topology", "apply_expert_parallel", "build_mesh",
-           "expected_bytes", "init_distributed", "plan_topology"]
+__all__ = [
+    "CommStats",
+    "ExpertParallelExperts",
+    "Topology",
+    "apply_expert_parallel",
+    "build_mesh",
+    "expected_bytes",
+    "init_distributed",
+    "plan_topology",
+]

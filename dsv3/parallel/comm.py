@@ -31,8 +31,9 @@ class CommStats:
         me = topology.ep_rank
         node = [topology.node_of(r) for r in range(topology.expert_parallel)]
         # link class of each destination: 0 self, 1 intra-node, 2 inter-node
-        self._link = torch.tensor([0 if r == me else (1 if node[r] == node[me] else 2)
-                                   for r in range(topology.expert_parallel)])
+        self._link = torch.tensor(
+            [0 if r == me else (1 if node[r] == node[me] else 2) for r in range(topology.expert_parallel)]
+        )
         self.reset()
 
     def reset(self) -> None:

@@ -63,7 +63,7 @@ class ExpertParallelExperts(nn.Module):
     def _send(self, x, weights, ids, dest):
         """Route the copies (row, dest) of (x, weights, ids) through one all-to-all hop."""
         row, d, send = _copies(dest, self.topology.expert_parallel)
-        on = (dest[row] == d[:, None])  # (C, K) slots served at that destination
+        on = dest[row] == d[:, None]  # (C, K) slots served at that destination
         w = weights[row] * on  # zero where another destination serves the slot
         i = torch.where(on, ids[row], -1)
         send_l = send.tolist()
@@ -95,8 +95,9 @@ class ExpertParallelExperts(nn.Module):
         # the experts: one (row, slot) pair per local expert a received token picked
         row, slot = (i2 >= 0).nonzero(as_tuple=True)
         local = (i2[row, slot] - self.first)[:, None]  # (P, 1)
-        y = kernels.moe_experts(x2[row], self.gate_proj, self.up_proj, self.down_proj, w2[row, slot][:, None],
-                                local)  # (P, D), gating weight applied
+        y = kernels.moe_experts(
+            x2[row], self.gate_proj, self.up_proj, self.down_proj, w2[row, slot][:, None], local
+        )  # (P, D), gating weight applied
         if row.numel() == 0 and torch.is_grad_enabled():
             # nothing to compute here, yet every rank must run the same backward all-to-alls (and give FSDP a
             # gradient for its expert shards): keep the inputs and the parameters in the graph with an exact zero
@@ -111,15 +112,17 @@ def apply_expert_parallel(model: nn.Module, topology: Topology, stats: CommStats
     for module in model.modules():
         if isinstance(module, DeepSeekMoE):
             if module.n_routed_experts != topology.n_routed_experts:
-                raise ValueError(f"the model has {module.n_routed_experts} routed experts, the topology "
-                                 f"{topology.n_routed_experts}")
+                raise ValueError(
+                    f"the model has {module.n_routed_experts} routed experts, the topology {topology.n_routed_experts}"
+                )
             if isinstance(module.experts, Experts):
                 module.experts = ExpertParallelExperts(module.experts, topology, stats)
     return model
 
 
-def expected_bytes(topk_ids: torch.Tensor, topology: Topology, src_ep_rank: int, hidden_bytes: int,
-                   backward: bool = True) -> dict:
+def expected_bytes(
+    topk_ids: torch.Tensor, topology: Topology, src_ep_rank: int, hidden_bytes: int, backward: bool = True
+) -> dict:
     """The bytes the two-hop dispatch + combine must move for one MoE layer's routing ``topk_ids`` (N, K) of the
     tokens of ep rank ``src_ep_rank``, derived from the routing alone: {"internode": ..., "intranode": ...} for
     hidden states (``hidden_bytes`` per row) and routing metadata (K fp32 weights + K int64 ids per copy; weight
@@ -137,9 +140,14 @@ def expected_bytes(topk_ids: torch.Tensor, topology: Topology, src_ep_rank: int,
             intra += len(set(rank[n][node[n] == m].tolist()) - {gateway})
     hidden_per_copy = hidden_bytes * (4 if backward else 2)  # dispatch + combine, each with its gradient
     routing_per_copy = K * (4 + 8) + (K * 4 if backward else 0)
-    return {"internode_hidden": inter * hidden_per_copy, "intranode_hidden": intra * hidden_per_copy,
-            "internode_routing": inter * routing_per_copy, "intranode_routing": intra * routing_per_copy,
-            "internode_copies": inter, "intranode_copies": intra}
+    return {
+        "internode_hidden": inter * hidden_per_copy,
+        "intranode_hidden": intra * hidden_per_copy,
+        "internode_routing": inter * routing_per_copy,
+        "intranode_routing": intra * routing_per_copy,
+        "internode_copies": inter,
+        "intranode_copies": intra,
+    }
 
 
 def copies_per_token(topk_ids: torch.Tensor, topology: Topology, src_node: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -83,17 +83,31 @@ class Topology:
         rows = []
         for r in range(self.expert_parallel):
             lo, hi = self.expert_range(r)
-            rows.append({"ep_rank": r, "node": self.node_of(r), "experts": list(range(lo, hi)),
-                         "groups": sorted({e // per_group for e in range(lo, hi)})})
+            rows.append(
+                {
+                    "ep_rank": r,
+                    "node": self.node_of(r),
+                    "experts": list(range(lo, hi)),
+                    "groups": sorted({e // per_group for e in range(lo, hi)}),
+                }
+            )
         return rows
 
 
-def plan_topology(world_size: int, expert_parallel: int, n_routed_experts: int, n_group: int,
-                  data_parallel: int | None = None, ranks_per_node: int | None = None, rank: int = 0) -> Topology:
+def plan_topology(
+    world_size: int,
+    expert_parallel: int,
+    n_routed_experts: int,
+    n_group: int,
+    data_parallel: int | None = None,
+    ranks_per_node: int | None = None,
+    rank: int = 0,
+) -> Topology:
     """Check the degrees against the world and the model; one ``ValueError`` naming the numbers that do not fit.
 
     ``data_parallel`` defaults to world_size / expert_parallel; ``ranks_per_node`` to min(local world size, ep)
     (torchrun's ``LOCAL_WORLD_SIZE``; one node when it is not set)."""
+
     def positive(name, v):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -106,22 +120,29 @@ def plan_topology(world_size: int, expert_parallel: int, n_routed_experts: int, 
         data_parallel = world_size // expert_parallel
     positive("data_parallel", data_parallel)
     if data_parallel * expert_parallel != world_size:
-        raise ValueError(f"world size {world_size} is not data_parallel x expert_parallel = "
-                         f"{data_parallel} x {expert_parallel} = {data_parallel * expert_parallel}")
+        raise ValueError(
+            f"world size {world_size} is not data_parallel x expert_parallel = "
+            f"{data_parallel} x {expert_parallel} = {data_parallel * expert_parallel}"
+        )
     if ranks_per_node is None:
         ranks_per_node = min(int(os.environ.get("LOCAL_WORLD_SIZE", str(expert_parallel))), expert_parallel)
     positive("ranks_per_node", ranks_per_node)
     if expert_parallel % ranks_per_node:
-        raise ValueError(f"expert_parallel={expert_parallel} ranks do not split into nodes of "
-                         f"ranks_per_node={ranks_per_node}")
+        raise ValueError(
+            f"expert_parallel={expert_parallel} ranks do not split into nodes of ranks_per_node={ranks_per_node}"
+        )
     if n_routed_experts % expert_parallel:
-        raise ValueError(f"n_routed_experts={n_routed_experts} is not divisible by expert_parallel="
-                         f"{expert_parallel}: every rank must hold the same number of experts")
+        raise ValueError(
+            f"n_routed_experts={n_routed_experts} is not divisible by expert_parallel="
+            f"{expert_parallel}: every rank must hold the same number of experts"
+        )
     n_nodes = expert_parallel // ranks_per_node
     if n_group % n_nodes:
-        raise ValueError(f"n_group={n_group} router groups cannot be placed on {n_nodes} nodes (expert_parallel="
-                         f"{expert_parallel} / ranks_per_node={ranks_per_node}): each node must hold whole groups, "
-                         f"so that the router's group limit (topk_group) is a node limit")
+        raise ValueError(
+            f"n_group={n_group} router groups cannot be placed on {n_nodes} nodes (expert_parallel="
+            f"{expert_parallel} / ranks_per_node={ranks_per_node}): each node must hold whole groups, "
+            f"so that the router's group limit (topk_group) is a node limit"
+        )
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside the world of {world_size}")
     return Topology(data_parallel, expert_parallel, ranks_per_node, n_routed_experts, n_group, rank)
@@ -132,8 +153,10 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int, to
     rank ends the others with an error instead of a hang. Returns (rank, world_size, device)."""
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ and not dist.is_initialized():
-            raise ValueError(f"environment variable {var} is not set: start distributed runs with torchrun "
-                             f"(torchrun --nproc-per-node N -m dsv3 train ...)")
+            raise ValueError(
+                f"environment variable {var} is not set: start distributed runs with torchrun "
+                f"(torchrun --nproc-per-node N -m dsv3 train ...)"
+            )
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -84,10 +84,12 @@ class Distributed:
         """This rank's rows of a global (micro-)batch."""
         B, W = input_ids.shape[0], self.world_size
         if B % W:
-            raise ValueError(f"a global micro-batch of {B} sequences does not split over {W} ranks; choose "
-                             f"batch_size / grad_accum divisible by the world size")
+            raise ValueError(
+                f"a global micro-batch of {B} sequences does not split over {W} ranks; choose "
+                f"batch_size / grad_accum divisible by the world size"
+            )
         b = B // W
-        return input_ids[self.rank * b:(self.rank + 1) * b], labels[self.rank * b:(self.rank + 1) * b]
+        return input_ids[self.rank * b : (self.rank + 1) * b], labels[self.rank * b : (self.rank + 1) * b]
 
     def reduce_step(self, micro: list[torch.Tensor], loads: torch.Tensor, groups: torch.Tensor):
         """Global means of the per-micro-batch losses (a list of (5,) fp64 tensors) and of the groups per token
@@ -123,15 +125,27 @@ class Distributed:
         """The all-to-all counters of the step, summed over every rank (max for the node count); resets them."""
         c = self.stats.totals()
         kinds = ("hidden", "routing")
-        t = torch.tensor([sum(c[f"internode_{k}_bytes"] for k in kinds), sum(c[f"intranode_{k}_bytes"] for k in kinds),
-                          c["internode_control_bytes"] + c["intranode_control_bytes"], c["nodes_sum"], c["tokens"]],
-                         dtype=torch.float64)
+        t = torch.tensor(
+            [
+                sum(c[f"internode_{k}_bytes"] for k in kinds),
+                sum(c[f"intranode_{k}_bytes"] for k in kinds),
+                c["internode_control_bytes"] + c["intranode_control_bytes"],
+                c["nodes_sum"],
+                c["tokens"],
+            ],
+            dtype=torch.float64,
+        )
         dist.all_reduce(t)
         mx = torch.tensor([c["nodes_max"]], dtype=torch.int64)
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)
         self.stats.reset()
-        return {"internode_bytes": int(t[0]), "intranode_bytes": int(t[1]), "control_bytes": int(t[2]),
-                "nodes_per_token_max": int(mx), "nodes_per_token_mean": float(t[3] / t[4]) if t[4] else 0.0}
+        return {
+            "internode_bytes": int(t[0]),
+            "intranode_bytes": int(t[1]),
+            "control_bytes": int(t[2]),
+            "nodes_per_token_max": int(mx),
+            "nodes_per_token_mean": float(t[3] / t[4]) if t[4] else 0.0,
+        }
 
     def reduce_eval(self, losses: list[torch.Tensor], loads: torch.Tensor):
         """Validation: each batch's (main, MTP) losses averaged over the ranks, loads summed (the global MaxVio);
@@ -182,15 +196,21 @@ class Distributed:
         plain = DeepSeekV3(self.model_config).float()
         plain.load_state_dict(weights)
         params = dict(plain.named_parameters())
-        groups = [{**{k: v for k, v in g.items() if k != "params"},
-                   "params": [params[names[id(p)]] for p in g["params"]]}
-                  for g in optimizer.param_groups]
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": [params[names[id(p)]] for p in g["params"]]}
+            for g in optimizer.param_groups
+        ]
         plain_opt = type(optimizer)(groups)  # every group carries its own hyperparameters
         for p, st in optimizer.state.items():
             n = names[id(p)]
-            plain_opt.state[params[n]] = {k: (opt_full[f"{n}.{k}"] if isinstance(v, torch.Tensor) and v.dim() > 0
-                                              else (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v))
-                                          for k, v in st.items()}
+            plain_opt.state[params[n]] = {
+                k: (
+                    opt_full[f"{n}.{k}"]
+                    if isinstance(v, torch.Tensor) and v.dim() > 0
+                    else (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v)
+                )
+                for k, v in st.items()
+            }
         return plain, plain_opt
 
     def load_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict) -> None:
@@ -200,9 +220,9 @@ class Distributed:
             prefix = f"optimizer.{name}."
             state = {}
             for k, v in tensors.items():
-                if not k.startswith(prefix) or "." in k[len(prefix):]:
+                if not k.startswith(prefix) or "." in k[len(prefix) :]:
                     continue
-                key = k[len(prefix):]
+                key = k[len(prefix) :]
                 if v.dim() > 0:
                     if self._is_expert(name):
                         v = v[lo:hi]
@@ -217,30 +237,52 @@ class Distributed:
         dist.barrier()
 
 
-def setup(model_config: ModelConfig, expert_parallel: int, data_parallel: int | None = None,
-          ranks_per_node: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, fsdp: bool = True) -> Distributed:
+def setup(
+    model_config: ModelConfig,
+    expert_parallel: int,
+    data_parallel: int | None = None,
+    ranks_per_node: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    fsdp: bool = True,
+) -> Distributed:
     """Join torchrun's world and lay it out; checks every count before any model exists."""
     rank, world, device = init_distributed(timeout_s)
-    topo = plan_topology(world, expert_parallel, model_config.n_routed_experts, model_config.n_group,
-                         data_parallel=data_parallel, ranks_per_node=ranks_per_node, rank=rank)
+    topo = plan_topology(
+        world,
+        expert_parallel,
+        model_config.n_routed_experts,
+        model_config.n_group,
+        data_parallel=data_parallel,
+        ranks_per_node=ranks_per_node,
+        rank=rank,
+    )
     mesh, world_mesh = build_mesh(topo, device)
     return Distributed(topo, mesh, world_mesh, device, fsdp=fsdp)
 
 
-def train_distributed(model_config: ModelConfig, train_config: TrainConfig, expert_parallel: int,
-                      data_parallel: int | None = None, ranks_per_node: int | None = None,
-                      timeout_s: float = DEFAULT_TIMEOUT_S, resume: bool = False,
-                      callback=None) -> TrainResult:
+def train_distributed(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    expert_parallel: int,
+    data_parallel: int | None = None,
+    ranks_per_node: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    resume: bool = False,
+    callback=None,
+) -> TrainResult:
     """``dsv3.train.train`` in every torchrun process, with the model parallelized from outside. Returns the
     ``TrainResult`` (identical history on every rank). The process group stays up; the caller ends it."""
-    for bad, why in ((train_config.balance == "aux", "balance='aux' (its batch-wise loss needs the global batch)"),
-                     (train_config.capacity_factor is not None, "a capacity factor (token dropping)")):
+    for bad, why in (
+        (train_config.balance == "aux", "balance='aux' (its batch-wise loss needs the global batch)"),
+        (train_config.capacity_factor is not None, "a capacity factor (token dropping)"),
+    ):
         if bad:
             raise ValueError(f"distributed training does not support {why}; V3 uses balance='bias' without dropping")
     par = setup(model_config, expert_parallel, data_parallel, ranks_per_node, timeout_s)
     micro = train_config.batch_size // train_config.grad_accum
     if micro % par.world_size:
-        raise ValueError(f"batch_size / grad_accum = {micro} sequences do not split over the world of "
-                         f"{par.world_size} ranks")
+        raise ValueError(
+            f"batch_size / grad_accum = {micro} sequences do not split over the world of {par.world_size} ranks"
+        )
     cfg = train_config.replace(device=str(par.device), progress=train_config.progress and par.rank == 0)
     return train(model_config, cfg, resume=resume, callback=callback, parallel=par)
