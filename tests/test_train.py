@@ -270,7 +270,7 @@ def test_one_host_read_for_the_metrics_of_a_step(data, monkeypatch):
     counts = count_host_reads(monkeypatch)
     steps, accum, n_moe = 3, 2, 3  # small_config: 2 MoE blocks + 1 MTP module
     run = train(MODEL, config(data, steps=steps, grad_accum=accum, eval_every=3, capacity_factor=1.0))
-    assert counts.pop("kernels/moe.py") == steps * accum * n_moe + config(data).eval_batches * n_moe
+    assert counts.pop("layers/reference.py") == steps * accum * n_moe + config(data).eval_batches * n_moe
     assert counts == {"train.py": 2 * steps + 1}  # + 1: the one evaluation
     entry = run.history[-1]
     assert all(
