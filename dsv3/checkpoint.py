@@ -230,11 +230,13 @@ def checkpoint_files(path: str | Path) -> tuple[list[Path], dict[str, str] | Non
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None, strict: bool = True):
+                    device: torch.device | str | None = None, strict: bool = True, keep_fp8: bool = False):
     """A ``DeepSeekV3`` from a directory in the released layout (FP8 weights are dequantized on load).
 
     ``dtype`` defaults to the config's ``torch_dtype`` (bfloat16 for the release); routers stay fp32. Tensors are
-    read one at a time from memory-mapped shards straight into the allocated model.
+    read one at a time from memory-mapped shards straight into the allocated model. ``keep_fp8=True`` keeps the
+    released e4m3 weights and their ``weight_scale_inv`` as they are (``dsv3.fp8.keep_fp8_storage``): their linear
+    layers then run ``act_quant`` + ``fp8_gemm`` (inference only; do not ``.to(dtype)`` such a model).
     """
     from safetensors import safe_open
 
@@ -252,6 +254,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
         layer.gate.float()
     model.to_empty(device=device)
     model.rotary = type(model.rotary)(config).to(device)  # non-persistent buffers are recomputed, not loaded
+    if keep_fp8:
+        _keep_fp8_storage(model, files, config, device)
     params = dict(model.state_dict(keep_vars=True))
     filled: dict[str, set] = {name: set() for name in params}
     shared_copies = []
@@ -275,11 +279,17 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     tensor = f.get_tensor(key)
                 except Exception as e:
                     raise CheckpointError(f"{file}: tensor {key} cannot be read ({e}); is the file truncated?") from None
+                scale_inv = None
                 if tensor.dtype == torch.float8_e4m3fn:
                     scale_key = key + "_scale_inv"
                     if scale_key not in keys:
                         raise CheckpointError(f"{file}: FP8 tensor {key} has no {scale_key} in the same file")
-                    tensor = _dequant(tensor, f.get_tensor(scale_key), file, key)
+                    scale_inv = f.get_tensor(scale_key)
+                    kept = target is not None and params.get(target[0], tensor).dtype == torch.float8_e4m3fn
+                    if not kept:
+                        tensor = _dequant(tensor, scale_inv, file, key)
+                    else:  # keep_fp8: the e4m3 bits go in as they are, the scale beside them
+                        _check_scale(tensor, scale_inv, file, key)
                 if target is None:
                     shared_copies.append((file, key, tensor))
                     continue
@@ -302,9 +312,13 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                                           f"expects {tuple(dest.shape)}")
                 with torch.no_grad():
                     dest.copy_(tensor)
+                    if dest.dtype == torch.float8_e4m3fn:
+                        scale_dest = params[name + "_scale_inv"]
+                        (scale_dest if expert is None else scale_dest[expert]).copy_(scale_inv)
+                        filled[name + "_scale_inv"].add(expert)
                 filled[name].add(expert)
     for name, got in filled.items():
-        need = set(range(params[name].shape[0])) if _EXPERT_PARAM.match(name) else {None}
+        need = set(range(params[name].shape[0])) if _EXPERT_PARAM.match(name.removesuffix("_scale_inv")) else {None}
         missing = need - got
         if missing:
             first = hf_names(name, config)[min(missing)] if _EXPERT_PARAM.match(name) else hf_names(name, config)[0]
@@ -319,10 +333,32 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     return model.eval()
 
 
-def _dequant(w: torch.Tensor, scale_inv: torch.Tensor, file: Path, key: str) -> torch.Tensor:
+def _keep_fp8_storage(model, files: list[Path], config: ModelConfig, device) -> None:
+    """keep_fp8: e4m3 storage for every FP8 module whose weight the checkpoint holds in e4m3 (headers only)."""
+    from safetensors import safe_open
+
+    from .fp8 import keep_fp8_storage
+
+    names = set()
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                keys = set(f.keys())
+                names |= {target[0] for k in keys if k + "_scale_inv" in keys
+                          and (target := our_name(k, config)) is not None}
+        except Exception:  # noqa: S112 -- the load below names the unreadable file
+            continue
+    keep_fp8_storage(model, names, device)
+
+
+def _check_scale(w: torch.Tensor, scale_inv: torch.Tensor, file: Path, key: str) -> None:
     rows, cols = w.shape
     expect = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
     if tuple(scale_inv.shape) != expect:
         raise CheckpointError(f"{file}: {key}_scale_inv has shape {tuple(scale_inv.shape)}, expected {expect} "
                               f"for a {rows}x{cols} weight in {FP8_BLOCK}x{FP8_BLOCK} blocks")
+
+
+def _dequant(w: torch.Tensor, scale_inv: torch.Tensor, file: Path, key: str) -> torch.Tensor:
+    _check_scale(w, scale_inv, file, key)
     return _fp8_ops().weight_dequant(w, scale_inv, FP8_BLOCK, dtype=torch.float32)

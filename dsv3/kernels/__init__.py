@@ -15,6 +15,7 @@ or `op_triton`, the fused kernel; file `x.py` holds the reference and dispatch, 
 | mla_decode                | Sec. 2.1.1       | absorbed attention over a (paged) latent cache, split-KV      |
 | attention_prefill         | Sec. 2.1.1       | flash-attention forward (training uses SDPA)                  |
 | act_quant, weight_dequant, weight_quant, fp8_gemm, fp8_linear | Sec. 3.3 | 1x128 / 128x128 block-scaled FP8 |
+| fp8_gemm_tiles, fp8_training_linear | Sec. 3.3 | FP8 training: Fprop, Dgrad, Wgrad (1x128 tiles on both operands) |
 | linear_cross_entropy      | Sec. 2, 2.2      | vocabulary-chunked LM head + CE, no (N, V) logits             |
 
 Triton is optional: this package imports without it, and the kernel modules load on first use.
@@ -23,8 +24,9 @@ through Triton's interpreter (TRITON_INTERPRET=1).
 """
 from .backend import BACKENDS, get_backend, interpret_mode, set_backend, triton_available, use_backend
 from .cross_entropy import linear_cross_entropy, linear_cross_entropy_torch, linear_cross_entropy_triton
-from .fp8 import (act_quant, act_quant_torch, act_quant_triton, fp8_gemm, fp8_gemm_torch, fp8_gemm_triton,
-                  fp8_linear, weight_dequant, weight_dequant_torch, weight_dequant_triton, weight_quant)
+from .fp8 import (act_quant, act_quant_torch, act_quant_triton, fp8_gemm, fp8_gemm_tiles, fp8_gemm_tiles_torch,
+                  fp8_gemm_tiles_triton, fp8_gemm_torch, fp8_gemm_triton, fp8_linear, fp8_training_linear,
+                  weight_dequant, weight_dequant_torch, weight_dequant_triton, weight_quant)
 from .mla import (attention_prefill, attention_prefill_torch, attention_prefill_triton, mla_decode,
                   mla_decode_torch, mla_decode_triton)
 from .moe import expert_counts, moe_experts, moe_experts_torch, moe_experts_triton
@@ -42,5 +44,6 @@ __all__ = [
     "attention_prefill", "attention_prefill_torch", "attention_prefill_triton",
     "act_quant", "act_quant_torch", "act_quant_triton", "weight_quant", "weight_dequant", "weight_dequant_torch",
     "weight_dequant_triton", "fp8_gemm", "fp8_gemm_torch", "fp8_gemm_triton", "fp8_linear",
+    "fp8_gemm_tiles", "fp8_gemm_tiles_torch", "fp8_gemm_tiles_triton", "fp8_training_linear",
     "linear_cross_entropy", "linear_cross_entropy_torch", "linear_cross_entropy_triton",
 ]

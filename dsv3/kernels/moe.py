@@ -41,8 +41,11 @@ def _check(x, w_gate, w_up, w_down, topk_weights, topk_ids):
                          f"{tuple(topk_weights.shape)}")
 
 
-def moe_experts_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids):
-    """Reference: sort the (token, slot) pairs by expert and run each expert once on its slice."""
+def moe_experts_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids, linear=None):
+    """Reference: sort the (token, slot) pairs by expert and run each expert once on its slice.
+
+    ``linear(rows, w, e)`` computes rows @ w[e]^T for one of the stacked weights w (default: a plain matmul);
+    the FP8 recipe (``dsv3.fp8``) passes its FP8 GEMM here."""
     N, D = x.shape
     E = w_gate.shape[0]
     K = topk_ids.shape[1]
@@ -58,8 +61,12 @@ def moe_experts_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids):
         if c == 0:
             continue
         xe = x[token[start:start + c]]  # (c, D) the rows this expert serves
-        h = F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())  # (c, I)
-        ys.append(h @ w_down[e].t())  # (c, D)
+        if linear is None:
+            h = F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())  # (c, I)
+            ys.append(h @ w_down[e].t())  # (c, D)
+        else:
+            h = F.silu(linear(xe, w_gate, e)) * linear(xe, w_up, e)  # (c, I)
+            ys.append(linear(h, w_down, e))  # (c, D)
         start += c
     gate_w = topk_weights.reshape(-1)[order, None].to(acc_dtype)  # (N*K, 1)
     out.index_add_(0, token, torch.cat(ys).to(acc_dtype) * gate_w)  # each token sums its K weighted rows
