@@ -256,8 +256,9 @@ def test_store_fp8_in_memory_matches_a_saved_fp8_checkpoint(tmp_path):
 def fp8_run_config(**kw) -> ModelConfig:
     """Small enough for 150 CPU steps in seconds, wide enough (hidden 128) for whole 1 x 128 tiles."""
     return ModelConfig.tiny(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, n_routed_experts=8, n_group=2, topk_group=1,
-                            num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=64, **kw)
+                            num_attention_heads=2, n_routed_experts=4, n_group=1, topk_group=1,
+                            num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=64, num_nextn_predict_layers=0,
+                            **kw)
 
 
 @pytest.mark.slow

@@ -11,6 +11,11 @@ the same reason), so a released FP8 model runs without dequantizing its weights 
 Scale convention, both here and in the checkpoint: scale = amax(|tile|) / 448 (1 for an all-zero tile),
 fp8 = round_to_nearest_even(value / scale), value ~= fp8 * scale.
 
+Training (Sec. 3.3.1-3.3.3): `fp8_training_linear` runs the three GEMMs of a linear layer in e4m3 -- Fprop
+(X per 1 x 128, W per 128 x 128), Dgrad (dY per 1 x 128, the same quantized W transposed) and Wgrad (dY^T and
+X^T per 1 x 128 along the tokens, `fp8_gemm_tiles`) -- and caches its input for the backward in e4m3 with its
+tile scales: 1 + 4/128 bytes per element instead of 2 (bf16: 48% saved) or 4 (fp32: 74% saved).
+
 The torch references run on the CPU (torch has float8_e4m3fn tensors there), which is what checkpoint
 loading uses. The Triton kernels decode and encode e4m3 with integer bit operations, so they run on any GPU
 (and in the interpreter); the GEMM uses the tensor cores' native fp8 on compute capability >= 8.9 and

@@ -102,10 +102,8 @@ def _fp8_gemm_kernel(
     a_ptr = A + rows_a[:, None].to(tl.int64) * sam + offs_k[None, :] * sak
     w_ptr = W + rows_w[:, None].to(tl.int64) * swn + offs_k[None, :] * swk
     as_ptr = AS + rows_a.to(tl.int64) * sasm
-    if W_ROW_SCALE:
-        ws_ptr = WS + rows_w.to(tl.int64) * swsn  # (BLOCK_N,) one scale per row of W and K block
-    else:
-        ws_ptr = WS + (pid_n * BLOCK_N // QBLOCK) * swsn  # BLOCK_N divides QBLOCK: one weight scale per tile row
+    ws_ptr = WS + (pid_n * BLOCK_N // QBLOCK) * swsn  # BLOCK_N divides QBLOCK: one weight scale per tile row
+    ws_rows = WS + rows_w.to(tl.int64) * swsn  # (BLOCK_N,) with W_ROW_SCALE: one scale per row of W and K block
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, QBLOCK)):
         if NATIVE:
@@ -118,10 +116,11 @@ def _fp8_gemm_kernel(
             w = tl.load(w_ptr, mask=k_mask[None, :], other=0)
             part = tl.dot(_e4m3_decode(a).to(tl.float16), tl.trans(_e4m3_decode(w).to(tl.float16)))
         a_s = tl.load(as_ptr + kb * sask)  # (BLOCK_M,) activation scales of this K block
-        w_s = tl.load(ws_ptr + kb * swsk)  # scalar: weight scale of this (N block, K block); (BLOCK_N,) per row
         if W_ROW_SCALE:
-            acc += part * a_s[:, None] * w_s[None, :]  # promoted to fp32 every QBLOCK elements of K
+            w_rows = tl.load(ws_rows + kb * swsk)  # (BLOCK_N,) scales of W's rows in this K block
+            acc += part * a_s[:, None] * w_rows[None, :]  # promoted to fp32 every QBLOCK elements of K
         else:
+            w_s = tl.load(ws_ptr + kb * swsk)  # scalar: weight scale of this (N block, K block)
             acc += part * (a_s * w_s)[:, None]
         a_ptr += QBLOCK * sak
         w_ptr += QBLOCK * swk

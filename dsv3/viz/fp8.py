@@ -52,15 +52,15 @@ def inject_outliers(x: torch.Tensor, n_channels: int = 4, factor: float = 100.0,
 
 @torch.no_grad()
 def linear_inputs(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input of every linear layer the FP8 recipe covers (attention projections, dense/shared FFN), as
-    (tokens, in_features), from one forward of ``model`` on ``input_ids``."""
+    """The input of every linear layer the FP8 recipe covers (attention projections, dense/shared FFN; MTP modules
+    included), as (tokens, in_features), from one forward of ``model`` on ``input_ids``."""
     found, hooks = {}, []
     for name, module in fp8_modules(model).items():
         if isinstance(module, torch.nn.Linear):
             hooks.append(module.register_forward_hook(
                 lambda m, args, out, name=name: found.__setitem__(name, args[0].detach().reshape(-1, args[0].shape[-1]))))
     try:
-        model(input_ids)
+        model(input_ids, return_mtp=True)
     finally:
         for h in hooks:
             h.remove()
