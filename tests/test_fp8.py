@@ -292,3 +292,22 @@ def test_train_config_fp8_and_moments():
         TrainConfig(moment_dtype="fp16")
     with pytest.raises(ValueError, match="fp8"):
         TrainConfig(fp8=1)
+
+
+def test_cli_train_fp8(tmp_path):
+    import json
+
+    from dsv3.__main__ import main
+    from dsv3.train import TRAINER_JSON, find_checkpoint
+
+    (tmp_path / "config.json").write_text(json.dumps(fp8_run_config().to_hf()))
+    out = str(tmp_path / "run")
+    assert main(["train", "--config", str(tmp_path / "config.json"), "--fp8", "--steps", "1", "--batch-size", "2",
+                 "--seq-len", "16", "--eval-every", "0", "--no-progress", "--out", out]) == 0
+    state = json.loads((find_checkpoint(out) / TRAINER_JSON).read_text())
+    assert state["train_config"]["fp8"] is True
+    assert state["optimizer"]["type"] == "AdamW"  # dsv3.fp8.AdamW, bf16 moments
+    # resumed from its checkpoint: FP8 again (the saved settings), moments back in bf16
+    assert main(["train", "--out", out, "--resume", "--steps", "2", "--no-progress"]) == 0
+    state = json.loads((find_checkpoint(out) / TRAINER_JSON).read_text())
+    assert state["step"] == 2 and state["train_config"]["fp8"] is True
