@@ -62,8 +62,7 @@ def main(argv=None) -> int:
         tensors = {n: numerics.inject_outliers(t, args.outliers, factor, seed=i) if factor != 1 else t
                    for i, (n, t) in enumerate(acts.items())}
         rows = numerics.granularity_table(tensors)
-        mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-        summary.append({"outlier factor": factor, **{k: mean(k) for k in cols[3:]}})
+        summary.append({"outlier factor": factor, **{k: sum(r[k] for r in rows) / len(rows) for k in cols[3:]}})
     print(f"\n## The same tensors with {args.outliers} channels each multiplied by a factor (mean over the "
           f"{len(acts)} tensors)\n")
     print(numerics.format_table(summary))

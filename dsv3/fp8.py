@@ -53,7 +53,7 @@ class FP8Linear(nn.Linear):
     """
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear) -> FP8Linear:
         """A FP8Linear that shares ``linear``'s parameters (so optimizers and state dicts see the same tensors)."""
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         new.weight, new.bias = linear.weight, linear.bias
@@ -81,7 +81,7 @@ class FP8Experts(Experts):
     through ``act_quant`` + ``fp8_gemm`` (inference)."""
 
     @classmethod
-    def from_experts(cls, experts: Experts) -> "FP8Experts":
+    def from_experts(cls, experts: Experts) -> FP8Experts:
         E, I, D = experts.gate_proj.shape
         with torch.device("meta"):
             new = cls(E, D, I)
@@ -185,7 +185,7 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: invalid lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
         if not moment_dtype.is_floating_point:
             raise ValueError(f"AdamW: moment_dtype must be a floating-point dtype, got {moment_dtype}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.moment_dtype = moment_dtype
 
     @torch.no_grad()

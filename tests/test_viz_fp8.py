@@ -42,8 +42,8 @@ def test_accumulation_promotion_bounds_the_error():
     exact = a.double() @ b.double().t()
     assert torch.allclose(nx.accumulate(a, b, None), exact, rtol=1e-12)
     assert torch.allclose(nx.accumulate(a, b, 53), exact, rtol=1e-12)  # 53 bits: float64 itself
-    err = lambda y: ((y - exact).norm() / exact.norm()).item()  # noqa: E731
-    limited, promoted = err(nx.accumulate(a, b, 14)), err(nx.accumulate(a, b, 14, promote_every=128))
+    limited = nx.norm_error(nx.accumulate(a, b, 14), exact)
+    promoted = nx.norm_error(nx.accumulate(a, b, 14, promote_every=128), exact)
     assert limited > 5 * promoted and promoted < 2e-3
     rows = nx.accumulation_errors(ks=(128, 1024), outputs=2)
     assert [r["K"] for r in rows] == [128, 1024] and rows[1]["limited"] > rows[1]["promoted"]

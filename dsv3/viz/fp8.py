@@ -123,18 +123,21 @@ def accumulation_errors(ks: Sequence[int] = (128, 512, 1024, 2048, 4096, 7168, 1
         a = torch.randn(outputs, K, generator=g).to(FP8_DTYPE).float()  # exact e4m3 values
         b = torch.randn(outputs, K, generator=g).to(FP8_DTYPE).float()
         exact = accumulate(a, b, None)
-        err = lambda y: ((y - exact).norm() / exact.norm()).item()  # noqa: E731
-        rows.append({"K": K, "limited": err(accumulate(a, b, bits, None, mode)),
-                     "promoted": err(accumulate(a, b, bits, interval, mode)),
-                     "fp32 matmul": err((a @ b.t()).double())})
+        rows.append({"K": K, "limited": norm_error(accumulate(a, b, bits, None, mode), exact),
+                     "promoted": norm_error(accumulate(a, b, bits, interval, mode), exact),
+                     "fp32 matmul": norm_error((a @ b.t()).double(), exact)})
     return rows
+
+
+def norm_error(y: torch.Tensor, exact: torch.Tensor) -> float:
+    """||y - exact|| / ||exact|| (Frobenius)."""
+    return ((y - exact).norm() / exact.norm()).item()
 
 
 def format_table(rows: Sequence[dict], digits: int = 4) -> str:
     """Rows of dicts as an aligned text table (floats in ``digits`` significant digits)."""
     keys = list(rows[0])
-    cell = lambda v: f"{v:.{digits}g}" if isinstance(v, float) else str(v)  # noqa: E731
-    table = [keys] + [[cell(r[k]) for k in keys] for r in rows]
+    table = [keys] + [[f"{r[k]:.{digits}g}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(keys))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
