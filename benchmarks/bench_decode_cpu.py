@@ -36,10 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cpu_bench import add_clock_args, apply_clock_args, load_note, now, random_model, yarn_tiny  # noqa: E402
+
 from dsv3 import ModelConfig, load_pretrained, save_pretrained  # noqa: E402
 from dsv3.generate import generate  # noqa: E402
-
-from cpu_bench import add_clock_args, apply_clock_args, load_note, now, random_model, yarn_tiny  # noqa: E402
 
 DOMAINS = ("shakespeare", "arithmetic", "code")
 
@@ -109,7 +109,8 @@ def decode_table(args) -> list[str]:
 
 def trained_model(args):
     """The speculative-decoding model: loaded from --model-dir when it holds a run, else trained with dsv3.train."""
-    from dsv3.train import TrainConfig, find_checkpoint, model_dir, train
+    from dsv3.rundir import find_checkpoint, load_history, model_dir
+    from dsv3.train import TrainConfig, train
 
     run = Path(args.model_dir) if args.model_dir else Path(tempfile.mkdtemp(prefix="dsv3_bench_decode_"))
     note = f"loaded from {run}"
@@ -122,7 +123,6 @@ def trained_model(args):
                 f"{'+'.join(DOMAINS)} in {time.perf_counter() - t0:.0f}s, final train loss "
                 f"{result.last('main_loss'):.3f}")
     model = load_pretrained(model_dir(run), dtype=torch.float32).eval()
-    from dsv3.train import load_history
 
     history = load_history(run)
     if history:

@@ -30,7 +30,6 @@ import argparse
 import math
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -60,6 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 import dsv3.kernels as K  # noqa: E402
 from dsv3.kernels import fp8  # noqa: E402
+from dsv3.timing import median_time  # noqa: E402
 
 SMOKE = ARGS.interpret_smoke
 DEV = torch.device("cpu" if SMOKE else "cuda")
@@ -74,47 +74,11 @@ def sync():
 
 
 def time_fn(fn, reps=None, warmup=3, graph=False) -> float:
-    """Median seconds per call. graph=True captures `inner` calls in a CUDA graph (pure GPU time, no launch
-    overhead); otherwise each call is bracketed by CUDA events (includes any host-side gaps)."""
-    reps = 1 if SMOKE else (reps or ARGS.reps)
-    warmup = 0 if SMOKE else warmup
-    for _ in range(warmup):
-        fn()
-    sync()
-    if DEV.type != "cuda":
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-    if graph:
-        inner = 20
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()  # warm the allocator on the capture stream
-            with torch.cuda.graph(g, stream=s):
-                for _ in range(inner):
-                    fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g.replay()
-        sync()
-    else:
-        inner = 1
-    ts = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        if graph:
-            g.replay()
-        else:
-            fn()
-        end.record()
-        end.synchronize()
-        ts.append(start.elapsed_time(end) / 1e3 / inner)
-    return statistics.median(ts)
+    """Median seconds per call (``dsv3.timing.median_time``). graph=True captures 20 calls in a CUDA graph (pure GPU
+    time, no launch overhead); otherwise each call is bracketed by CUDA events (includes any host-side gaps)."""
+    if SMOKE:
+        return median_time(fn, reps=1, warmup=0, device=DEV)
+    return median_time(fn, reps=reps or ARGS.reps, warmup=warmup, device=DEV, graph=graph)
 
 
 def rel_err(a, b) -> float:
@@ -311,7 +275,7 @@ def case_mla():
                                                   f"{bytes_ / t / 1e12:.2f} TB/s")
                         except Exception as e:  # a config that does not fit the GPU
                             rows[-1].notes.append(f"{cfg}: {type(e).__name__}")
-                del pool_c, pool_k
+                pool_c = pool_k = None  # free the pool before the next, larger one is allocated
     return rows
 
 

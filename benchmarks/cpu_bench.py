@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import torch
 
-from dsv3 import DeepSeekV3, ModelConfig
+from dsv3 import DeepSeekV3, ModelConfig, timing
 
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 _clock = time.perf_counter
@@ -45,14 +44,8 @@ def load_note() -> str:
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = now()
-        fn()
-        times.append(now() - t0)
-    return statistics.median(times)
+    """Median seconds of `repeats` calls on the clock chosen with ``--clock`` (``dsv3.timing.median_time``)."""
+    return timing.median_time(fn, reps=repeats, warmup=warmup, clock=now)
 
 
 def yarn_tiny(max_position_embeddings: int) -> ModelConfig:

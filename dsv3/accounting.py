@@ -4,11 +4,23 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .config import ModelConfig
 
 ATTENTION_KINDS = ("mla", "mha", "gqa", "mqa")
+
+
+def _check_config(config) -> None:
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a dsv3.ModelConfig (ModelConfig.from_hf reads a config.json or dict), got "
+                         f"{type(config).__name__}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy integers too
 
 
 def _attention_params(c: ModelConfig) -> int:
@@ -24,7 +36,7 @@ def _attention_params(c: ModelConfig) -> int:
     return q + kv + o + bias
 
 
-def _block_params(c: ModelConfig, moe: bool, active: bool) -> dict[str, int]:
+def block_params(c: ModelConfig, moe: bool, active: bool) -> dict[str, int]:
     expert = 3 * c.hidden_size * c.moe_intermediate_size
     parts = {"attention": _attention_params(c), "norms": 2 * c.hidden_size}
     if moe:
@@ -44,6 +56,7 @@ def count_parameters(config: ModelConfig) -> dict:
     which is a lookup), ``activated_with_embedding``, ``mtp`` (the MTP modules' own parameters; they share the
     embedding and output head), ``total_with_mtp``, and ``breakdown``: component -> count for the main model.
     """
+    _check_config(config)
     c = config
     embed = c.vocab_size * c.hidden_size
     head = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
@@ -51,14 +64,14 @@ def count_parameters(config: ModelConfig) -> dict:
     activated = head + c.hidden_size
     for i in range(c.num_hidden_layers):
         moe = c.is_moe_layer(i)
-        for name, n in _block_params(c, moe, active=False).items():
+        for name, n in block_params(c, moe, active=False).items():
             breakdown[name] = breakdown.get(name, 0) + n
-        activated += sum(_block_params(c, moe, active=True).values())
+        activated += sum(block_params(c, moe, active=True).values())
     total = sum(breakdown.values())
     mtp = 0
     for k in range(c.num_nextn_predict_layers):
         moe = c.is_moe_layer(c.num_hidden_layers + k)
-        mtp += sum(_block_params(c, moe, active=False).values())
+        mtp += sum(block_params(c, moe, active=False).values())
         mtp += 2 * c.hidden_size + 2 * c.hidden_size * c.hidden_size + c.hidden_size  # enorm, hnorm, eh_proj, norm
     return {"total": total, "activated": activated, "activated_with_embedding": activated + embed, "mtp": mtp,
             "total_with_mtp": total + mtp, "breakdown": breakdown}
@@ -75,14 +88,19 @@ def kv_cache_bytes(config: ModelConfig, seq_len: int, batch: int = 1, dtype: tor
     """
     if attention not in ATTENTION_KINDS:
         raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
-    if seq_len < 0 or batch <= 0:
-        raise ValueError(f"seq_len must be >= 0 and batch > 0, got seq_len={seq_len}, batch={batch}")
+    _check_config(config)
+    if not _is_int(seq_len) or seq_len < 0:
+        raise ValueError(f"seq_len must be an integer >= 0, got {seq_len!r}")
+    if not _is_int(batch) or batch <= 0:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype such as torch.bfloat16, got {dtype!r}")
     c = config
     if attention == "mla":
         per_layer = c.kv_lora_rank + c.qk_rope_head_dim
     else:
         if attention == "gqa":
-            if groups is None or groups <= 0 or c.num_attention_heads % groups:
+            if not _is_int(groups) or groups <= 0 or c.num_attention_heads % groups:
                 raise ValueError(f"gqa needs groups dividing num_attention_heads={c.num_attention_heads}, "
                                  f"got groups={groups!r}")
             kv_heads = groups

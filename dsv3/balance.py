@@ -41,8 +41,9 @@ PAPER_BIAS_UPDATE_UNTIL = 14.3 / 14.8  # gamma = 0.001 for the first 14.3T of 14
 
 # ---------------------------------------------------------------------- loads and MaxVio
 def expert_loads(routings: Sequence[Routing]) -> torch.Tensor:
-    """(L, N_r) int64: tokens sent to each routed expert, one row per MoE layer (in the order given)."""
-    return torch.stack([r.counts.detach().long().cpu() for r in routings])
+    """(L, N_r) int64: tokens sent to each routed expert, one row per MoE layer (in the order given), on the
+    routings' device (reading it is the caller's one host synchronization)."""
+    return torch.stack([r.counts.detach().long() for r in routings])
 
 
 def max_vio(loads: torch.Tensor) -> torch.Tensor:
@@ -148,9 +149,10 @@ def balance_loss(routings: Sequence[Routing], mode: str, seq_aux_alpha: float = 
 
 
 # ---------------------------------------------------------------------- what a training step reports
-def mean_groups_per_token(routings: Sequence[Routing], n_group: int) -> list[float]:
-    """Per MoE layer: the mean number of expert groups (nodes) a token's routed experts lie in."""
-    return [groups_per_token(r.topk_ids, n_group, r.scores.shape[1]).float().mean().item() for r in routings]
+def mean_groups_per_token(routings: Sequence[Routing], n_group: int) -> torch.Tensor:
+    """(L,) fp32 on the routings' device, per MoE layer: the mean number of expert groups (nodes) a token's routed
+    experts lie in."""
+    return torch.stack([groups_per_token(r.topk_ids, n_group, r.scores.shape[1]).float().mean() for r in routings])
 
 
 def routing_metrics(routings: Sequence[Routing], n_group: int) -> dict:
@@ -158,5 +160,5 @@ def routing_metrics(routings: Sequence[Routing], n_group: int) -> dict:
     dropped fraction (nonzero only with a capacity factor)."""
     loads = expert_loads(routings)  # (L, N_r)
     return {"loads": loads.tolist(), "max_vio_layers": max_vio(loads).tolist(),
-            "groups_per_token": mean_groups_per_token(routings, n_group),
+            "groups_per_token": mean_groups_per_token(routings, n_group).tolist(),
             "dropped": [float(r.dropped) for r in routings]}

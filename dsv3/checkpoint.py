@@ -11,73 +11,51 @@ mis-shaped tensor stops the load with one error naming the file and the tensor. 
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_directory, atomic_save_file, atomic_write_text, remove_stale_temporaries
 from .config import ModelConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FP8_BLOCK = 128
-_EXPERT_PARAM = re.compile(r"^(layers|mtp)\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
+EXPERT_PARAM = re.compile(r"^(layers|mtp)\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
 # released copies under each MTP layer of tensors the model shares with the main model
-_MTP_SHARED = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+MTP_SHARED = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 # weights the release keeps in high precision when the rest is FP8
-_NEVER_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|norm|layernorm|mlp\.gate\.weight|"
-                        r"e_score_correction_bias|eh_proj)")
+NEVER_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|norm|layernorm|mlp\.gate\.weight|"
+                       r"e_score_correction_bias|eh_proj)")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is: the message names the file and the tensor."""
 
 
-# ---------------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# dtypes a model can be loaded or saved in (the model computes in floating point; FP8 is save_pretrained(fp8=True))
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def _check_dtype(dtype, what: str) -> None:
+    if dtype is not None and dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"{what} must be None or one of {', '.join(map(str, WEIGHT_DTYPES))}, got {dtype!r}")
 
 
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    """``safetensors.torch.save_file`` through a temporary file and an atomic rename."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _check_path(path, what: str) -> Path:
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise ValueError(f"{what} must be a directory path, got {path!r}")
+    return Path(path)
 
 
 # ---------------------------------------------------------------------- names
 def hf_names(name: str, config: ModelConfig, n_experts: int | None = None) -> list[str]:
     """The released tensor name(s) for one of our state-dict entries (stacked experts -> one name per expert)."""
     L = config.num_hidden_layers
-    m = _EXPERT_PARAM.match(name)
+    m = EXPERT_PARAM.match(name)
     if m:
         kind, idx, proj = m.groups()
         layer = int(idx) if kind == "layers" else L + int(idx)
@@ -101,7 +79,7 @@ def our_name(hf_name: str, config: ModelConfig) -> tuple[str, int | None] | None
     if m:
         layer, rest = int(m.group(1)), m.group(2)
         prefix = f"layers.{layer}" if layer < L else f"mtp.{layer - L}"
-        if layer >= L and rest in _MTP_SHARED:
+        if layer >= L and rest in MTP_SHARED:
             return None
         e = re.match(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", rest)
         if e:
@@ -125,33 +103,56 @@ def hf_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> I
     L = config.num_hidden_layers
     state = model.state_dict()
     for name, t in state.items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # the embedding itself (transformers writes no lm_head for tied embeddings either)
         if dtype is not None and t.is_floating_point() and not name.endswith(("gate.weight",
                                                                                 "e_score_correction_bias")):
             t = t.to(dtype)
-        names = hf_names(name, config, t.shape[0] if _EXPERT_PARAM.match(name) else None)
+        names = hf_names(name, config, t.shape[0] if EXPERT_PARAM.match(name) else None)
         if len(names) == 1:
             yield names[0], t
         else:
             for e, n in enumerate(names):
                 yield n, t[e].clone()  # its own storage: safetensors refuses tensors that share memory
     for k in range(config.num_nextn_predict_layers):
-        for released, ours in _MTP_SHARED.items():
+        for released, ours in MTP_SHARED.items():
             t = state[ours] if dtype is None else state[ours].to(dtype)
             yield f"model.layers.{L + k}.{released}", t.clone()
+
+
+def _is_model_file(name: str) -> bool:
+    """Files that ``save_pretrained`` owns in a checkpoint directory (everything else there is carried over)."""
+    return name == "config.json" or name == INDEX_NAME or (name.startswith("model") and name.endswith(".safetensors"))
 
 
 def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: int | None = None,
                     fp8: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` in the released layout: config.json + model.safetensors, or shards of at most
     ``max_shard_bytes`` with an index. ``fp8=True`` stores the projection weights as e4m3 with 128x128 block scales
-    (``weight_scale_inv``), like the release. Every file is written atomically."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    (``weight_scale_inv``), like the release.
+
+    The checkpoint is written into a new directory beside ``path`` and swapped in whole (``dsv3.atomic``), so a
+    reader of ``path`` sees the old model or the new one, never a mix, and an interrupted save leaves the old one.
+    Other files already in ``path`` (a tokenizer, a README, a trainer state) are carried over. A weight that is not
+    finite (NaN or Inf) is refused before anything is written.
+    """
+    path = _check_path(path, "save_pretrained: path")
+    if not isinstance(getattr(model, "config", None), ModelConfig):
+        raise ValueError(f"save_pretrained needs a dsv3.DeepSeekV3 model (with a .config), got {type(model).__name__}")
+    _check_dtype(dtype, "save_pretrained: dtype")
+    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
+                                        or max_shard_bytes <= 0):
+        raise ValueError(f"save_pretrained: max_shard_bytes must be a positive integer (bytes) or None, got "
+                         f"{max_shard_bytes!r}")
     config: ModelConfig = model.config
     tensors: dict[str, torch.Tensor] = {}
     for name, t in hf_state_dict(model, dtype):
         t = t.detach().cpu()
-        if fp8 and t.dim() == 2 and name.endswith(".weight") and not _NEVER_FP8.search(name):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{path}: tensor {name} holds {bad} non-finite values (NaN or Inf); refusing to "
+                                  f"save a model that cannot be loaded back")
+        if fp8 and t.dim() == 2 and name.endswith(".weight") and not NEVER_FP8.search(name):
             q, scale_inv = _fp8_ops().weight_quant(t.float(), FP8_BLOCK)
             tensors[name] = q
             tensors[name + "_scale_inv"] = scale_inv
@@ -167,25 +168,22 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: i
     if dtype is not None:
         out_config["torch_dtype"] = str(dtype).replace("torch.", "")
     metadata = {"format": "pt"}
-    old = set(path.glob("model*.safetensors")) | {path / INDEX_NAME}
-    if len(shards) == 1:
-        atomic_save_file(shards[0], path / SINGLE_NAME, metadata)
-        written = {path / SINGLE_NAME}
-    else:
-        n = len(shards)
-        weight_map, written = {}, set()
-        for i, shard in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-            atomic_save_file(shard, path / fname, metadata)
-            written.add(path / fname)
-            weight_map.update({k: fname for k in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        atomic_write_text(path / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
-                                                         "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        written.add(path / INDEX_NAME)
-    for stale in old - written:  # files of a previous checkpoint in this directory that no longer belong
-        stale.unlink(missing_ok=True)
-    atomic_write_text(path / "config.json", json.dumps(out_config, indent=2) + "\n")
+    remove_stale_temporaries(path.parent, path.name)  # what a killed save of this directory left beside it
+    with atomic_directory(path, keep=lambda name: not _is_model_file(name)) as tmp:
+        if len(shards) == 1:
+            atomic_save_file(shards[0], tmp / SINGLE_NAME, metadata)
+        else:
+            n = len(shards)
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+                atomic_save_file(shard, tmp / fname, metadata)
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            atomic_write_text(tmp / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
+                                                            "weight_map": dict(sorted(weight_map.items()))},
+                                                           indent=2))
+        atomic_write_text(tmp / "config.json", json.dumps(out_config, indent=2) + "\n")
     return path
 
 
@@ -206,7 +204,9 @@ def _split_shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> li
 
 # ---------------------------------------------------------------------- loading
 def checkpoint_files(path: str | Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files of a checkpoint directory and, when sharded, the index's name -> file map."""
+    """The safetensors files of a checkpoint directory and, when sharded, the index's name -> file map.
+
+    Every file the index names must be a plain file name inside ``path`` (no ``..``, no absolute path)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -214,8 +214,14 @@ def checkpoint_files(path: str | Path) -> tuple[list[Path], dict[str, str] | Non
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name -> file name")
+        for key, fname in weight_map.items():
+            if not isinstance(fname, str) or not fname or Path(fname).name != fname or fname in (".", ".."):
+                raise CheckpointError(f"{index}: tensor {key} is mapped to {fname!r}, which is not a file name inside "
+                                      f"the checkpoint directory")
         files = sorted({path / f for f in weight_map.values()})
         for f in files:
             if not f.is_file():
@@ -229,24 +235,69 @@ def checkpoint_files(path: str | Path) -> tuple[list[Path], dict[str, str] | Non
     raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
 
 
+# dtypes a ``weight_scale_inv`` may scale: the release's e4m3 and the other FP8 format torch has
+FP8_WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _check_finite(t: torch.Tensor, file: Path, key: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{file}: tensor {key} holds {bad} non-finite values (NaN or Inf)")
+
+
+def _read_tensor(f, file: Path, key: str, keys: set[str]) -> torch.Tensor:
+    """One tensor of an open safetensors file, dequantized when it carries a ``weight_scale_inv``, checked finite."""
+    try:
+        tensor = f.get_tensor(key)
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{file}: tensor {key} cannot be read ({e}); is the file truncated?") from None
+    scale_key = key + "_scale_inv"
+    if scale_key in keys:
+        if tensor.dtype not in FP8_WEIGHT_DTYPES:
+            raise CheckpointError(f"{file}: tensor {key} has a {scale_key} but dtype {tensor.dtype}; block scales are "
+                                  f"only defined for FP8 weights ({', '.join(str(d) for d in FP8_WEIGHT_DTYPES)})")
+        scale = f.get_tensor(scale_key)
+        if not scale.is_floating_point():
+            raise CheckpointError(f"{file}: {scale_key} has dtype {scale.dtype}, expected a float scale")
+        _check_finite(scale, file, scale_key)
+        if not bool((scale > 0).all()):
+            raise CheckpointError(f"{file}: {scale_key} holds {int((scale <= 0).sum())} scales <= 0; block scales "
+                                  f"are positive (a zero scale erases its block, a negative one flips its sign)")
+        tensor = _dequant(tensor, scale, file, key)
+    elif tensor.dtype in FP8_WEIGHT_DTYPES:
+        raise CheckpointError(f"{file}: FP8 tensor {key} has no {scale_key} in the same file")
+    _check_finite(tensor, file, key)
+    return tensor
+
+
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, strict: bool = True, keep_fp8: bool = False):
-    """A ``DeepSeekV3`` from a directory in the released layout (FP8 weights are dequantized on load).
+    """A ``DeepSeekV3`` from a directory in the released layout (FP8 weights are dequantized on load, unless
+    ``keep_fp8=True``: then the e4m3 weights and their ``weight_scale_inv`` stay as they are, in ``dsv3.fp8``
+    modules that run ``act_quant`` + ``fp8_gemm``; inference only, and never ``.to(dtype)`` such a model).
 
     ``dtype`` defaults to the config's ``torch_dtype`` (bfloat16 for the release); routers stay fp32. Tensors are
-    read one at a time from memory-mapped shards straight into the allocated model. ``keep_fp8=True`` keeps the
-    released e4m3 weights and their ``weight_scale_inv`` as they are (``dsv3.fp8.keep_fp8_storage``): their linear
-    layers then run ``act_quant`` + ``fp8_gemm`` (inference only; do not ``.to(dtype)`` such a model).
+    read one at a time from memory-mapped shards straight into the allocated model. Every tensor is checked: name,
+    shape, FP8 scales, finiteness; any problem stops the load with a ``CheckpointError`` naming the file and tensor.
+    A checkpoint whose config declares MTP modules but whose files hold none of their tensors (what transformers'
+    ``save_pretrained`` writes) loads as the main model without MTP, with one warning. ``strict=False`` skips
+    tensors the model has no place for (and scales without a weight).
     """
     from safetensors import safe_open
 
     from .model import DeepSeekV3
 
-    path = Path(path)
+    path = _check_path(path, "load_pretrained: path")
+    _check_dtype(dtype, "load_pretrained: dtype")
+    device = _check_device(device)
     config = ModelConfig.from_hf(path)
     files, weight_map = checkpoint_files(path)
-    dtype = dtype or getattr(torch, config.torch_dtype, torch.bfloat16)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    if config.num_nextn_predict_layers and not _holds_mtp(files, weight_map, config):
+        warnings.warn(f"{path}: config.json declares {config.num_nextn_predict_layers} MTP module(s) "
+                      f"(num_nextn_predict_layers) but the checkpoint holds no MTP tensors (as transformers' "
+                      f"save_pretrained writes it); loading the main model without MTP", stacklevel=2)
+        config = config.replace(num_nextn_predict_layers=0)
+    dtype = dtype or getattr(torch, config.torch_dtype)
     with torch.device("meta"):
         model = DeepSeekV3(config)
     model.to(dtype)
@@ -257,6 +308,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     if keep_fp8:
         _keep_fp8_storage(model, files, config, device)
     params = dict(model.state_dict(keep_vars=True))
+    if config.tie_word_embeddings:
+        params.pop("lm_head.weight")  # the embedding; a copy in the file must equal it
     filled: dict[str, set] = {name: set() for name in params}
     shared_copies = []
     for file in files:
@@ -265,35 +318,30 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
             raise CheckpointError(f"{file}: cannot be read as safetensors ({e})") from None
         with handle as f:
-            keys = list(f.keys())
+            keys = set(f.keys())
             if weight_map is not None:
                 listed = {k for k, v in weight_map.items() if v == file.name}
-                unlisted = sorted(set(keys) - listed - {k for k in keys if k.endswith("_scale_inv")})
+                unlisted = sorted(keys - listed - {k for k in keys if k.endswith("_scale_inv")})
                 if unlisted and strict:
                     raise CheckpointError(f"{file}: tensor {unlisted[0]} is not listed in {INDEX_NAME}")
-            for key in keys:
+                absent = sorted(listed - keys)
+                if absent and strict:
+                    raise CheckpointError(f"{INDEX_NAME} maps tensor {absent[0]} to {file}, which does not hold it")
+            orphans = sorted(k for k in keys if k.endswith("_scale_inv") and k[: -len("_scale_inv")] not in keys)
+            if orphans and strict:
+                raise CheckpointError(f"{file}: scale {orphans[0]} has no weight "
+                                      f"{orphans[0][: -len('_scale_inv')]} in the same file")
+            for key in sorted(keys):
                 if key.endswith("_scale_inv"):
                     continue
                 target = our_name(key, config)
-                try:
-                    tensor = f.get_tensor(key)
-                except Exception as e:
-                    raise CheckpointError(f"{file}: tensor {key} cannot be read ({e}); is the file truncated?") from None
-                scale_inv = None
-                if tensor.dtype == torch.float8_e4m3fn:
-                    scale_key = key + "_scale_inv"
-                    if scale_key not in keys:
-                        raise CheckpointError(f"{file}: FP8 tensor {key} has no {scale_key} in the same file")
-                    scale_inv = f.get_tensor(scale_key)
-                    kept = target is not None and params.get(target[0], tensor).dtype == torch.float8_e4m3fn
-                    if not kept:
-                        tensor = _dequant(tensor, scale_inv, file, key)
-                    else:  # keep_fp8: the e4m3 bits go in as they are, the scale beside them
-                        _check_scale(tensor, scale_inv, file, key)
                 if target is None:
-                    shared_copies.append((file, key, tensor))
+                    shared_copies.append((file, key, _read_tensor(f, file, key, keys)))
                     continue
                 name, expert = target
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    shared_copies.append((file, key, _read_tensor(f, file, key, keys)))
+                    continue
                 if name not in params:
                     if strict:
                         raise CheckpointError(f"{file}: unexpected tensor {key} (the config has "
@@ -307,29 +355,43 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                         raise CheckpointError(f"{file}: unexpected tensor {key} (expert {expert} of "
                                               f"n_routed_experts={config.n_routed_experts})")
                     dest = dest[expert]
-                if tuple(tensor.shape) != tuple(dest.shape):
-                    raise CheckpointError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, the config "
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(dest.shape):
+                    raise CheckpointError(f"{file}: tensor {key} has shape {shape}, the config "
                                           f"expects {tuple(dest.shape)}")
+                tensor = _read_tensor(f, file, key, keys)  # checked (and dequantized) as always
+                if dest.dtype == torch.float8_e4m3fn:  # keep_fp8: the e4m3 bits and their scale go in as they are
+                    scale_dest = params[name + "_scale_inv"]
+                    with torch.no_grad():
+                        (scale_dest if expert is None else scale_dest[expert]).copy_(f.get_tensor(key + "_scale_inv"))
+                    filled[name + "_scale_inv"].add(expert)
+                    tensor = f.get_tensor(key)
+                if dest.is_floating_point() and not tensor.is_floating_point():
+                    raise CheckpointError(f"{file}: tensor {key} has dtype {tensor.dtype}; a floating-point weight "
+                                          f"is expected (converting it would change its values)")
                 with torch.no_grad():
                     dest.copy_(tensor)
-                    if dest.dtype == torch.float8_e4m3fn:
-                        scale_dest = params[name + "_scale_inv"]
-                        (scale_dest if expert is None else scale_dest[expert]).copy_(scale_inv)
-                        filled[name + "_scale_inv"].add(expert)
+                if dest.dtype != tensor.dtype and dest.is_floating_point() and not bool(torch.isfinite(dest).all()):
+                    raise CheckpointError(f"{file}: tensor {key} holds values too large for {dest.dtype} (they "
+                                          f"overflow to Inf); load it with a wider dtype= such as torch.float32")
                 filled[name].add(expert)
     for name, got in filled.items():
-        need = set(range(params[name].shape[0])) if _EXPERT_PARAM.match(name.removesuffix("_scale_inv")) else {None}
+        need = set(range(params[name].shape[0])) if EXPERT_PARAM.match(name.removesuffix("_scale_inv")) else {None}
         missing = need - got
         if missing:
-            first = hf_names(name, config)[min(missing)] if _EXPERT_PARAM.match(name) else hf_names(name, config)[0]
+            first = hf_names(name, config)[min(missing)] if EXPERT_PARAM.match(name) else hf_names(name, config)[0]
             raise CheckpointError(f"{path}: tensor {first} is missing from the checkpoint")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+        params["lm_head.weight"] = model.lm_head.weight
     for file, key, tensor in shared_copies:
         ours = "embed_tokens.weight" if key.endswith("embed_tokens.weight") else "lm_head.weight"
         if tuple(tensor.shape) != tuple(params[ours].shape):
             raise CheckpointError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, expected "
                                   f"{tuple(params[ours].shape)} (a copy of the shared {ours})")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+        if key == "lm_head.weight" and not torch.equal(tensor.to(params[ours].dtype), params[ours].detach()):
+            raise CheckpointError(f"{file}: config.json ties the word embeddings (tie_word_embeddings=true), but "
+                                  f"tensor lm_head.weight differs from model.embed_tokens.weight")
     return model.eval()
 
 
@@ -344,21 +406,53 @@ def _keep_fp8_storage(model, files: list[Path], config: ModelConfig, device) -> 
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 keys = set(f.keys())
-                names |= {target[0] for k in keys if k + "_scale_inv" in keys
-                          and (target := our_name(k, config)) is not None}
-        except Exception:  # noqa: S112 -- the load below names the unreadable file
+        except Exception:  # noqa: S112 -- the load names the unreadable file
             continue
+        names |= {target[0] for k in keys if k + "_scale_inv" in keys and (target := our_name(k, config)) is not None}
     keep_fp8_storage(model, names, device)
 
 
-def _check_scale(w: torch.Tensor, scale_inv: torch.Tensor, file: Path, key: str) -> None:
+def _check_device(device) -> torch.device:
+    """The device to load onto: a real one that is present (``meta`` holds no weights)."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"load_pretrained: device {device!r} is not a device (cpu, cuda, cuda:N)") from None
+    if dev.type == "meta":
+        raise ValueError("load_pretrained: device 'meta' holds no weights; load onto cpu or cuda")
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index is not None and dev.index >= torch.cuda.device_count())):
+        raise ValueError(f"load_pretrained: device {device!r} is not available (CUDA devices here: "
+                         f"{torch.cuda.device_count() if torch.cuda.is_available() else 0})")
+    return dev
+
+
+def _holds_mtp(files: list[Path], weight_map: dict[str, str] | None, config: ModelConfig) -> bool:
+    """Whether any tensor of the checkpoint belongs to an MTP module (a layer index >= num_hidden_layers)."""
+    from safetensors import safe_open
+
+    prefixes = tuple(f"model.layers.{config.num_hidden_layers + k}."
+                     for k in range(config.num_nextn_predict_layers))
+    if weight_map is not None:
+        return any(k.startswith(prefixes) for k in weight_map)
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                if any(k.startswith(prefixes) for k in f.keys()):
+                    return True
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot be read as safetensors ({e})") from None
+    return False
+
+
+def _dequant(w: torch.Tensor, scale_inv: torch.Tensor, file: Path, key: str) -> torch.Tensor:
+    if w.dim() != 2:
+        raise CheckpointError(f"{file}: FP8 tensor {key} has shape {tuple(w.shape)}; block scales need a 2-D weight")
     rows, cols = w.shape
     expect = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
     if tuple(scale_inv.shape) != expect:
         raise CheckpointError(f"{file}: {key}_scale_inv has shape {tuple(scale_inv.shape)}, expected {expect} "
                               f"for a {rows}x{cols} weight in {FP8_BLOCK}x{FP8_BLOCK} blocks")
-
-
-def _dequant(w: torch.Tensor, scale_inv: torch.Tensor, file: Path, key: str) -> torch.Tensor:
-    _check_scale(w, scale_inv, file, key)
     return _fp8_ops().weight_dequant(w, scale_inv, FP8_BLOCK, dtype=torch.float32)

@@ -7,16 +7,34 @@ renames-free copies. Chapter 1 of the book prints the V3 preset; every other cha
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
+
 # Fields of the released config.json that carry bookkeeping, not architecture: written by to_hf, ignored by from_hf.
 _HF_ONLY = ("architectures", "auto_map", "model_type", "transformers_version", "dtype", "num_mtp_layers",
             "output_router_logits", "qk_head_dim", "head_dim", "rope_parameters", "rope_theta",
             "rope_scaling", "_name_or_path", "use_return_dict", "return_dict")
+# Fields a config.json must hold (the release's and transformers' both do): they fix every tensor's shape and the
+# routing. The rest default to the release's values.
+REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "n_shared_experts", "n_routed_experts", "kv_lora_rank", "q_lora_rank",
+                    "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "n_group", "topk_group",
+                    "num_experts_per_tok", "first_k_dense_replace")
+# Float fields that must be finite numbers (NaN/Inf here would poison every forward silently)
+_FLOAT_FIELDS = ("routed_scaling_factor", "aux_loss_alpha", "initializer_range", "rms_norm_eps", "rope_theta",
+                 "attention_dropout")
+_YARN_FLOATS = ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+# Keys a rope_scaling / rope_parameters dict may hold (the release's YaRN keys and transformers' spellings)
+_ROPE_KEYS = ("type", "rope_type", "rope_theta", "original_max_position_embeddings", "attention_factor",
+              "truncate", "partial_rotary_factor") + _YARN_FLOATS
+# Weight dtypes a checkpoint's torch_dtype may name (the model computes in floating point)
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -71,6 +89,9 @@ class ModelConfig:
     torch_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"ModelConfig.rope_scaling must be an object of YaRN settings or null, got "
+                             f"{self.rope_scaling!r}")
         if self.rope_scaling is not None:
             self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
         self.validate()
@@ -146,17 +167,50 @@ class ModelConfig:
         for name in ("n_routed_experts", "n_shared_experts", "num_nextn_predict_layers", "first_k_dense_replace",
                      "qk_nope_head_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
             raise ValueError(f"ModelConfig.q_lora_rank must be a positive integer or None, got {self.q_lora_rank!r}")
+        if self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError(f"ModelConfig.num_key_value_heads={self.num_key_value_heads} must equal "
+                             f"num_attention_heads={self.num_attention_heads} (MLA decompresses a key and value per "
+                             f"head; transformers groups heads by their ratio)")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"ModelConfig.qk_rope_head_dim must be even (RoPE rotates pairs), "
                              f"got {self.qk_rope_head_dim}")
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"ModelConfig.{name} must be a finite number, got {value!r}")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if self.initializer_range < 0:
+            raise ValueError(f"ModelConfig.initializer_range must be >= 0, got {self.initializer_range!r}")
+        if self.aux_loss_alpha < 0:
+            raise ValueError(f"ModelConfig.aux_loss_alpha must be >= 0, got {self.aux_loss_alpha!r}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if not 0 <= self.attention_dropout < 1:
+            raise ValueError(f"ModelConfig.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is None and name != "eos_token_id":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(f"ModelConfig.{name}={value!r} is not a token id of the vocabulary "
+                                 f"[0, vocab_size={self.vocab_size})")
+        for name in ("norm_topk_prob", "tie_word_embeddings", "rope_interleave", "attention_bias", "seq_aux",
+                     "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.hidden_act != "silu":
             raise ValueError(f"ModelConfig.hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
+        if self.topk_method != "noaux_tc":
+            raise ValueError(f"ModelConfig.topk_method must be 'noaux_tc' (DeepSeek-V3's bias-corrected group-limited "
+                             f"routing), got {self.topk_method!r}")
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise ValueError(f"ModelConfig.torch_dtype must be one of {TORCH_DTYPES}, got {self.torch_dtype!r}")
+        _check_quantization(self.quantization_config)
         if self.scoring_func != "sigmoid":
             raise ValueError(f"ModelConfig.scoring_func must be 'sigmoid' (DeepSeek-V3), got {self.scoring_func!r}")
         if self.first_k_dense_replace > self.num_hidden_layers:
@@ -171,22 +225,40 @@ class ModelConfig:
                                  f"n_group={self.n_group}")
             if self.topk_group > self.n_group:
                 raise ValueError(f"ModelConfig.topk_group={self.topk_group} exceeds n_group={self.n_group}")
-            if self.experts_per_group < 2:
-                raise ValueError(f"ModelConfig: each group needs at least 2 experts (group score = sum of its top-2 "
-                                 f"affinities), got n_routed_experts/n_group = {self.experts_per_group}")
-            if self.topk_group * self.experts_per_group < self.num_experts_per_tok:
+            if self.num_experts_per_tok % self.topk_group:
+                raise ValueError(f"ModelConfig.num_experts_per_tok={self.num_experts_per_tok} is not divisible by "
+                                 f"topk_group={self.topk_group} (a group's score is the sum of its top "
+                                 f"num_experts_per_tok/topk_group affinities)")
+            if self.topk_group * self.experts_per_group < self.num_experts_per_tok:  # a group holds < K_r/M experts
                 raise ValueError(f"ModelConfig: topk_group={self.topk_group} groups of {self.experts_per_group} experts "
-                                 f"hold fewer than num_experts_per_tok={self.num_experts_per_tok} experts")
+                                 f"hold fewer than num_experts_per_tok={self.num_experts_per_tok} experts (each group "
+                                 f"must hold at least num_experts_per_tok/topk_group = "
+                                 f"{self.num_experts_per_tok // self.topk_group})")
         if self.routed_scaling_factor <= 0:
             raise ValueError(f"ModelConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}")
         rs = self.rope_scaling
         if rs is not None:
+            typos = {k: difflib.get_close_matches(k, _ROPE_KEYS, n=1, cutoff=0.8) for k in rs if k not in _ROPE_KEYS}
+            typos = {k: m[0] for k, m in typos.items() if m}
+            if typos:
+                raise ValueError("ModelConfig.rope_scaling has unknown keys " + ", ".join(
+                    f"{k!r} (did you mean {v!r}?)" for k, v in typos.items()))
             if rs["type"] not in ("yarn", "default"):
                 raise ValueError(f"ModelConfig.rope_scaling.type must be 'yarn' (or 'default'), got {rs['type']!r}")
             if rs["type"] == "yarn":
+                for key in _YARN_FLOATS + ("original_max_position_embeddings",):
+                    value = rs.get(key)
+                    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                        raise ValueError(f"ModelConfig.rope_scaling.{key} must be a finite number, got {value!r}")
                 for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
-                    if rs.get(key) is None or rs[key] <= 0:
-                        raise ValueError(f"ModelConfig.rope_scaling.{key} must be > 0, got {rs.get(key)!r}")
+                    if rs[key] <= 0:
+                        raise ValueError(f"ModelConfig.rope_scaling.{key} must be > 0, got {rs[key]!r}")
+                if not float(rs["original_max_position_embeddings"]).is_integer():
+                    raise ValueError(f"ModelConfig.rope_scaling.original_max_position_embeddings must be an integer, "
+                                     f"got {rs['original_max_position_embeddings']!r}")
+                for key in ("mscale", "mscale_all_dim"):
+                    if rs[key] < 0:
+                        raise ValueError(f"ModelConfig.rope_scaling.{key} must be >= 0, got {rs[key]!r}")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A validated copy with some fields changed."""
@@ -202,6 +274,8 @@ class ModelConfig:
         """
         if isinstance(path_or_dict, dict):
             raw, where = dict(path_or_dict), "config dict"
+        elif not isinstance(path_or_dict, (str, Path)):
+            raw, where = path_or_dict, "config"
         else:
             p = Path(path_or_dict)
             if p.is_dir():
@@ -209,20 +283,36 @@ class ModelConfig:
             if not p.is_file():
                 raise FileNotFoundError(f"no config.json at {p}")
             try:
-                raw = json.loads(p.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}: not valid JSON ({e})") from None
+                raw = json.loads(p.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                raise ValueError(f"{p}: not valid JSON ({type(e).__name__}: {e})") from None
+            except _DuplicateKey as e:
+                raise ValueError(f"{p}: key {e.args[0]!r} appears more than once") from None
             where = str(p)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: a config must be a JSON object of field: value, got "
+                             f"{type(raw).__name__ if raw is not None else 'null'}")
         if raw.get("model_type", "deepseek_v3") not in ("deepseek_v3",):
             raise ValueError(f"{where}: model_type is {raw.get('model_type')!r}, expected 'deepseek_v3'")
+        _check_keys(raw, where, {f.name for f in dataclasses.fields(cls)})
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in names and k not in ("rope_scaling", "rope_theta")}
         if "num_mtp_layers" in raw and "num_nextn_predict_layers" not in raw:
             kwargs["num_nextn_predict_layers"] = raw["num_mtp_layers"]
-        if isinstance(kwargs.get("eos_token_id"), list):
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        if isinstance(kwargs.get("eos_token_id"), list):  # transformers allows several; we stop at the first
+            eos = kwargs["eos_token_id"]
+            vocab = raw.get("vocab_size")
+            bad = [t for t in eos if isinstance(t, bool) or not isinstance(t, int) or not isinstance(vocab, int)
+                   or not 0 <= t < vocab]
+            if not eos or bad:
+                raise ValueError(f"{where}: eos_token_id={eos!r} must list token ids of the vocabulary "
+                                 f"[0, vocab_size={vocab})")
+            kwargs["eos_token_id"] = eos[0]
         if "dtype" in raw and "torch_dtype" not in raw:
             kwargs["torch_dtype"] = str(raw["dtype"]).replace("torch.", "")
+        for key in ("rope_parameters", "rope_scaling"):
+            if raw.get(key) is not None and not isinstance(raw[key], dict):
+                raise ValueError(f"{where}: {key} must be an object or null, got {raw[key]!r}")
         rope = raw.get("rope_parameters") or None
         scaling = raw.get("rope_scaling") or None
         theta = raw.get("rope_theta")
@@ -230,11 +320,13 @@ class ModelConfig:
             theta = rope.get("rope_theta", theta)
             if rope.get("rope_type", rope.get("type", "default")) != "default":
                 scaling = rope
+        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))):
+            raise ValueError(f"{where}: rope_theta must be a number, got {theta!r}")
         kwargs["rope_theta"] = float(theta if theta is not None else 10000.0)
         kwargs["rope_scaling"] = scaling
         try:
             return cls(**kwargs)
-        except ValueError as e:
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"{where}: {e}") from None
 
     def to_hf(self) -> dict:
@@ -255,8 +347,54 @@ class ModelConfig:
         if p.is_dir() or p.suffix != ".json":
             p.mkdir(parents=True, exist_ok=True)
             p = p / "config.json"
-        from .checkpoint import atomic_write_text
         atomic_write_text(p, json.dumps(self.to_hf(), indent=2) + "\n")
+
+
+def _check_keys(raw: dict, where: str, fields: set[str]) -> None:
+    """Missing required keys, or keys that look like a misspelt field, end the read with one error naming them."""
+    known = fields | set(_HF_ONLY)
+    unknown = sorted(k for k in raw if k not in known)
+    typos = {k: difflib.get_close_matches(k, sorted(fields), n=1, cutoff=0.85) for k in unknown}
+    typos = {k: m[0] for k, m in typos.items() if m}
+    missing = [k for k in REQUIRED_HF_KEYS if k not in raw]
+    if not missing and not typos:
+        return  # other unknown keys (transformers' generic bookkeeping) are ignored
+    parts = []
+    if missing:
+        parts.append(f"missing required keys {missing}")
+    if typos:
+        parts.append("unknown keys " + ", ".join(f"{k!r} (did you mean {v!r}?)" for k, v in typos.items()))
+    elif unknown and missing:
+        parts.append(f"unknown keys {unknown}")
+    raise ValueError(f"{where}: " + "; ".join(parts))
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """``json.loads`` hook: a key given twice is an error (JSON keeps the last silently)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _check_quantization(q: Any) -> None:
+    """``quantization_config`` is null or the release's FP8 block scheme (the only one the loader dequantizes)."""
+    if q is None:
+        return
+    if not isinstance(q, dict):
+        raise ValueError(f"ModelConfig.quantization_config must be an object or null, got {q!r}")
+    if q.get("quant_method") != "fp8":
+        raise ValueError(f"ModelConfig.quantization_config.quant_method must be 'fp8' (128x128 block scales), got "
+                         f"{q.get('quant_method')!r}")
+    block = q.get("weight_block_size", [128, 128])
+    if not isinstance(block, (list, tuple)) or list(block) != [128, 128]:
+        raise ValueError(f"ModelConfig.quantization_config.weight_block_size must be [128, 128], got {block!r}")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -274,7 +412,10 @@ def _normalize_rope_scaling(rs: dict) -> dict | None:
     if kind == "default":
         return None
     if kind == "yarn":
-        rs["factor"] = float(rs.get("factor") or 1.0)
+        if rs.get("factor") is None:
+            rs["factor"] = 1.0
+        elif isinstance(rs["factor"], (int, float)) and not isinstance(rs["factor"], bool):
+            rs["factor"] = float(rs["factor"])
         rs.setdefault("beta_fast", 32)
         rs.setdefault("beta_slow", 1)
         rs.setdefault("mscale", 1.0)

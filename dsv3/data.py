@@ -22,12 +22,13 @@ import math
 import operator
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import torch
+
+from .atomic import atomic_write_bytes
 
 VOCAB_SIZE = 2048  # including the two special tokens
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>")  # ids 0 and 1, DeepSeek-V3's bos_token_id and eos_token_id
@@ -62,20 +63,6 @@ def data_dir() -> Path:
 
 def _resolve(directory: str | os.PathLike | None) -> Path:
     return data_dir() if directory is None else Path(directory)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; data files are world-readable like any checkout
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_text(path: Path) -> str:
@@ -380,7 +367,11 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     path = data_dir() / TOKENIZER_FILE if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist (run dsv3.data.build_data_files())")
-    return Tokenizer(path.read_text(encoding="utf-8"), source=str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"tokenizer file {str(path)!r} is not valid UTF-8: {e}") from None
+    return Tokenizer(text, source=str(path))
 
 
 def build_data_files(directory: str | os.PathLike | None = None,
@@ -392,15 +383,15 @@ def build_data_files(directory: str | os.PathLike | None = None,
     """
     out = _resolve(directory)
     if shakespeare is not None:
-        _atomic_write(out / DOMAIN_FILES["shakespeare"], _read_text(Path(shakespeare)).encode("utf-8"))
+        atomic_write_bytes(out / DOMAIN_FILES["shakespeare"], _read_text(Path(shakespeare)).encode("utf-8"))
     texts = {"shakespeare": _read_text(out / DOMAIN_FILES["shakespeare"])}
     written = {"shakespeare": out / DOMAIN_FILES["shakespeare"]}
     for domain in ("arithmetic", "code"):
         texts[domain] = generate_domain(domain)
         written[domain] = out / DOMAIN_FILES[domain]
-        _atomic_write(written[domain], texts[domain].encode("utf-8"))
+        atomic_write_bytes(written[domain], texts[domain].encode("utf-8"))
     written["tokenizer"] = out / TOKENIZER_FILE
-    _atomic_write(written["tokenizer"], train_tokenizer([texts[d] for d in DOMAINS]).encode("utf-8"))
+    atomic_write_bytes(written["tokenizer"], train_tokenizer([texts[d] for d in DOMAINS]).encode("utf-8"))
     return written  # the token cache is keyed by file size, mtime and tokenizer hash, so it never goes stale
 
 

@@ -18,12 +18,15 @@ probability min(1, p/q), otherwise resample from max(0, p - q) normalized -- kee
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
+from .config import ModelConfig
 from .layers.mla import CACHE_KINDS, KVCache
 
 
@@ -212,6 +215,9 @@ def _as_prompts(input_ids, attention_mask) -> list[torch.Tensor]:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
                              f"{tuple(input_ids.shape)} like input_ids")
+        if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
+            raise ValueError(f"attention_mask must hold only 1 (token) and 0 (padding), got {bad!r}")
         return [row[m.bool()].long() for row, m in zip(input_ids, attention_mask)]
     if attention_mask is not None:
         raise ValueError("attention_mask is only accepted with a tensor input_ids; pass ragged prompts as a list")
@@ -226,15 +232,34 @@ def _as_prompts(input_ids, attention_mask) -> list[torch.Tensor]:
         if isinstance(row, torch.Tensor):
             prompts.append(row.reshape(-1).long())
         elif isinstance(row, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in row):
+            huge = [t for t in row if not -2**63 <= t < 2**63]
+            if huge:
+                raise ValueError(f"prompt {b} holds token id {huge[0]}, outside the vocabulary")
             prompts.append(torch.tensor(list(row), dtype=torch.long))
         else:
             raise ValueError(f"prompt {b} must be a list of int token ids or a 1-D tensor, got {row!r:.60}")
     return prompts
 
 
+def _stop_set(stop_tokens, config) -> set[int]:
+    """``stop_tokens`` (None, one id, or a list of ids) as a set of token ids of the vocabulary."""
+    if stop_tokens is None:
+        return set()
+    ids = [stop_tokens] if isinstance(stop_tokens, numbers.Integral) else stop_tokens
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, set, frozenset, torch.Tensor)):
+        raise ValueError(f"stop_tokens must be a token id or a list of token ids, got {stop_tokens!r}")
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < config.vocab_size:
+            raise ValueError(f"stop_tokens holds {t!r}, not a token id of the vocabulary [0, {config.vocab_size})")
+    return {int(t) for t in ids}
+
+
 def _check(model, prompts: list[torch.Tensor], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-           cache_kind: str, speculative: bool, num_draft: int) -> None:
+           cache_kind: str, speculative: bool, num_draft: int, seed: int | None = None) -> None:
     config = model.config
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be None or an integer in [0, 2**64), got {seed!r}")
     for b, p in enumerate(prompts):
         if p.numel() == 0:
             raise ValueError(f"the prompt is empty (prompt {b} has no tokens)" if len(prompts) > 1
@@ -249,11 +274,12 @@ def _check(model, prompts: list[torch.Tensor], max_new_tokens: int, temperature:
     if longest + max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} = {longest + max_new_tokens} "
                          f"exceeds max_position_embeddings={config.max_position_embeddings}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if not isinstance(top_k, int) or top_k < 0:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy) and finite, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
-    if not 0.0 < top_p <= 1.0:
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if cache_kind not in CACHE_KINDS:
         raise ValueError(f"cache_kind must be one of {CACHE_KINDS}, got {cache_kind!r}")
@@ -287,13 +313,13 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Ten
     ``callback(row, new_ids)`` is called whenever a row gains tokens (streaming).
     """
     t_start = time.perf_counter()
-    config = model.config
+    config = getattr(model, "config", None)
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"generate needs a dsv3.DeepSeekV3 model, got {type(model).__name__}")
     prompts = _as_prompts(input_ids, attention_mask)
-    _check(model, prompts, max_new_tokens, temperature, top_k, top_p, cache_kind, speculative, num_draft)
-    if isinstance(stop_tokens, int):
-        stop_tokens = [stop_tokens]
+    _check(model, prompts, max_new_tokens, temperature, top_k, top_p, cache_kind, speculative, num_draft, seed)
+    stop_tokens = _stop_set(stop_tokens, config)
     device = model.device
-    stop_tokens = set(stop_tokens or [])
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     generator = torch.Generator(device=device)
@@ -315,6 +341,8 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Ten
     positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, S) RoPE position of each slot
     mask = slots[None, :P] >= pad[:, None]  # (B, P) True = real token
 
+    if speculative:  # a round never drafts past the token budget, so larger requests change nothing
+        num_draft = min(num_draft, max(N - 1, 1))
     D = len(model.mtp) if speculative else 0
     cache = KVCache(config, B, S, cache_kind, dtype=model.dtype, device=device,
                     num_layers=config.num_hidden_layers + D)
@@ -335,8 +363,12 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Ten
     # it, so they stay ordinary tensors that the caller may go on using with autograd or in place
     with torch.inference_mode():
         # -- prefill --
-        out = model(seq[:, :P], attention_mask=mask, position_ids=positions[:, :P], cache=cache)
+        out = model(seq[:, :P], attention_mask=mask, position_ids=positions[:, :P], cache=cache,
+                    check_ids=False)  # _check read every prompt id once
         stats.main_forwards += 1
+        if not bool(torch.isfinite(out.logits[:, -1]).all()):  # argmax of NaN is token 0: garbage, not an error
+            raise ValueError("the model's logits after the prompt are not finite (NaN or Inf): its weights hold "
+                             "NaN/Inf or overflow in its dtype")
         tok, _ = choose(out.logits[:, -1])  # (B,)
         seq[:, P] = tok
         rows.commit(tok[:, None])
@@ -346,7 +378,8 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Ten
         if not speculative:
             n = P  # slots filled in the cache
             while not rows.all_done:
-                out = model(seq[:, n:n + 1], position_ids=positions[:, n:n + 1], cache=cache)  # logits (B, 1, V)
+                out = model(seq[:, n:n + 1], position_ids=positions[:, n:n + 1], cache=cache,
+                            check_ids=False)  # logits (B, 1, V); ids of its own choosing
                 stats.main_forwards += 1
                 n += 1
                 tok, _ = choose(out.logits[:, -1])  # (B,)
@@ -452,7 +485,8 @@ def _speculative_loop(model, seq, positions, cache, prefill_hidden, P, num_draft
             q.append(probs)
 
         # -- verify: the newest committed token and the k drafts in one forward --
-        out = model(seq[:, n:n + k + 1], position_ids=positions[:, n:n + k + 1], cache=cache)  # logits (B, k+1, V)
+        out = model(seq[:, n:n + k + 1], position_ids=positions[:, n:n + k + 1], cache=cache,
+                    check_ids=False)  # logits (B, k+1, V); ids checked by _check or chosen here
         stats.main_forwards += 1
         stats.rounds += 1
         hidden[0][:, n:n + k + 1] = out.hidden
@@ -484,93 +518,3 @@ def _speculative_loop(model, seq, positions, cache, prefill_hidden, P, num_draft
             valid[depth] = max(0, min(computed[depth], n - depth))
     return valid[1:]
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line: python -m dsv3 generate
-# ---------------------------------------------------------------------------------------------------------------
-
-def add_cli(subparsers) -> None:
-    """Register ``python -m dsv3 generate``."""
-    p = subparsers.add_parser("generate", help="generate text from a checkpoint (optionally speculative with MTP)",
-                              description="Stream tokens from a checkpoint in the released layout, then print the "
-                                          "generation stats.")
-    p.add_argument("--checkpoint", required=True,
-                   help="directory with config.json and model.safetensors, or a training run directory")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (encoded with the bundled tokenizer)")
-    src.add_argument("--prompt-ids", help="prompt as space-separated token ids")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--speculative", action="store_true", help="draft with the MTP modules and verify")
-    p.add_argument("--num-draft", type=int, default=1, help="tokens drafted per round (with --speculative)")
-    p.add_argument("--cache", choices=CACHE_KINDS, default="latent",
-                   help="latent = absorbed MLA over c_KV + k^R (default); naive = decompressed K/V")
-    p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.set_defaults(func=_cmd_generate)
-
-
-def _cmd_generate(args) -> int:
-    import sys
-
-    from .checkpoint import load_pretrained
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = args.checkpoint
-    try:  # a training run directory (dsv3.train's out_dir) names its latest checkpoint
-        from .train import model_dir
-
-        path = model_dir(path)
-    except ImportError:
-        pass
-    model = load_pretrained(path, device=device)
-    tokenizer = None
-    try:
-        from .data import load_tokenizer
-
-        tok = load_tokenizer()
-        if len(tok) == model.config.vocab_size:
-            tokenizer = tok
-    except (ImportError, FileNotFoundError, ValueError):
-        pass
-    if args.prompt is not None:
-        if tokenizer is None:
-            raise ValueError(f"the checkpoint's vocab_size={model.config.vocab_size} does not match the bundled "
-                             f"tokenizer; pass the prompt as --prompt-ids")
-        ids = tokenizer.encode(args.prompt)
-    else:
-        try:
-            ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
-        except ValueError:
-            raise ValueError(f"--prompt-ids must be integers separated by spaces, got {args.prompt_ids!r}") from None
-
-    emitted: list[int] = []
-    shown = [""]
-
-    def stream(row: int, new: list[int]) -> None:
-        emitted.extend(new)
-        if tokenizer is None:
-            sys.stdout.write("".join(f" {t}" for t in new))
-        else:
-            text = tokenizer.decode(emitted)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(shown[0]):])
-                shown[0] = text
-        sys.stdout.flush()
-
-    if tokenizer is not None:
-        sys.stdout.write(args.prompt if args.prompt is not None else tokenizer.decode(ids))
-    else:
-        sys.stdout.write(" ".join(str(t) for t in ids))
-    stop = None if args.no_stop else [model.config.eos_token_id]
-    gen = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, stop_tokens=stop, cache_kind=args.cache,
-                   speculative=args.speculative, num_draft=args.num_draft, callback=stream)
-    if tokenizer is not None and shown[0] != tokenizer.decode(emitted):
-        sys.stdout.write(tokenizer.decode(emitted)[len(shown[0]):])
-    sys.stdout.write("\n")
-    print(gen.stats)
-    return 0

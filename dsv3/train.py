@@ -13,20 +13,18 @@ kernels' "auto" backend picks the Triton kernels; on a CPU everything is fp32 an
 A checkpoint is a directory ``out_dir/checkpoint-NNNNNN`` holding the model in the released layout
 (``config.json`` + ``model.safetensors``, router biases included: ``dsv3.load_pretrained`` reads it), and
 ``trainer.safetensors`` (AdamW moments and step, RNG states) + ``trainer.json`` (step, configs, data position,
-history). It is written under a temporary name, renamed into place, and only then does ``out_dir/latest`` point
-to it, so a crash or a diverged run always leaves the last good checkpoint. Resuming restores every piece of
-state: N steps + resume + N steps equals 2N steps bit for bit (weights, biases, optimizer, history).
+history); ``dsv3.rundir`` writes and reads them (atomically, with ``out_dir/latest`` moved last, so a crash or a
+diverged run always leaves the last good checkpoint) and locks ``out_dir`` for the one run that writes into it.
+Resuming restores every piece of state: N steps + resume + N steps equals 2N steps bit for bit (weights, biases,
+optimizer, history).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,15 +34,13 @@ from typing import Any
 import torch
 
 from . import balance as bal
-from . import fp8
-from .checkpoint import atomic_save_file, atomic_write_text, load_pretrained, save_pretrained
+from . import fp8, rundir
+from .accounting import count_parameters
+from .checkpoint import load_pretrained
 from .config import ModelConfig
 from .model import DeepSeekV3
+from .rundir import CHECKPOINT_PREFIX, RunLock, find_checkpoint
 
-CHECKPOINT_PREFIX = "checkpoint-"
-LATEST_FILE = "latest"
-TRAINER_JSON, TRAINER_TENSORS = "trainer.json", "trainer.safetensors"
-FORMAT = "dsv3-train-v1"
 DTYPES = ("auto", "float32", "bfloat16")
 # TrainConfig fields a resumed run may change; every other field must equal the checkpoint's
 RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "progress", "out_dir",
@@ -129,6 +125,13 @@ class TrainConfig:
             integer(name, 1)
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             integer(name, 0)
+        if self.seed >= 2**63:
+            raise ValueError(f"TrainConfig.seed must be below 2**63 (torch's seed range), got {self.seed!r}")
+        for name in ("out_dir", "data_dir"):
+            if getattr(self, name) == "":
+                raise ValueError(f"TrainConfig.{name} is an empty path; give a directory (or None for the default)")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"TrainConfig.progress must be true or false, got {self.progress!r}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"TrainConfig.batch_size={self.batch_size} is not divisible by "
                              f"grad_accum={self.grad_accum}")
@@ -290,123 +293,6 @@ def moe_layer_names(model: DeepSeekV3) -> list[str]:
 
 
 # ---------------------------------------------------------------------- checkpoints
-def find_checkpoint(path: str | Path) -> Path | None:
-    """The checkpoint directory a run directory's ``latest`` names, a checkpoint directory itself, or None."""
-    path = Path(path)
-    if (path / TRAINER_JSON).is_file():
-        return path
-    latest = path / LATEST_FILE
-    if latest.is_file():
-        ckpt = path / latest.read_text().strip()
-        if not (ckpt / TRAINER_JSON).is_file():
-            raise ValueError(f"{latest} names {ckpt.name}, which is not a complete checkpoint")
-        return ckpt
-    return None
-
-
-def model_dir(path: str | Path) -> Path:
-    """The directory holding ``config.json`` + weights for a run directory, a checkpoint, or a model directory."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = find_checkpoint(path)
-    if ckpt is not None:
-        return ckpt
-    if (path / "config.json").is_file():
-        return path
-    raise FileNotFoundError(f"{path} holds no training run (no {LATEST_FILE} file) and no config.json")
-
-
-def load_history(path: str | Path) -> list[dict]:
-    """The history saved with a run's latest checkpoint (or a given checkpoint directory)."""
-    ckpt = find_checkpoint(path)
-    if ckpt is None:
-        raise FileNotFoundError(f"{path} holds no training checkpoint")
-    return json.loads((ckpt / TRAINER_JSON).read_text())["history"]
-
-
-def save_checkpoint(run_dir: Path, step: int, model: DeepSeekV3, optimizer: torch.optim.Optimizer,
-                    data_state: dict, history: list[dict], cfg: TrainConfig, keep: int = 1) -> Path:
-    """Write ``run_dir/checkpoint-{step}`` (under a temporary name, then renamed), point ``latest`` at it, and
-    remove older checkpoints beyond the newest ``keep``. Safetensors + JSON only."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{CHECKPOINT_PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{name}.", suffix=".tmp"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is as readable as the run directory
-    try:
-        save_pretrained(model, tmp)
-        tensors, opt_meta = _optimizer_tensors(model, optimizer)
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = s
-        atomic_save_file(tensors, tmp / TRAINER_TENSORS, metadata={"format": FORMAT})
-        state = {"format": FORMAT, "step": step, "train_config": cfg.to_dict(), "data": data_state,
-                 "optimizer": opt_meta, "moe_layers": moe_layer_names(model), "history": history}
-        atomic_write_text(tmp / TRAINER_JSON, json.dumps(state) + "\n")
-        final = run_dir / name
-        if final.exists():  # left by an earlier attempt that never became `latest`: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_text(run_dir / LATEST_FILE, name + "\n")
-    old = sorted(p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name != name)
-    for p in old[: max(len(old) - (keep - 1), 0)]:
-        shutil.rmtree(p, ignore_errors=True)
-    return final
-
-
-def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """AdamW state by parameter name: {"optimizer.<param>.<exp_avg|exp_avg_sq|step>": tensor}, plus JSON metadata."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {}
-    for p, st in optimizer.state.items():
-        for key, value in st.items():
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"optimizer state {key!r} of {names[id(p)]} is not a tensor")
-            tensors[f"optimizer.{names[id(p)]}.{key}"] = value.detach().cpu()
-    return tensors, {"type": type(optimizer).__name__,
-                     "param_groups": [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]}
-
-
-def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict,
-                    where: Path) -> None:
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    if meta.get("param_groups") != groups:
-        raise ValueError(f"{where}: the optimizer's parameter groups do not match this model")
-    sd = optimizer.state_dict()
-    state = {}
-    index = 0
-    for g in groups:
-        for n in g:
-            keys = {k[len(f"optimizer.{n}."):]: v for k, v in tensors.items() if k.startswith(f"optimizer.{n}.")
-                    and "." not in k[len(f"optimizer.{n}."):]}
-            if keys:
-                state[index] = keys
-            index += 1
-    sd["state"] = state
-    optimizer.load_state_dict(sd)
-
-
-def _read_checkpoint(ckpt: Path) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
-    try:
-        state = json.loads((ckpt / TRAINER_JSON).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{ckpt / TRAINER_JSON}: not valid JSON ({e})") from None
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{ckpt / TRAINER_JSON}: format {state.get('format')!r}, expected {FORMAT!r}")
-    try:
-        tensors = load_file(str(ckpt / TRAINER_TENSORS))
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{ckpt / TRAINER_TENSORS}: cannot be read ({e})") from None
-    return state, tensors
-
-
 def _check_compatible(ckpt: Path, state: dict, model_config: ModelConfig, cfg: TrainConfig) -> None:
     """One error naming the first field where the checkpoint's run differs from the requested one."""
     saved_model = ModelConfig.from_hf(ckpt)
@@ -487,21 +373,45 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
                          f"{model_config.num_nextn_predict_layers} MTP depths; use seq_len > "
                          f"{model_config.num_nextn_predict_layers}")
     device = resolve_device(cfg.device)
+    _check_fits(model_config, device)
 
     run_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
-    ckpt = None
-    if run_dir is not None:
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ValueError(f"TrainConfig.out_dir {str(run_dir)!r} is a file, not a directory")
-        ckpt = find_checkpoint(run_dir) if run_dir.is_dir() else None
-        if ckpt is not None and not resume:
-            raise ValueError(f"out_dir {str(run_dir)!r} already holds a training run ({ckpt.name}); resume it "
-                             f"(resume=True / --resume) or choose another out_dir")
+    if run_dir is None:
+        return _train(model_config, cfg, device, None, resume, callback)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"TrainConfig.out_dir {str(run_dir)!r} is a file, not a directory")
+    with RunLock(run_dir):  # one run per directory; taking it also proves the directory writable before compute
+        return _train(model_config, cfg, device, run_dir, resume, callback)
+
+
+def _check_fits(model_config: ModelConfig, device: torch.device) -> None:
+    """Refuse a model whose fp32 training state (weights, gradients, two AdamW moments: 16 bytes a parameter) exceeds
+    the device's whole memory, before allocating it (``--config deepseek_v3`` on a laptop)."""
+    need = 16 * count_parameters(model_config)["total_with_mtp"]
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # not on this platform: let the allocator decide
+            return
+    if need > have:
+        raise ValueError(f"the model has {count_parameters(model_config)['total_with_mtp']:,} parameters: training "
+                         f"it needs about {need / 2**30:,.0f} GiB (fp32 weights, gradients and AdamW moments), "
+                         f"more than the {have / 2**30:,.0f} GiB of {device}")
+
+
+def _train(model_config: ModelConfig, cfg: TrainConfig, device: torch.device, run_dir: Path | None, resume: bool,
+           callback) -> TrainResult:
+    ckpt = find_checkpoint(run_dir) if run_dir is not None else None
+    if ckpt is not None and not resume:
+        raise ValueError(f"out_dir {str(run_dir)!r} already holds a training run ({ckpt.name}); resume it "
+                         f"(resume=True / --resume) or choose another out_dir")
     if resume and ckpt is None:
         raise ValueError(f"nothing to resume: out_dir {cfg.out_dir!r} holds no checkpoint")
     state = tensors = None
     if ckpt is not None:
-        state, tensors = _read_checkpoint(ckpt)
+        state, tensors = rundir.read_checkpoint(ckpt)
         _check_compatible(ckpt, state, model_config, cfg)
         if state["step"] > cfg.steps:
             raise ValueError(f"{ckpt} is at step {state['step']}, beyond TrainConfig.steps={cfg.steps}")
@@ -513,7 +423,11 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
         model = load_pretrained(ckpt, dtype=torch.float32)
         step = int(state["step"])
         history = list(state["history"])
-        batches.load_state_dict(state["data"])
+        try:
+            batches.load_state_dict(state["data"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise rundir.RunDirectoryError(f"{ckpt / rundir.TRAINER_JSON}: entry 'data' (the data position) is "
+                                           f"damaged: {e}") from None
     else:
         model = init_model(model_config, cfg.seed)
         step, history = 0, []
@@ -522,10 +436,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
         fp8.apply_fp8(model)  # the FP8 GEMMs; master weights stay fp32
     layers = model.moe_layers()
     for layer in layers:
-        layer.capacity_factor = cfg.capacity_factor
+        layer.set_capacity(cfg.capacity_factor)
     optimizer = make_optimizer(model, cfg)
     if ckpt is not None:
-        _load_optimizer(model, optimizer, tensors, state["optimizer"], ckpt)
+        rundir.load_optimizer(model, optimizer, tensors, state["optimizer"], ckpt)
         torch.set_rng_state(tensors["rng.torch"])
         cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
         if cuda_states and torch.cuda.is_available():
@@ -546,8 +460,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
     last_saved = step if ckpt is not None else None
 
     def save(at: int) -> int:
-        result.checkpoint = save_checkpoint(run_dir, at, model, optimizer, batches.state_dict(), history, cfg,
-                                            cfg.keep_checkpoints)
+        result.checkpoint = rundir.save_checkpoint(run_dir, at, model, optimizer, batches.state_dict(), history,
+                                                   cfg.to_dict(), names, cfg.keep_checkpoints)
         return at
 
     try:
@@ -557,34 +471,44 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
             for g in optimizer.param_groups:
                 g["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loads = torch.zeros(len(layers), model_config.n_routed_experts, dtype=torch.long)  # (L, N_r)
-            sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-            groups, dropped = torch.zeros(len(layers)), torch.zeros(len(layers))
+            # the step's metrics stay on the device and are read back once, before the optimizer step
+            loads = torch.zeros(len(layers), model_config.n_routed_experts, dtype=torch.long, device=device)  # (L, N_r)
+            groups = torch.zeros(len(layers), device=device)  # (L,) fp32
+            dropped = torch.zeros(len(layers), device=device)  # (L,) fp32
+            micro = []  # per micro-batch: () total, loss, main_loss, mtp_loss, balance_loss, as fp64 on the device
             for _ in range(cfg.grad_accum):
                 batch = next(batches)
                 ids, labels = batch.input_ids.to(device), batch.labels.to(device)  # (b, T) each
                 with _autocast(device, cfg.dtype):
-                    out = model(ids, labels=labels, mtp_weight=lam)
+                    # make_data checked the tokenizer against the vocabulary once: no per-forward id check
+                    out = model(ids, labels=labels, mtp_weight=lam, check_ids=False)
                     routings = out.routing + out.mtp_routing
                     balance_term = bal.balance_loss(routings, cfg.balance, cfg.seq_aux_alpha,
                                                     cfg.aux_alpha).to(out.loss.device)
                     total = out.loss + balance_term
-                value = total.item()
+                (total / cfg.grad_accum).backward()
+                mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros((), device=out.loss.device)
+                micro.append(torch.stack([t.detach().double() for t in (total, out.loss, out.main_loss, mtp,
+                                                                          balance_term)]))
+                loads += bal.expert_loads(routings)
+                groups += bal.mean_groups_per_token(routings, model_config.n_group) / cfg.grad_accum
+                dropped += torch.stack([torch.as_tensor(r.dropped, dtype=torch.float64, device=device)
+                                        for r in routings]).float() / cfg.grad_accum
+            if cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            vio = bal.max_vio(loads)  # (L,)
+            read = _read_once(micro=torch.stack(micro), grad_norm=grad_norm,
+                              max_vio=vio[:n_main].mean() if n_main else torch.zeros(()), max_vio_layers=vio,
+                              loads=loads, groups_per_token=groups, dropped=dropped)
+            grad_norm = read["grad_norm"]
+            sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+            for value, *parts in read["micro"]:
                 if not math.isfinite(value):
                     raise TrainingDivergedError(_diverged_message("loss", value, step + 1, run_dir, last_saved))
-                (total / cfg.grad_accum).backward()
-                sums["loss"] += out.loss.item() / cfg.grad_accum
-                sums["main_loss"] += out.main_loss.item() / cfg.grad_accum
-                sums["mtp_loss"] += (out.mtp_loss.item() if out.mtp_loss is not None else 0.0) / cfg.grad_accum
-                sums["balance_loss"] += balance_term.item() / cfg.grad_accum
-                loads += bal.expert_loads(routings)
-                groups += torch.tensor(bal.mean_groups_per_token(routings, model_config.n_group)) / cfg.grad_accum
-                dropped += torch.tensor([r.dropped for r in routings]) / cfg.grad_accum
-            if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                for key, v in zip(sums, parts):
+                    sums[key] += v / cfg.grad_accum
             if not math.isfinite(grad_norm):
                 raise TrainingDivergedError(_diverged_message("gradient norm", grad_norm, step + 1, run_dir,
                                                               last_saved))
@@ -595,15 +519,14 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
             train_time += time.perf_counter() - t0
             tokens_this_call += micro_tokens * cfg.grad_accum
 
-            vio = bal.max_vio(loads)  # (L,)
             entry = {"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, **sums, "lr": lr,
                      "mtp_weight": lam, "bias_update_speed": gamma, "grad_norm": grad_norm,
-                     "max_vio": float(vio[:n_main].mean()) if n_main else 0.0,
-                     "max_vio_layers": vio.tolist(), "loads": loads.tolist(),
-                     "biases": [layer.gate.e_score_correction_bias.detach().cpu().tolist() for layer in layers],
-                     "groups_per_token": groups.tolist()}
+                     "max_vio": read["max_vio"], "max_vio_layers": read["max_vio_layers"], "loads": read["loads"],
+                     # after the bias update: the step's second read
+                     "biases": torch.stack([layer.gate.e_score_correction_bias.detach() for layer in layers]).tolist(),
+                     "groups_per_token": read["groups_per_token"]}
             if cfg.capacity_factor is not None:
-                entry["dropped"] = dropped.tolist()
+                entry["dropped"] = read["dropped"]
             if val and (step % cfg.eval_every == 0 or step == cfg.steps):
                 entry.update(evaluate(model, val, device, cfg.dtype, lam, n_main))
             history.append(entry)
@@ -630,6 +553,24 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
     return result
 
 
+def _read_once(**tensors: torch.Tensor) -> dict:
+    """Read device tensors back to the host in one transfer (one synchronization instead of one per value): each
+    comes back as ``tolist()`` returns it (a number for a 0-dim tensor, nested lists otherwise, ints for integer
+    tensors). Values travel as fp64, which holds fp32/bf16 values and integers below 2**53 exactly."""
+    flat = torch.cat([t.detach().reshape(-1).double().to(next(iter(tensors.values())).device)
+                      for t in tensors.values()]).tolist()
+    out, i = {}, 0
+    for name, t in tensors.items():
+        values = flat[i:i + t.numel()]
+        i += t.numel()
+        if not (t.is_floating_point() or t.is_complex()):
+            values = [int(v) for v in values]
+        for size in reversed(t.shape[1:]):
+            values = [values[j:j + size] for j in range(0, len(values), size)]
+        out[name] = values[0] if t.dim() == 0 else values
+    return out
+
+
 def _diverged_message(what: str, value: float, step: int, run_dir: Path | None, last_saved: int | None) -> str:
     msg = f"training stopped: the {what} is {value} at step {step}"
     if run_dir is not None and last_saved is not None:
@@ -643,143 +584,31 @@ def _diverged_message(what: str, value: float, step: int, run_dir: Path | None, 
 def evaluate(model: DeepSeekV3, batches, device: torch.device | str = "cpu", dtype: str = "auto",
              mtp_weight: float = 0.3, n_main: int | None = None) -> dict:
     """Validation: mean next-token loss and MTP loss over fixed batches, and the global MaxVio -- loads summed over
-    the whole validation set, per MoE layer (``val_max_vio`` averages the ``n_main`` main-model layers)."""
+    the whole validation set, per MoE layer (``val_max_vio`` averages the ``n_main`` main-model layers).
+
+    ``batches`` come from the corpus the trainer checked against the vocabulary (``make_data``): their ids are not
+    checked again, and the results are read back to the host once."""
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    main = mtp = 0.0
-    loads = None
+    losses, loads = [], None  # per batch: () main and MTP loss on the device; (L, N_r) loads summed on the device
     for b in batches:
         with _autocast(device, dtype):
-            out = model(b.input_ids.to(device), labels=b.labels.to(device), mtp_weight=mtp_weight)
-        main += out.main_loss.item() / len(batches)
-        mtp += (out.mtp_loss.item() if out.mtp_loss is not None else 0.0) / len(batches)
+            # make_data checked the tokenizer against the vocabulary once: no per-forward id check
+            out = model(b.input_ids.to(device), labels=b.labels.to(device), mtp_weight=mtp_weight, check_ids=False)
+        mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros((), device=out.main_loss.device)
+        losses.append(torch.stack([out.main_loss.double(), mtp.double()]))
         step_loads = bal.expert_loads(out.routing + out.mtp_routing)  # (L, N_r)
         loads = step_loads if loads is None else loads + step_loads
     model.train(was_training)
     vio = bal.max_vio(loads)  # (L,)
     n_main = len(out.routing) if n_main is None else n_main
-    return {"val_loss": main, "val_mtp_loss": mtp, "val_max_vio": float(vio[:n_main].mean()) if n_main else 0.0,
-            "val_max_vio_layers": vio.tolist(), "val_loads": loads.tolist()}
+    read = _read_once(losses=torch.stack(losses), max_vio=vio[:n_main].mean() if n_main else torch.zeros(()),
+                      max_vio_layers=vio, loads=loads)  # one host synchronization for the whole validation
+    main = mtp = 0.0
+    for main_b, mtp_b in read["losses"]:  # the same float arithmetic, in the same order, as one read per batch
+        main += main_b / len(batches)
+        mtp += mtp_b / len(batches)
+    return {"val_loss": main, "val_mtp_loss": mtp, "val_max_vio": read["max_vio"],
+            "val_max_vio_layers": read["max_vio_layers"], "val_loads": read["loads"]}
 
-
-# ---------------------------------------------------------------------- command line
-def add_cli(subparsers) -> None:
-    """Register ``python -m dsv3 train`` and ``python -m dsv3 sample``."""
-    p = subparsers.add_parser("train", help="train a model on the bundled corpus (resumable)",
-                              description="Train DeepSeek-V3 (tiny by default) with a progress bar; checkpoints go "
-                                          "to --out and --resume continues from the latest one.")
-    p.add_argument("--config", default=None, help="tiny (default), deepseek_v3, or a config.json / checkpoint dir")
-    p.add_argument("--out", required=True, help="run directory for checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    d = TrainConfig()
-    flags = [("--steps", "steps", int), ("--batch-size", "batch_size", int), ("--seq-len", "seq_len", int),
-             ("--grad-accum", "grad_accum", int), ("--lr", "lr", float), ("--min-lr-ratio", "min_lr_ratio", float),
-             ("--warmup-steps", "warmup_steps", int), ("--weight-decay", "weight_decay", float),
-             ("--grad-clip", "grad_clip", float), ("--bias-update-speed", "bias_update_speed", float),
-             ("--bias-update-until", "bias_update_until", float), ("--seq-aux-alpha", "seq_aux_alpha", float),
-             ("--aux-alpha", "aux_alpha", float), ("--mtp-weight", "mtp_weight", float),
-             ("--mtp-weight-final", "mtp_weight_final", float), ("--mtp-weight-switch", "mtp_weight_switch", float),
-             ("--capacity-factor", "capacity_factor", float), ("--eval-every", "eval_every", int),
-             ("--eval-batches", "eval_batches", int), ("--save-every", "save_every", int),
-             ("--keep-checkpoints", "keep_checkpoints", int), ("--seed", "seed", int), ("--data-dir", "data_dir", str),
-             ("--device", "device", str)]
-    for flag, name, typ in flags:
-        p.add_argument(flag, dest=name, type=typ, default=None, help=f"default {getattr(d, name)!r}")
-    p.add_argument("--fp8", action="store_true", default=None, help="the paper's FP8 recipe (Sec. 3.3)")
-    p.add_argument("--gamma", dest="bias_update_speed", type=float, default=None, help="alias of --bias-update-speed")
-    p.add_argument("--balance", choices=bal.BALANCE_MODES, default=None, help=f"default {d.balance!r}")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help=f"default {d.dtype!r}")
-    p.add_argument("--domains", default=None,
-                   help="comma-separated domains, optionally weighted: shakespeare=2,arithmetic=1,code=1 "
-                        f"(default {','.join(d.domains)})")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_train)
-
-    s = subparsers.add_parser("sample", help="sample text from a trained checkpoint",
-                              description="Greedy (--temperature 0) or sampled continuation of a prompt.")
-    s.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or a model directory")
-    s.add_argument("--prompt", default="\n", help="prompt text (bundled tokenizer)")
-    s.add_argument("--max-new-tokens", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    s.set_defaults(func=_cmd_sample)
-
-
-def _parse_domains(text: str) -> tuple[str, ...] | dict[str, float]:
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not any("=" in p for p in parts):
-        return tuple(parts)
-    weights = {}
-    for p in parts:
-        name, _, w = p.partition("=")
-        try:
-            weights[name.strip()] = float(w) if w else 1.0
-        except ValueError:
-            raise ValueError(f"--domains: weight of {name!r} is not a number: {w!r}") from None
-    return weights
-
-
-def _cmd_train(args) -> int:
-    from .__main__ import config_from_arg
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if args.domains is not None:
-        given["domains"] = _parse_domains(args.domains)
-    given["out_dir"] = args.out
-    if args.no_progress:
-        given["progress"] = False
-    ckpt = find_checkpoint(args.out) if args.resume and Path(args.out).is_dir() else None
-    if ckpt is not None:  # the saved settings, with the flags given now on top
-        saved = json.loads((ckpt / TRAINER_JSON).read_text())["train_config"]
-        saved.pop("progress", None)
-        cfg = TrainConfig.from_dict({**saved, **given})
-        model_config = config_from_arg(args.config) if args.config else ModelConfig.from_hf(ckpt)
-    else:
-        cfg = TrainConfig(**given)
-        model_config = config_from_arg(args.config or "tiny")
-    try:
-        result = train(model_config, cfg, resume=args.resume)
-    except TrainingDivergedError as e:
-        print(f"error: {e}", file=__import__("sys").stderr)
-        return 3
-    h = result.history[-1] if result.history else {}
-    print(f"steps {h.get('step', 0)}/{cfg.steps}  tokens {h.get('tokens', 0):,}  "
-          f"throughput {result.tokens_per_s:,.0f} tokens/s  loss {h.get('main_loss', float('nan')):.3f}  "
-          f"MaxVio {h.get('max_vio', float('nan')):.3f}")
-    if result.last("val_loss") is not None:
-        print(f"validation: loss {result.last('val_loss'):.3f}  MaxVio (global) {result.last('val_max_vio'):.3f}")
-    if result.checkpoint is not None:
-        print(f"checkpoint: {result.checkpoint}")
-    return 0
-
-
-def _cmd_sample(args) -> int:
-    from .data import load_tokenizer
-    from .generate import generate
-
-    path = model_dir(args.checkpoint)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_pretrained(path, device=device)
-    tokenizer = load_tokenizer()
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{path}: the model's vocab_size={model.config.vocab_size} is smaller than the bundled "
-                         f"tokenizer's {tokenizer.vocab_size}")
-    ids = tokenizer.encode(args.prompt)
-    if not ids:
-        raise ValueError("--prompt encodes to no tokens")
-    room = model.config.max_position_embeddings - len(ids)
-    if room <= 0:
-        raise ValueError(f"--prompt has {len(ids)} tokens, the model's context is "
-                         f"{model.config.max_position_embeddings}")
-    gen = generate(model, ids, min(args.max_new_tokens, room), temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed)
-    print(args.prompt + tokenizer.decode(gen.sequences()[0]))
-    return 0

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from dsv3 import DeepSeekV3, ModelConfig, count_parameters, kv_cache_bytes
-
-from conftest import small_config
+from helpers import small_config
 
 
 def test_v3_parameter_counts_match_the_paper():

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
+from dsv3 import DeepSeekV3
 from dsv3 import balance as bal
 from dsv3.layers.moe import Routing, capacity_keep
-
-from conftest import random_model, small_config
+from helpers import random_model, small_config
 
 
 def test_bias_update_direction_and_magnitude():
@@ -111,7 +111,7 @@ def test_balance_loss_gradient_reaches_affinities_only():
 
 def test_uniform_routing_gives_loss_alpha():
     """Perfect balance: f_i = 1 and P_i = 1/N_r, so sum_i f_i P_i = 1 and the loss equals alpha."""
-    E, K, T = 4, 2, 4
+    E, T = 4, 4  # 2 experts per token
     ids = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2]])
     r = _routing(torch.full((T, E), 0.5), ids, 1, T)
     assert math.isclose(bal.sequence_balance_loss([r], 0.3).item(), 0.3, rel_tol=1e-6)
@@ -142,10 +142,10 @@ def test_capacity_dropping_is_off_by_default_and_reports_a_fraction():
     y0, r0 = moe(x)
     assert r0.dropped == 0.0
     N, K, E = 60, cfg.num_experts_per_tok, cfg.n_routed_experts
-    moe.capacity_factor = float(E) / K  # room for every token at every expert: nothing may drop
+    moe.set_capacity(float(E) / K)  # room for every token at every expert: nothing may drop
     y1, r1 = moe(x)
     assert r1.dropped == 0.0 and torch.equal(y1, y0)
-    moe.capacity_factor = 0.5
+    moe.set_capacity(0.5)
     y2, r2 = moe(x)
     capacity = math.ceil(0.5 * N * K / E)
     kept = (r2.topk_weights != 0)  # dropped pairs have their gating weight zeroed
@@ -155,6 +155,22 @@ def test_capacity_dropping_is_off_by_default_and_reports_a_fraction():
     assert r2.dropped >= 1 - E * capacity / (N * K) - 1e-6  # at most E * capacity of the N * K pairs fit
     assert torch.equal(r2.counts, r0.counts)  # loads count the routing decisions, before dropping
     assert not torch.allclose(y2, y0)
+
+
+def test_capacity_is_a_model_option_checked_when_set():
+    cfg = small_config()
+    torch.manual_seed(0)
+    model = DeepSeekV3(cfg, capacity_factor=0.5, capacity_priority="weight")
+    assert all((m.capacity_factor, m.capacity_priority) == (0.5, "weight") for m in model.moe_layers())
+    with model.capacity(None):
+        assert all(m.capacity_factor is None for m in model.moe_layers())
+    assert all((m.capacity_factor, m.capacity_priority) == (0.5, "weight") for m in model.moe_layers())
+    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+        model.set_capacity(0.0)
+    with pytest.raises(ValueError, match="capacity priority must be one of"):
+        DeepSeekV3(cfg, capacity_factor=1.0, capacity_priority="random")
+    with pytest.raises(AttributeError):
+        model.moe_layers()[0].capacity_factor = 1.0  # a setting goes through set_capacity, which checks it
 
 
 def test_capacity_priority_order_and_weight():

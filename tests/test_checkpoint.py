@@ -8,8 +8,7 @@ import transformers
 
 from dsv3 import load_pretrained, save_pretrained
 from dsv3.checkpoint import CheckpointError
-
-from conftest import random_model, small_config
+from helpers import random_model, rel_err, small_config
 
 transformers.logging.set_verbosity_error()
 
@@ -99,8 +98,7 @@ def test_fp8_checkpoint_dequantizes_block_wise(tmp_path):
     assert torch.equal(loaded.layers[0].self_attn.q_a_proj.weight, expect)
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
     # FP8 rounding stays small: relative error of a weight under 1/16 (e4m3 has 3 mantissa bits)
-    orig = model.layers[0].self_attn.q_a_proj.weight
-    assert ((expect - orig).norm() / orig.norm()) < 0.0625
+    assert rel_err(expect, model.layers[0].self_attn.q_a_proj.weight) < 0.0625
 
 
 def _rewrite(path, edit):
@@ -128,7 +126,8 @@ def test_unexpected_tensor(tmp_path):
 def test_misshaped_tensor(tmp_path):
     save_pretrained(random_model(small_config()), tmp_path)
     _rewrite(tmp_path, lambda t: t.update({"model.norm.weight": torch.ones(63)}))
-    with pytest.raises(CheckpointError, match=r"tensor model.norm.weight has shape \(63,\), the config expects \(64,\)"):
+    message = r"tensor model.norm.weight has shape \(63,\), the config expects \(64,\)"
+    with pytest.raises(CheckpointError, match=message):
         load_pretrained(tmp_path)
 
 
@@ -137,7 +136,8 @@ def test_config_contradicting_weights(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["kv_lora_rank"] = 48
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor model.layers.0.self_attn.kv_a_\w+.weight has shape"):
+    message = r"model.safetensors: tensor model.layers.0.self_attn.kv_a_\w+.weight has shape"
+    with pytest.raises(CheckpointError, match=message):
         load_pretrained(tmp_path)
     cfg["kv_lora_rank"], cfg["n_routed_experts"] = 32, 4
     cfg["n_group"], cfg["topk_group"], cfg["num_experts_per_tok"] = 2, 1, 2

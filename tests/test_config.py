@@ -38,6 +38,13 @@ def test_validation_names_the_field(field, value, message):
         ModelConfig.tiny(**{field: value})
 
 
+def test_experts_per_token_must_divide_into_the_kept_groups():
+    with pytest.raises(ValueError, match=r"num_experts_per_tok=3 is not divisible by topk_group=2"):
+        ModelConfig.tiny(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
+    ok = ModelConfig.tiny(n_routed_experts=24, n_group=4, topk_group=2, num_experts_per_tok=6)  # top 3 per group
+    assert ok.num_experts_per_tok // ok.topk_group == 3
+
+
 def test_too_few_experts_in_chosen_groups():
     with pytest.raises(ValueError, match="hold fewer than num_experts_per_tok=6"):
         ModelConfig.tiny(n_routed_experts=16, n_group=4, topk_group=1, num_experts_per_tok=6)

@@ -7,7 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
-from conftest import random_model, small_config
+from helpers import random_model, small_config
 
 import dsv3.kernels as K
 from dsv3 import DeepSeekV3, ModelConfig, load_pretrained, save_pretrained
@@ -256,7 +256,7 @@ def test_store_fp8_in_memory_matches_a_saved_fp8_checkpoint(tmp_path):
 def fp8_run_config(**kw) -> ModelConfig:
     """Small enough for 150 CPU steps in seconds, wide enough (hidden 128) for whole 1 x 128 tiles."""
     return ModelConfig.tiny(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, n_routed_experts=4, n_group=1, topk_group=1,
+                            num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, n_group=1, topk_group=1,
                             num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=64, num_nextn_predict_layers=0,
                             **kw)
 
@@ -297,8 +297,8 @@ def test_train_config_fp8_and_moments():
 def test_cli_train_fp8(tmp_path):
     import json
 
-    from dsv3.__main__ import main
-    from dsv3.train import TRAINER_JSON, find_checkpoint
+    from dsv3.cli import main
+    from dsv3.rundir import TRAINER_JSON, find_checkpoint
 
     (tmp_path / "config.json").write_text(json.dumps(fp8_run_config().to_hf()))
     out = str(tmp_path / "run")

@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (see test_kernels_triton.py)
 
+import math
 import subprocess
 import sys
 
@@ -16,12 +17,9 @@ import torch.nn.functional as F
 
 import dsv3.kernels as K
 from dsv3.kernels import backend, fp8
+from helpers import rel_err
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
 
 
 # ------------------------------------------------------------------------------------------- backend switch
@@ -37,6 +35,27 @@ def test_set_backend_validates_and_context_restores():
             with K.use_backend("auto"):
                 raise RuntimeError
         assert K.get_backend() == "torch"
+    assert K.get_backend() == start
+
+
+def test_backend_belongs_to_the_thread_or_context():
+    import contextvars
+    import threading
+
+    start = K.get_backend()
+    seen = {}
+    with K.use_backend("torch"):
+        worker = threading.Thread(target=lambda: seen.update(thread=K.get_backend()))
+        worker.start()
+        worker.join()
+
+        def set_inside():
+            K.set_backend("auto")
+            return K.get_backend()
+
+        seen["copied context"] = contextvars.copy_context().run(set_inside)
+        assert K.get_backend() == "torch"  # neither the thread nor the copied context changed ours
+    assert seen == {"thread": backend._default, "copied context": "auto"}
     assert K.get_backend() == start
 
 
@@ -138,6 +157,43 @@ def test_router_reference_matches_transformers():
     torch.testing.assert_close(w.gather(1, ours.indices), w_hf.gather(1, theirs.indices))
 
 
+def test_router_group_score_sums_the_top_k_over_m_affinities():
+    """K_r = 3 experts from M = 1 of 2 groups: the group score is the sum of a group's top 3 (not the top 2 that
+    transformers and DeepSeek's code hard-code for V3's K_r / M = 2). Group 0 = [0.9, 0.85, 0.1, 0.1] leads on the
+    top 2 (1.75 vs 1.55) but group 1 = [0.8, 0.75, 0.7, 0.05] wins on the top 3 (2.25 vs 1.85)."""
+    s = torch.tensor([[0.9, 0.85, 0.1, 0.1, 0.8, 0.75, 0.7, 0.05]])
+    logits = torch.log(s / (1 - s))
+    steps = K.router_topk_torch(logits, None, 3, 2, 1, 1.0, return_steps=True)
+    assert steps["per_group"] == 3
+    torch.testing.assert_close(steps["group_scores"], torch.tensor([[1.85, 2.25]]))
+    assert steps["kept_groups"].tolist() == [[False, True]]
+    assert steps["ids"].tolist() == [[4, 5, 6]]
+    torch.testing.assert_close(steps["weights"], torch.tensor([[0.8, 0.75, 0.7]]) / 2.25)
+
+
+def test_router_reference_matches_a_by_hand_loop_for_k_over_m_3():
+    """Random tokens, 24 experts in 4 groups, keep 2 groups, pick 6 (top 3 per group), against plain Python."""
+    torch.manual_seed(3)
+    N, E, G, M, K_r = 7, 24, 4, 2, 6
+    logits, bias = torch.randn(N, E, dtype=torch.float64), torch.randn(E, dtype=torch.float64) * 0.3
+    w, ids = K.router_topk_torch(logits, bias, K_r, G, M, 2.5)
+    for n in range(N):
+        s = [1 / (1 + math.exp(-u)) for u in logits[n].tolist()]
+        c = [si + bi for si, bi in zip(s, bias.tolist())]
+        group_score = [sum(sorted(c[g * 6:(g + 1) * 6], reverse=True)[:K_r // M]) for g in range(G)]
+        kept = sorted(range(G), key=lambda g: -group_score[g])[:M]
+        candidates = [e for e in range(E) if e // 6 in kept]
+        chosen = sorted(candidates, key=lambda e: -c[e])[:K_r]
+        g = [s[e] for e in chosen]
+        assert ids[n].tolist() == chosen
+        torch.testing.assert_close(w[n].double(), torch.tensor([2.5 * x / sum(g) for x in g], dtype=torch.float64))
+
+
+def test_router_refuses_k_not_divisible_by_m():
+    with pytest.raises(ValueError, match="top_k=3 is not divisible by topk_group=2"):
+        K.router_topk(torch.randn(2, 8), None, 3, 4, 2, 1.0)
+
+
 def test_router_hand_made_negative_bias_masks_groups_with_minus_inf():
     """4 experts in 2 groups, keep 1 group, pick 2. Group 1 wins the group vote, but its second expert has a
     negative biased score (-0.2): with -inf masking it is still chosen over group 0's experts; masking with 0
@@ -217,6 +273,29 @@ def test_moe_reference_gradients_match_dense():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_reference_inference_path_has_the_training_bits(dtype):
+    """Without autograd the reference gathers once and writes in place: bit for bit the autograd path's result, so
+    inference and the (chaotic) training runs see the same numbers. Expert 7 receives no token."""
+    x, wg, wu, wd, tw, ids = _moe_inputs(300, 64, 48, 8, 3, dtype=dtype, seed=2)
+    ids = ids % 7  # expert 7 idle
+    with torch.no_grad():
+        fast = K.moe_experts_torch(x, wg, wu, wd, tw, ids)
+    traced = K.moe_experts_torch(x.clone().requires_grad_(), wg, wu, wd, tw, ids)
+    assert traced.requires_grad and fast.dtype == traced.dtype == dtype
+    assert torch.equal(fast, traced.detach())
+
+
+def test_mlp_inference_path_has_the_training_bits():
+    from dsv3.layers.moe import MLP
+
+    torch.manual_seed(0)
+    mlp, x = MLP(64, 96), torch.randn(3, 10, 64)
+    with torch.no_grad():
+        fast = mlp(x)
+    assert torch.equal(fast, mlp(x).detach())
+
+
 def test_expert_counts():
     ids = torch.tensor([[0, 3], [3, 1], [3, 0]])
     assert K.expert_counts(ids, 5).tolist() == [2, 1, 0, 3, 0]
@@ -255,6 +334,26 @@ def test_mla_decode_reference_matches_sdpa_and_paging(Tq):
     pool_c[table.long()] = padded_c
     pool_k[table.long()] = padded_k
     torch.testing.assert_close(K.mla_decode_torch(q, qr, pool_c, pool_k, seq_lens, 0.2, block_table=table), out)
+
+
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_mla_decode_reference_start_offsets_equal_unpadded_rows(Tq):
+    """Left padding as per-row start offsets: row b's real positions [starts[b], seq_len) give what the same row
+    gives unpadded (its real positions shifted to 0), whatever the padding slots hold."""
+    torch.manual_seed(1)
+    B, H, r, dr, S = 3, 4, 16, 8, 30
+    starts, seq_lens = torch.tensor([0, 9, 20]), torch.tensor([30, 30, 30], dtype=torch.int32)
+    q, qr = torch.randn(B, Tq, H, r), torch.randn(B, Tq, H, dr)
+    ckv, kr = torch.randn(B, S, r), torch.randn(B, S, dr)
+    for b, s0 in enumerate(starts.tolist()):
+        ckv[b, :s0], kr[b, :s0] = 1e3, -1e3  # garbage that would dominate any softmax it entered
+    out = K.mla_decode_torch(q, qr, ckv, kr, seq_lens, 0.2, starts=starts)
+    for b, s0 in enumerate(starts.tolist()):
+        alone = K.mla_decode_torch(q[b:b + 1], qr[b:b + 1], ckv[b:b + 1, s0:], kr[b:b + 1, s0:],
+                                   seq_lens[b:b + 1] - s0, 0.2)
+        torch.testing.assert_close(out[b:b + 1], alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(alone, _mla_oracle(q[b:b + 1], qr[b:b + 1], ckv[b:b + 1, s0:], kr[b:b + 1, s0:],
+                                                      seq_lens[b:b + 1].long() - s0, 0.2), rtol=1e-5, atol=1e-5)
 
 
 def test_mla_decode_reference_reads_only_the_filled_positions():

@@ -45,8 +45,8 @@ def _cases():
              dict(SIGN=-1, BLOCK_H=64, BLOCK_HALF=32), arch, 4, 3, ()),
             (f"router-sm{arch}", "router_triton", "_router_kernel",
              dict(LOGITS="*fp32", BIAS="*fp32", W_OUT="*fp32", IDX_OUT="*i64"),
-             dict(N_GROUP=8, GROUP_SIZE=32, TOPK_GROUP=4, TOP_K=8, HAS_BIAS=True, NORM=True, BLOCK_G=8, BLOCK_GS=32,
-                  BLOCK_K=8), arch, 4, 3, ("scaling",)),
+             dict(N_GROUP=8, GROUP_SIZE=32, TOPK_GROUP=4, TOP_K=8, PER_GROUP=2, HAS_BIAS=True, NORM=True, BLOCK_G=8,
+                  BLOCK_GS=32, BLOCK_K=8), arch, 4, 3, ("scaling",)),
             (f"ce_lse-sm{arch}", "cross_entropy_triton", "_lse_update_kernel",
              dict(L=P, M="*fp32", S="*fp32", TGT="*fp32", LABELS="*i64"), dict(BLOCK_C=4096), arch, 8, 3, ()),
             (f"ce_grad-sm{arch}", "cross_entropy_triton", "_logits_grad_kernel",
@@ -83,8 +83,8 @@ def _cases():
             finally:
                 torch.cuda.get_device_capability = cap
             cases.append((f"mla_decode-rows{rows}-r{r}-sm{arch}", "mla_triton", "_mla_decode_kernel",
-                          dict(Q=P, QR=P, CKV=P, KR=P, SEQ_LENS="*i32", BLOCK_TABLE="*i32", O=P, O_PART="*fp32",
-                               LSE_PART="*fp32"),
+                          dict(Q=P, QR=P, CKV=P, KR=P, SEQ_LENS="*i32", STARTS="*i32", BLOCK_TABLE="*i32", O=P,
+                               O_PART="*fp32", LSE_PART="*fp32"),
                           dict(PAGED=True, PAGE_SIZE=64, NUM_SPLITS=4, DOT_PRECISION="tf32", BLOCK_H=cfg["BLOCK_H"],
                                BLOCK_N=cfg["BLOCK_N"], BLOCK_R=r, BLOCK_DR=64), arch, cfg["num_warps"],
                           cfg["num_stages"], ("qk_scale",)))

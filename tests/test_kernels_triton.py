@@ -106,8 +106,10 @@ def test_rope_inplace_and_dispatch():
 
 @pytest.mark.parametrize("N,E,top_k,n_group,topk_group", [
     (6, 256, 8, 8, 4),  # DeepSeek-V3 routing
-    (5, 24, 3, 3, 2),  # groups of 8
-    (4, 20, 5, 4, 4),  # groups of 5 (not a power of two), no group masking
+    (5, 24, 4, 3, 2),  # groups of 8
+    (5, 24, 6, 3, 2),  # groups of 8, group score = sum of the top 3 (K_r / M = 3)
+    (4, 20, 8, 4, 2),  # groups of 5 (not a power of two), group score = sum of the top 4
+    (4, 20, 4, 4, 4),  # groups of 5, no group masking
     (3, 16, 4, 1, 1),  # a single group
 ])
 def test_router(N, E, top_k, n_group, topk_group):
@@ -184,19 +186,21 @@ def _paged(ckv, kr, page, extra=3):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("Tq,splits,paged", [(1, None, False), (2, 3, True), (1, 1, True), (2, 1, False)])
-def test_mla_decode(dtype, Tq, splits, paged):
+@pytest.mark.parametrize("Tq,splits,paged,padded", [(1, None, False, False), (2, 3, True, False), (1, 1, True, False),
+                                                     (2, 1, False, False), (2, 3, True, True), (3, 1, False, True)])
+def test_mla_decode(dtype, Tq, splits, paged, padded):
     torch.manual_seed(Tq)
     B, H, r, dr, S = 3, 5, 40, 8, 90  # r = 40: not a power of two; lengths ragged
     seq_lens = torch.tensor([90, 3, 37], dtype=torch.int32)
+    starts = torch.tensor([50, 1, 0]) if padded else None  # left padding: per-row first real position
     q, qr = torch.randn(B, Tq, H, r, dtype=dtype), torch.randn(B, Tq, H, dr, dtype=dtype)
     ckv, kr = torch.randn(B, S, r, dtype=dtype), torch.randn(B, S, dr, dtype=dtype)
-    expect = K.mla_decode_torch(q, qr, ckv, kr, seq_lens, 0.25)
+    expect = K.mla_decode_torch(q, qr, ckv, kr, seq_lens, 0.25, starts=starts)
     if paged:
         pool_c, pool_k, table = _paged(ckv, kr, page=16)
-        out = K.mla_decode_triton(q, qr, pool_c, pool_k, seq_lens, 0.25, table, num_splits=splits)
+        out = K.mla_decode_triton(q, qr, pool_c, pool_k, seq_lens, 0.25, table, starts=starts, num_splits=splits)
     else:
-        out = K.mla_decode_triton(q, qr, ckv, kr, seq_lens, 0.25, num_splits=splits)
+        out = K.mla_decode_triton(q, qr, ckv, kr, seq_lens, 0.25, starts=starts, num_splits=splits)
     assert out.dtype == dtype
     assert_close(out, expect, TOL[dtype])
 

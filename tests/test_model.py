@@ -5,8 +5,7 @@ import torch
 import transformers
 
 from dsv3 import DeepSeekV3, save_pretrained
-
-from conftest import random_model, small_config
+from helpers import random_model, rel_err, small_config
 
 transformers.logging.set_verbosity_error()
 
@@ -18,13 +17,9 @@ def hf_twin(model, tmp_path):
     return DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
 
 
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("overrides", [
     {},  # YaRN, query compression, groups, shared expert
-    {"q_lora_rank": None, "n_shared_experts": 2, "num_experts_per_tok": 4, "topk_group": 3},
+    {"q_lora_rank": None, "n_shared_experts": 2, "n_routed_experts": 12, "num_experts_per_tok": 6, "topk_group": 3},
     {"rope_scaling": None, "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
 ])
 def test_logits_match_transformers(tmp_path, overrides):
@@ -75,6 +70,48 @@ def test_losses_and_mtp_alignment():
     out.loss.backward()
     assert model.mtp[1].eh_proj.weight.grad.abs().sum() > 0
     assert all(layer.gate.e_score_correction_bias.grad is None for layer in model.moe_layers())
+
+
+@pytest.mark.parametrize("chunk", [64, None])  # 64: five vocabulary chunks of 320; None: the automatic width
+def test_fused_loss_matches_unfused_model(monkeypatch, chunk):
+    """The fused loss (main head and every MTP depth through kernels.linear_cross_entropy, no (B, T, V) logits)
+    gives the unfused model's losses and every gradient; the logits are then computed only when asked for."""
+    import dsv3.model
+    from dsv3 import kernels
+
+    cfg = small_config(num_nextn_predict_layers=2)
+    model = random_model(cfg).train()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 25))
+    ids, labels = tokens[:, :-1], tokens[:, 1:].clone()
+    labels[0, :5] = -100  # ignored positions, at the start (every MTP depth still sees them)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=labels, mtp_weight=0.3)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, ref_grads = run()  # CPU, torch backend: F.cross_entropy over materialized logits
+    assert ref._logits is not None
+    calls = []
+
+    def chunked(hidden, weight, lab, ignore_index=-100):
+        calls.append(hidden.shape)
+        return kernels.linear_cross_entropy_torch(hidden, weight, lab, ignore_index, chunk)
+
+    monkeypatch.setattr(DeepSeekV3, "_fused_loss", lambda self, hidden, labels: True)
+    monkeypatch.setattr(dsv3.model.kernels, "linear_cross_entropy_triton", chunked)  # the chunked reference
+    fused, fused_grads = run()
+    T, D = ids.shape[1], cfg.hidden_size
+    assert calls == [(2 * T, D), (2 * (T - 1), D), (2 * (T - 2), D)]  # main head, then depths 1 and 2
+    assert fused._logits is None and all(lg is None for lg in fused._mtp_logits)  # never materialized
+    for a, b in [(fused.loss, ref.loss), (fused.main_loss, ref.main_loss), *zip(fused.mtp_losses, ref.mtp_losses)]:
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert fused_grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        assert torch.allclose(fused_grads[name], g, rtol=1e-4, atol=1e-7), name
+    assert torch.equal(fused.logits, ref.logits)  # the same head on the same hidden state, computed on access
+    assert all(torch.equal(a, b) for a, b in zip(fused.mtp_logits, ref.mtp_logits))
 
 
 def test_ignore_index_is_ignored():
@@ -143,6 +180,52 @@ def test_left_padding_matches_unpadded():
     assert rel_err(b, a) < 1e-5 and rel_err(c, a) < 1e-5
 
 
+def test_ragged_batch_equals_per_row_runs_and_transformers(tmp_path):
+    """Rows of 5, 12 and 9 tokens left-padded into one batch: prefill and cached decoding (naive and latent caches,
+    and latent prefill without a cache) give each row what it gets alone, unpadded, and what transformers gives
+    the padded batch at the real positions. The padding is per-row start offsets, kept by the cache."""
+    cfg = small_config()
+    model = random_model(cfg)
+    hf = hf_twin(model, tmp_path)
+    lens, extra = [5, 12, 9], 4
+    rows = [torch.randint(0, cfg.vocab_size, (n + extra,)) for n in lens]
+    P, B = max(lens), len(lens)
+    ids = torch.zeros(B, P, dtype=torch.long)
+    mask = torch.zeros(B, P, dtype=torch.long)
+    for b, n in enumerate(lens):
+        ids[b, P - n:], mask[b, P - n:] = rows[b][:n], 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        alone = [model(r[None]).logits[0] for r in rows]  # (n + extra, V) each
+        theirs = hf(ids, attention_mask=mask, position_ids=pos).logits
+        for b, n in enumerate(lens):
+            assert rel_err(theirs[b, P - n:], alone[b][:n]) < 1e-4
+        prefill = model(ids, attention_mask=mask, position_ids=pos, absorbed=True).logits
+        for b, n in enumerate(lens):
+            assert rel_err(prefill[b, P - n:], alone[b][:n]) < 1e-5
+        for kind in ("latent", "naive"):
+            cache = model.new_cache(B, P + extra, kind=kind)
+            steps = [model(ids, attention_mask=mask, position_ids=pos, cache=cache).logits]
+            assert cache.starts.tolist() == [P - n for n in lens] and cache.ragged
+            for t in range(extra):
+                nxt = torch.stack([rows[b][n + t] for b, n in enumerate(lens)])[:, None]  # (B, 1)
+                steps.append(model(nxt, position_ids=pos[:, -1:] + t + 1, cache=cache).logits)
+            out = torch.cat(steps, dim=1)  # (B, P + extra, V)
+            for b, n in enumerate(lens):
+                assert rel_err(out[b, P - n:], alone[b]) < 1e-5, kind
+
+
+def test_padding_must_be_left_and_absorbed_must_agree_with_the_cache():
+    cfg = small_config()
+    model = random_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="attention_mask row 0 is not left padding"):
+        model(ids, attention_mask=right)
+    with pytest.raises(ValueError, match="absorbed=False contradicts the 'latent' cache"):
+        model(ids, cache=model.new_cache(2, 8), absorbed=False)
+
+
 def test_routing_is_reported_and_never_drops_tokens():
     cfg = small_config()
     model = random_model(cfg)
@@ -184,3 +267,17 @@ def test_bad_inputs(bad, message):
     model = random_model(cfg)
     with pytest.raises(ValueError, match=message):
         model(bad(cfg))
+
+
+@pytest.mark.parametrize("bad_label", [-1, 320])
+def test_bad_labels_are_named_once_at_the_boundary(bad_label):
+    """forward checks labels against the vocabulary in the same read as the ids (-100 stays allowed)."""
+    cfg = small_config()
+    model = random_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+    labels = torch.full((1, 8), -100)
+    labels[0, 3] = bad_label
+    with pytest.raises(ValueError, match=f"labels holds token id {bad_label}, outside the vocabulary"):
+        model(ids, labels=labels)
+    labels[0, 3] = 5
+    assert torch.isfinite(model(ids, labels=labels).loss)

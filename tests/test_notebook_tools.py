@@ -87,6 +87,9 @@ def test_mimebundle_has_plotly_json_html_and_summary():
     div_id = html.split('id="', 1)[1].split('"', 1)[0]
     assert div_id.startswith("dsv3-fig-") and html.count(div_id) == 2  # the div and the script that draws it
     assert "window.Plotly.newPlot" in html and "<script src" not in html  # drawn by the page's own plotly.js
+    # a responsive plot takes its container's height: without one, resizing the window collapsed it to 32 px
+    assert f'id="{div_id}" class="dsv3-plotly" style="width: 100%; height: 300px;"' in html
+    assert "height: 450px" in viz.mimebundle(go.Figure())["text/html"]  # plotly's default height
 
 
 def test_figure_ids_are_deterministic_and_unique_within_a_kernel():
@@ -172,6 +175,22 @@ def test_setup_on_gpu_sets_big(monkeypatch, capsys):
     assert "device cuda (Fake H100)" in capsys.readouterr().out
 
 
+def test_setup_device_can_be_forced(monkeypatch, capsys):
+    """``run_notebook.py --device`` sets DSV3_DEVICE: cpu even with a GPU, cuda only with one, nothing else."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake H100")
+    monkeypatch.setenv("DSV3_DEVICE", "cpu")
+    assert viz.setup_notebook() == viz.NotebookSetup(device="cpu", big=False)
+    monkeypatch.setenv("DSV3_DEVICE", "cuda")
+    assert viz.setup_notebook() == viz.NotebookSetup(device="cuda", big=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="DSV3_DEVICE=cuda but torch sees no CUDA GPU"):
+        viz.setup_notebook()
+    monkeypatch.setenv("DSV3_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="DSV3_DEVICE='tpu'"):
+        viz.setup_notebook()
+
+
 def test_setup_on_colab_installs_only_missing_extras_and_enables_widgets(fake_colab, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     device, big = viz.setup_notebook(extras=["plotly>=1", "dsv3-no-such-package>=2", "torch<1"])
@@ -198,14 +217,18 @@ def test_setup_off_colab_never_installs(monkeypatch):
 # --- the preface's package map ---------------------------------------------------------------------------------
 
 def test_first_sentence_of_docstrings(tmp_path):
-    cases = {
-        '"""Multi-head Latent Attention (paper Sec. 2.1.1, Eq. 1-11). Taught in Chapter 2."""':
+    cases = [  # (module source, the first sentence of its docstring)
+        (
+            '"""Multi-head Latent Attention (paper Sec. 2.1.1, Eq. 1-11). Taught in Chapter 2."""',
             "Multi-head Latent Attention (paper Sec. 2.1.1, Eq. 1-11).",
-        '"""The ``ModelConfig``: fields\nof the released config.\n\nDetails."""':
+        ),
+        (
+            '"""The ``ModelConfig``: fields\nof the released config.\n\nDetails."""',
             "The `ModelConfig`: fields of the released config.",
-        "x = 1": "",
-    }
-    for i, (source, expected) in enumerate(cases.items()):
+        ),
+        ("x = 1", ""),
+    ]
+    for i, (source, expected) in enumerate(cases):
         path = tmp_path / f"m{i}.py"
         path.write_text(source)
         assert preface.first_sentence(path) == expected
@@ -296,7 +319,7 @@ def test_execute_runs_in_the_fixed_environment_and_stores_widget_state(tmp_path,
                                   "print(os.environ['PYTHONHASHSEED'], repr(os.environ['CUDA_VISIBLE_DEVICES']),"
                                   " os.environ['OMP_NUM_THREADS'], 'DSV3_PLOTLY_RENDERER' in os.environ)"),
         nbformat.v4.new_code_cell("import ipywidgets as w\nw.IntSlider(value=7, description='n')"),
-        nbformat.v4.new_code_cell("import os\nprint(os.getcwd() == %r)" % str(tmp_path)),
+        nbformat.v4.new_code_cell(f"import os\nprint(os.getcwd() == {str(tmp_path)!r})"),
     ])
     path = tmp_path / "99_probe.ipynb"
     nbformat.write(nb, path)
@@ -312,6 +335,45 @@ def test_execute_runs_in_the_fixed_environment_and_stores_widget_state(tmp_path,
     view = done.cells[1].outputs[0]["data"]["application/vnd.jupyter.widget-view+json"]
     assert view["model_id"] in state
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"  # our own environment untouched
+
+
+def test_cuda_environment_keeps_the_gpu_and_compiles_triton():
+    cpu = run_notebook.apply_env({"CUDA_VISIBLE_DEVICES": "0"})
+    assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["DSV3_DEVICE"] == "cpu" and cpu["TRITON_INTERPRET"] == "1"
+    cuda = run_notebook.apply_env({"CUDA_VISIBLE_DEVICES": "0"}, device="cuda")
+    assert cuda["CUDA_VISIBLE_DEVICES"] == "0" and cuda["DSV3_DEVICE"] == "cuda" and "TRITON_INTERPRET" not in cuda
+    assert cuda["PYTHONHASHSEED"] == "0" and cuda["OMP_NUM_THREADS"] == "2"
+    with pytest.raises(ValueError, match="device 'gpu'"):
+        run_notebook.apply_env({}, device="gpu")
+
+
+def test_timing_file_and_table(tmp_path):
+    path = tmp_path / "timings.json"
+    names = [p.stem for p in run_notebook.chapters()]
+    table = run_notebook.timing_markdown(path)
+    assert table.count("not measured yet") == 2 * (len(names) + 1)  # every chapter and the total, both devices
+    for i, name in enumerate(names):
+        run_notebook.record_timing(name, 10.04 + i, "cpu", "Fake CPU, cpu (2 threads)", path)
+    run_notebook.record_timing(names[0], 3.0, "cuda", "cuda (Fake H100)", path)
+    run_notebook.record_timing(names[0], 2.5, "cuda", "cuda (Fake H100)", path)  # a re-run replaces the entry
+    data = json.loads(path.read_text())
+    assert data["cuda"] == {names[0]: {"seconds": 2.5, "machine": "cuda (Fake H100)"}}
+    table = run_notebook.timing_markdown(path)
+    lines = table.splitlines()
+    assert lines[2] == f"| [{names[0]}]({names[0]}.ipynb) | 10 s | 2 s |"
+    total = sum(round(10.04 + i, 1) for i in range(len(names)))
+    expected = f"{total:.0f} s" if total < 120 else f"{total / 60:.1f} min"
+    assert f"| **the whole book** | {expected} | not measured yet |" in lines
+    assert lines[-1] == "CPU: measured on Fake CPU, cpu (2 threads). GPU: measured on cuda (Fake H100)."
+
+
+def test_machine_reads_the_device_line_of_the_setup_cell():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("setup")])
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout",
+                                                  text="python 3.11 | torch 2.13 | device cuda (NVIDIA H100)\n")]
+    assert run_notebook.machine(nb, "cuda") == "cuda (NVIDIA H100)"
+    nb.cells[0].outputs[0]["text"] = "python 3.11 | device cpu (2 threads)\n"
+    assert run_notebook.machine(nb, "cpu").endswith("cpu (2 threads)")
 
 
 # A short training run (the book's chaotic case: sign-based bias updates) and a matmul long enough for MKL's

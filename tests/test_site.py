@@ -4,15 +4,18 @@ Chromium, offline) every figure is drawn, every equation typeset, every widget s
 The site is built once per session from a fresh Sphinx environment into a temporary folder
 (``jupyter-book build . -W -n --keep-going --path-output <tmp>``), so an earlier incremental build can neither
 hide a warning nor be overwritten. Screenshots (light and dark) of every page go to ``_build/screenshots/``.
-Requires Debian's ``chromium`` (``apt-get install -y chromium``) or ``$CHROMIUM``.
+The browser is Debian's ``chromium`` (``make browser``, or ``$CHROMIUM``) driven by Playwright
+(``book/_tools/browser.py``); a chapter's plotly slider is dragged and its play button clicked with the mouse.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -97,8 +100,19 @@ def server(site):
 
 def test_toc_lists_exactly_the_chapters_that_exist():
     chapters = sorted(f"book/{p.stem}" for p in (ROOT / "book").glob(run_notebook.CHAPTER_GLOB))
-    assert sorted(TOC) == chapters, "_toc.yml must list every book/NN_*.ipynb and nothing else"
-    assert TOC == sorted(TOC), "_toc.yml lists the chapters in their numbered order"
+    listed = [name for name in TOC if (ROOT / f"{name}.ipynb").is_file()]
+    assert sorted(listed) == chapters, "_toc.yml must list every book/NN_*.ipynb"
+    assert listed == sorted(listed), "_toc.yml lists the chapters in their numbered order"
+    pages = [name for name in TOC if name not in listed]
+    missing = [name for name in pages if not (ROOT / f"{name}.md").is_file()]
+    assert missing == [], f"_toc.yml lists pages that do not exist: {missing}"
+    assert len(set(TOC)) == len(TOC)
+
+
+def test_reference_pages_are_listed():
+    for page in ("book/bibliography", "book/glossary", "book/notation", "book/prerequisites", "book/labs",
+                 "book/timings"):
+        assert page in TOC, f"{page} is missing from _toc.yml"
 
 
 def test_vendored_javascript_is_pinned_and_unmodified():
@@ -111,6 +125,25 @@ def test_every_toc_page_is_built(site):
         assert (site / f"{name}.html").is_file(), f"{name}.html missing from the build"
     assert (site / "search.html").is_file() and (site / "searchindex.js").is_file()  # search works offline
     assert not (site / "book" / "CONTRIBUTING.html").exists() and not (site / "README.html").exists()
+
+
+@pytest.mark.slow
+def test_reference_pages_hold_what_they_promise(site):
+    """Bibliography (every entry of references.bib), glossary, the generated notation and timing tables, the
+    student zip behind the labs page's download link."""
+    from dsv3.config import ModelConfig
+
+    bib = (site / "book" / "bibliography.html").read_text()
+    keys = re.findall(r"^@\w+\{(\w+),", (ROOT / "book" / "references.bib").read_text(), flags=re.M)
+    assert len(keys) >= 15 and bib.count('role="doc-biblioentry"') == len(keys)
+    assert "DeepSeek-V3 technical report" in bib and "Auxiliary-loss-free load balancing" in bib
+    assert 'class="simple glossary"' in (site / "book" / "glossary.html").read_text()
+    notation = (site / "book" / "notation.html").read_text()
+    assert f"<p>{ModelConfig.deepseek_v3().kv_lora_rank}</p></td>" in notation  # computed when the page is built
+    timings = (site / "book" / "timings.html").read_text()
+    assert "01_overview" in timings and ("not measured yet" in timings or " s<" in timings)
+    zips = list((site / "_downloads").glob("*/dsv3-book-student.zip"))
+    assert len(zips) == 1 and 'dsv3-book-student.zip"' in (site / "book" / "labs.html").read_text()
 
 
 @pytest.mark.slow
@@ -163,7 +196,9 @@ def test_plotly_only_output_fails_the_build(tmp_path):
 # --- in the browser -------------------------------------------------------------------------------------------
 
 def expected_outputs(notebook: Path) -> dict:
-    """What the page of ``notebook`` must show: its figures and widget views."""
+    """What the page of ``notebook`` must show: its figures and widget views (none on a markdown page)."""
+    if not notebook.is_file():
+        return {"figures": 0, "widgets": 0}
     nb = nbformat.read(notebook, as_version=4)
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
     return {"figures": sum(PLOTLY_MIMETYPE in o.get("data", {}) for o in outputs),
@@ -171,13 +206,14 @@ def expected_outputs(notebook: Path) -> dict:
 
 
 def look_at(chromium, url: str, shot_name: str, then=None) -> tuple[dict, dict, list[str]]:
-    """Report of the page in light and dark mode, its problems, screenshots; ``then(page)`` runs in between."""
+    """Report of the page in light and dark mode, its problems, screenshots; ``then(page)`` runs once the page has
+    settled, before the first screenshot (a full-page shot resizes the page, see ``browser.Page.screenshot``)."""
     page = chromium.open(url)
     try:
         light = browser_tools.settle(page)
-        page.screenshot(SCREENSHOTS / f"{shot_name}-light.png")
         if then is not None:
             then(page)
+        page.screenshot(SCREENSHOTS / f"{shot_name}-light.png")
         dark = browser_tools.set_theme(page, "dark")
         page.screenshot(SCREENSHOTS / f"{shot_name}-dark.png")
         return light, dark, page.problems()
@@ -222,6 +258,88 @@ def test_preface_exercises_the_whole_plumbing(site, server, chromium):
         page.close()
 
 
+@pytest.mark.slow
+def test_browser_reports_every_kind_of_problem(tmp_path, chromium):
+    """The checks above can fail: a request to another host (refused, never sent), a JavaScript exception, a
+    console error and a missing local file each show up in ``problems()``."""
+    (tmp_path / "index.html").write_text(
+        "<html><body><p>probe</p>"
+        '<script src="https://cdn.example.com/lib.js"></script>'
+        '<img src="missing.png">'
+        "<script>console.error('logged on purpose'); null.boom;</script></body></html>")
+    with browser_tools.SiteServer(tmp_path) as srv:
+        page = chromium.open(srv.url + "index.html")
+        try:
+            page.wait_for("document.readyState === 'complete'")
+            time.sleep(0.5)
+            problems = "\n".join(page.problems())
+        finally:
+            page.close()
+    assert "request leaves the site: https://cdn.example.com/lib.js" in problems
+    assert "JS exception:" in problems and "null" in problems
+    assert "console.error: logged on purpose" in problems
+    assert "HTTP 404:" in problems and "missing.png" in problems
+
+
+# --- plotly's controls on the chapters, driven with the mouse --------------------------------------------------
+
+def open_chapter_with(site: Path, server, chromium, wanted):
+    """The first chapter page (toc order) with a figure whose controls ``wanted(controls)`` accepts:
+    ``(name, page, controls)``; the caller closes the page."""
+    for name in TOC:
+        html = (site / f"{name}.html").read_text(encoding="utf-8")
+        if "sliders" not in html and "updatemenus" not in html:
+            continue
+        page = chromium.open(server.url + f"{name}.html")
+        browser_tools.settle(page)
+        for controls in browser_tools.figure_controls(page):
+            if wanted(controls):
+                return name, page, controls
+        page.close()
+    pytest.fail("no chapter has a figure with the control this test drives")
+
+
+def _animating_slider(c: dict) -> bool:
+    return bool(c["sliders"]) and len(c["sliders"][0]) > 1 and None not in c["sliders"][0]
+
+
+@pytest.mark.slow
+def test_dragging_a_chapter_slider_shows_its_frames(site, server, chromium):
+    """Drag the grip of a chapter's plotly slider to the start of its rail, then to the end: the figure shows the
+    first step's frame, then the last one's (the static page animates between stored frames)."""
+    name, page, controls = open_chapter_with(site, server, chromium, _animating_slider)
+    try:
+        steps, figure = controls["sliders"][0], controls["index"]
+        first = browser_tools.drag_slider(page, figure, 0.0)
+        assert first["active"][0] == 0 and first["shows"][steps[0]], f"{name}: the slider did not go to its start"
+        last = browser_tools.drag_slider(page, figure, 1.0)
+        assert last["active"][0] == len(steps) - 1 and last["shows"][steps[-1]], f"{name}: not at the last step"
+        assert last["data"] != first["data"], f"{name}: dragging the slider changed nothing on the figure"
+        page.screenshot(SCREENSHOTS / f"{name.replace('/', '_')}-slider.png", full_page=False)
+        assert page.problems() == []
+    finally:
+        page.close()
+
+
+@pytest.mark.slow
+def test_play_button_of_a_chapter_plays_every_frame(site, server, chromium):
+    """Click a chapter's plotly play button: every frame is shown in order, and the figure stops on the last."""
+    name, page, controls = open_chapter_with(site, server, chromium, lambda c: bool(c["play"]))
+    try:
+        figure, frames = controls["index"], controls["frames"]
+        if _animating_slider(controls):  # start from the first frame, so that the end state is a change
+            browser_tools.drag_slider(page, figure, 0.0)
+        state = browser_tools.click_button(page, figure, controls["play"][0])
+        assert state["played"] == frames, f"{name}: the play button did not show every frame in order"
+        assert state["shows"][frames[-1]], f"{name}: the figure did not stop on the last frame"
+        if _animating_slider(controls):
+            assert state["active"][0] == len(controls["sliders"][0]) - 1, f"{name}: the slider did not follow"
+        page.screenshot(SCREENSHOTS / f"{name.replace('/', '_')}-played.png", full_page=False)
+        assert page.problems() == []
+    finally:
+        page.close()
+
+
 # --- a probe book: widgets, sliders and animation frames through the same configuration -------------------------
 
 def _probe_book(tmp_path: Path, cells: list) -> Path:
@@ -229,6 +347,7 @@ def _probe_book(tmp_path: Path, cells: list) -> Path:
     src = tmp_path / "book_src"
     (src / "book").mkdir(parents=True)
     shutil.copy(ROOT / "_config.yml", src / "_config.yml")
+    shutil.copy(ROOT / "book" / "references.bib", src / "book" / "references.bib")  # named by _config.yml
     shutil.copytree(ROOT / "book" / "_ext", src / "book" / "_ext")
     shutil.copytree(ROOT / "book" / "_static", src / "book" / "_static")
     (src / "_toc.yml").write_text("format: jb-book\nroot: book/probe\n")
@@ -280,9 +399,13 @@ def test_probe_page_draws_widgets_sliders_and_frames(tmp_path, chromium):
                                "?.textContent.trim()})")
         assert counts == {"sliders": 1, "menus": 1, "frames": 3, "slider": True, "text": "k = 3"}
         # Go to the last frame, as the slider does: the static page recomputes nothing, it animates.
-        page.evaluate("Plotly.animate(document.querySelector('.dsv3-plotly'), ['3'], {transition: {duration: 0},"
-                      " frame: {duration: 0, redraw: true}, mode: 'immediate'})", await_promise=True)
-        assert page.evaluate("document.querySelector('.dsv3-plotly').data[0].y.at(-1)") == pytest.approx(1.0)
+        played = browser_tools.click_button(page, 0, "Play")  # the play button shows every frame, in order
+        assert played["played"] == ["1", "2", "3"] and played["shows"]["3"]
+        first = browser_tools.drag_slider(page, 0, 0.0)  # drag the slider back to k = 1
+        assert first["active"] == [0] and first["shows"]["1"] and not first["shows"]["3"]
+        assert page.evaluate("document.querySelector('.dsv3-plotly').data[0].y[5]") == pytest.approx(0.5)
+        last = browser_tools.drag_slider(page, 0, 1.0)  # and on to k = 3: y = x^3
+        assert last["active"] == [2] and last["shows"]["3"]
         assert page.evaluate("document.querySelector('.dsv3-plotly').data[0].y[5]") == pytest.approx(0.125)
 
     with browser_tools.SiteServer(html) as srv:

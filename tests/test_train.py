@@ -1,24 +1,35 @@
 """The trainer: schedules, MTP alignment through real batches, the bias update inside training, exact resume,
 bad input before any compute, the NaN stop, capacity dropping, and the train/sample command line."""
 
+import collections
 import importlib
 import json
 import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dsv3 import DeepSeekV3, load_pretrained
-from dsv3.__main__ import main
-from dsv3.data import DOMAIN_FILES, data_dir as bundled_data_dir
-from dsv3.train import (TrainConfig, TrainingDivergedError, bias_update_speed_at, find_checkpoint, init_model,
-                        lr_at, make_data, mtp_weight_at, train)
-
-from conftest import small_config
+from dsv3.cli import main
+from dsv3.data import DOMAIN_FILES
+from dsv3.data import data_dir as bundled_data_dir
+from dsv3.rundir import find_checkpoint
+from dsv3.train import (
+    TrainConfig,
+    TrainingDivergedError,
+    bias_update_speed_at,
+    init_model,
+    lr_at,
+    make_data,
+    mtp_weight_at,
+    train,
+)
+from helpers import small_config
 
 trainer = importlib.import_module("dsv3.train")  # the module (``dsv3.train`` may name the function)
 MODEL = small_config(vocab_size=2048)  # the bundled tokenizer's vocabulary
@@ -79,6 +90,7 @@ def test_mtp_alignment_through_the_trainer(data):
     assert math.isclose(h["loss"], main_ce + 0.3 * sum(depth) / 2, rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_bias_moves_by_gamma_on_the_whole_step_loads(data):
     tc = config(data, steps=3, grad_accum=2, bias_update_speed=0.05, eval_every=0)
     r = train(MODEL, tc)
@@ -101,6 +113,7 @@ def test_bias_moves_by_gamma_on_the_whole_step_loads(data):
     assert aux.history[0]["balance_loss"] > 0
 
 
+@pytest.mark.slow
 def test_exact_resume(data, tmp_path):
     """2N steps in one run == N steps, resume, N steps: weights, router biases, optimizer state, data position and
     history, bit for bit."""
@@ -150,6 +163,7 @@ def test_bad_config_values(kw, message):
         TrainConfig(**kw)
 
 
+@pytest.mark.slow
 def test_bad_input_fails_before_any_compute(data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(MODEL, config(data, run, steps=2, eval_every=0))
@@ -181,6 +195,7 @@ def test_bad_input_fails_before_any_compute(data, tmp_path, monkeypatch):
         train(MODEL, config(data, tmp_path / "file"))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     def poison(entry, model):
         if entry["step"] == 2:  # after checkpoint 2 is written, a weight turns into NaN
@@ -197,6 +212,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     assert len(json.loads((ckpt / "trainer.json").read_text())["history"]) == 2
 
 
+@pytest.mark.slow
 def test_capacity_factor_reports_the_dropped_fraction(data):
     default = train(MODEL, config(data, steps=1, eval_every=0))
     assert "dropped" not in default.history[0]
@@ -205,11 +221,48 @@ def test_capacity_factor_reports_the_dropped_fraction(data):
     assert len(dropped) == 3 and all(0.4 < d < 1 for d in dropped)  # about half of the pairs find no room
 
 
+def count_host_reads(monkeypatch) -> collections.Counter:
+    """Count the tensor-to-Python reads (item, tolist, bool/float/int of a tensor: each a device synchronization on a
+    GPU) that code in dsv3/ makes, by the file that makes them."""
+    root = Path(trainer.__file__).parent
+    counts = collections.Counter()
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            caller = Path(sys._getframe(1).f_code.co_filename)
+            if caller.is_relative_to(root):
+                counts[caller.relative_to(root).as_posix()] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
+
+
+def test_one_host_read_for_the_metrics_of_a_step(data, monkeypatch):
+    """A training step reads its metrics back once before the optimizer step and its biases once after it, however
+    many micro-batches and MoE layers (before: five reads per micro-batch, one per MoE layer and more); the only
+    other reads are the torch experts' split sizes (one per MoE layer and micro-batch, the reference's loop over
+    experts) and one per evaluation. The history keeps its Python numbers."""
+    counts = count_host_reads(monkeypatch)
+    steps, accum, n_moe = 3, 2, 3  # small_config: 2 MoE blocks + 1 MTP module
+    run = train(MODEL, config(data, steps=steps, grad_accum=accum, eval_every=3, capacity_factor=1.0))
+    assert counts.pop("kernels/moe.py") == steps * accum * n_moe + config(data).eval_batches * n_moe
+    assert counts == {"train.py": 2 * steps + 1}  # + 1: the one evaluation
+    entry = run.history[-1]
+    assert all(type(entry[k]) is float for k in ("loss", "main_loss", "mtp_loss", "balance_loss", "grad_norm",
+                                                "max_vio", "val_loss", "val_mtp_loss", "val_max_vio"))
+    assert all(type(v) is int for row in entry["loads"] for v in row)
+    assert all(type(v) is float for k in ("dropped", "groups_per_token", "max_vio_layers") for v in entry[k])
+
+
+@pytest.mark.slow
 def test_domains_mix(data):
     r = train(MODEL, config(data, steps=2, domains={"shakespeare": 1, "arithmetic": 1, "code": 1}, eval_every=2))
     assert r.history[-1]["val_loss"] > 0 and r.config.domains == {"shakespeare": 1, "arithmetic": 1, "code": 1}
 
 
+@pytest.mark.slow
 def test_cli_train_resume_and_sample(data, tmp_path, capsys):
     MODEL.save(tmp_path / "model")
     out = str(tmp_path / "cli")
@@ -228,10 +281,11 @@ def test_cli_train_resume_and_sample(data, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:\n")
     assert main(["train", "--steps", "-1", "--out", str(tmp_path / "bad")]) == 2
-    assert "TrainConfig.steps must be a positive integer, got -1" in capsys.readouterr().err
+    assert "argument --steps: must be a positive integer, got '-1'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_cli_lists_train_and_sample():
     out = subprocess.run([sys.executable, "-m", "dsv3", "--help"], capture_output=True, text=True, check=True).stdout
     assert "train" in out and "sample" in out

@@ -10,8 +10,7 @@ from safetensors import safe_open
 from dsv3 import ModelConfig, count_parameters, kv_cache_bytes, load_pretrained, save_pretrained
 from dsv3.kernels.fp8 import weight_quant
 from dsv3.viz import checkpoints as ck
-
-from conftest import random_model, small_config
+from helpers import random_model, small_config
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +38,7 @@ def test_release_tensors_without_fp8(tmp_path):
     assert written == {t.name: t for t in ck.release_tensors(cfg, fp8=False, high="F32")}
 
 
+@pytest.mark.slow
 def test_v3_inventory_matches_the_release_and_count_parameters():
     v3 = ModelConfig.deepseek_v3()
     tensors = ck.release_tensors(v3)
@@ -128,6 +128,7 @@ def test_loaded_bytes_equal_the_loaded_model(fp8_dir):
     assert ck.loaded_bytes(cfg) == held
 
 
+@pytest.mark.slow
 def test_memory_figure_and_table():
     v3 = ModelConfig.deepseek_v3()
     fig = ck.memory_figure(v3, gpu_counts=(8, 16), sequences=(1, 4))

@@ -1,7 +1,7 @@
 """dsv3.viz.fp8: the numerics behind the FP8 recipe (scaling granularity, accumulation precision)."""
 import pytest
 import torch
-from conftest import random_model, small_config
+from helpers import random_model, small_config
 
 from dsv3.fp8 import fp8_modules
 from dsv3.viz import fp8 as nx

@@ -11,8 +11,7 @@ import torch
 from dsv3 import ModelConfig, balance
 from dsv3.layers.moe import DeepSeekMoE
 from dsv3.viz import moe as vm
-
-from conftest import random_model, small_config
+from helpers import random_model, small_config
 
 V3 = ModelConfig.deepseek_v3()
 
@@ -69,14 +68,6 @@ def test_group_limit_allows_a_sixth_of_v3_sets():
     assert vm.group_limited_combinations(256, 8, 8, 8) == math.comb(256, 8)  # no limit: everything
 
 
-def test_moe_by_hand_equals_forward():
-    cfg = small_config()
-    moe = _moe(cfg)
-    x = torch.randn(7, cfg.hidden_size)
-    y, _ = moe(x[None])
-    assert torch.allclose(vm.moe_by_hand(moe, x), y[0], atol=1e-5)
-
-
 def test_moe_table_lists_paper_values():
     md = vm.moe_table({"V3": V3, "tiny": ModelConfig.tiny()})
     assert "| `n_routed_experts` | $N_r$ | 256 | 256 | 16 |" in md
@@ -85,28 +76,32 @@ def test_moe_table_lists_paper_values():
 
 # --- the router, step by step -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", [small_config(), ModelConfig.tiny()])
-def test_routing_steps_reach_the_routers_decisions(cfg):
+@pytest.mark.parametrize("cfg", [small_config(), ModelConfig.tiny(),
+                                 small_config(n_routed_experts=12, num_experts_per_tok=6, topk_group=2)])  # K_r/M = 3
+def test_router_steps_reach_the_routers_decisions(cfg):
     moe = _moe(cfg, seed=3)
     x = torch.randn(50, cfg.hidden_size)
-    st = vm.routing_steps(moe.gate, x)
+    with torch.no_grad():
+        st = moe.gate.steps(x)
     weights, ids, scores = moe.gate(x)
     assert torch.equal(st["ids"], ids)
     assert torch.allclose(st["weights"], weights, atol=1e-6)
     assert torch.allclose(st["scores"], scores)
     assert (st["kept_groups"].sum(-1) == cfg.topk_group).all()
-    # every chosen expert lies in a kept group; the group scores are top-2 sums of s + b
-    size = cfg.n_routed_experts // cfg.n_group
+    # every chosen expert lies in a kept group; the group scores are sums of the top K_r/M of s + b
+    size, top = cfg.n_routed_experts // cfg.n_group, cfg.num_experts_per_tok // cfg.topk_group
+    assert st["per_group"] == top
     assert st["kept_groups"].gather(1, ids // size).all()
     by_hand = (st["scores"] + moe.gate.e_score_correction_bias).view(len(x), cfg.n_group, size)
-    assert torch.allclose(st["group_scores"], by_hand.sort(-1, descending=True).values[..., :2].sum(-1))
+    assert torch.allclose(st["group_scores"], by_hand.sort(-1, descending=True).values[..., :top].sum(-1))
     assert (balance.groups_per_token(ids, cfg.n_group, cfg.n_routed_experts) <= cfg.topk_group).all()
 
 
 def test_group_routing_figure_frames_follow_the_tokens():
     cfg = ModelConfig.tiny()
     moe = _moe(cfg)
-    st = vm.routing_steps(moe.gate, torch.randn(6, cfg.hidden_size))
+    with torch.no_grad():
+        st = moe.gate.steps(torch.randn(6, cfg.hidden_size))
     fig = vm.group_routing_figure(st, tokens=range(4))
     assert len(fig.frames) == 4 and len(fig.layout.sliders[0].steps) == 4
     for t, frame in enumerate(fig.frames):

@@ -5,8 +5,7 @@ import torch
 
 from dsv3 import DeepSeekV3, ModelConfig, count_parameters, flops_per_token
 from dsv3.viz import overview
-
-from conftest import small_config
+from helpers import small_config
 
 V3 = ModelConfig.deepseek_v3()
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_generate import agreeing_model, prompt
 
 from dsv3.generate import generate
 from dsv3.viz import speculative as vs
-
-from conftest import random_model, small_config
-from test_generate import agreeing_model, prompt
-
+from helpers import random_model, small_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small ops run faster on one thread
 

@@ -3,36 +3,35 @@
     python book/_tools/browser.py _build/html                 # every chapter page, screenshots in _build/screenshots
     python book/_tools/browser.py _build/html book/02_mla.html
 
-Chromium is driven through the DevTools protocol over a pipe (``--remote-debugging-pipe``: NUL-separated JSON on
-file descriptors 3 and 4), so nothing but the Python standard library and Debian's ``chromium`` is needed, and no
-port is opened. Host names other than 127.0.0.1 do not resolve inside the browser, so a page that tries to reach
-a CDN fails loudly instead of working only when online. ``tests/test_site.py`` uses this module.
+Playwright for Python drives Debian's ``chromium`` (``executable_path``; ``playwright install`` is never run, so
+nothing is downloaded). Every request that does not go to the local server is recorded as a problem and aborted, so
+a page that needs a CDN fails loudly instead of working only when online. ``tests/test_site.py`` uses this module.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import fcntl
 import functools
 import http.server
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import sync_playwright
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-extensions", "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio",
-         "--no-default-browser-check", "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"]
-CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+         "--no-default-browser-check"]
+CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 IGNORED_URLS = ("/favicon.ico",)  # browsers ask for it on their own; the book has none
+LOCAL = ("http://127.0.0.1:", "data:", "blob:", "about:")
 
 
 def find_chromium() -> str:
@@ -40,136 +39,36 @@ def find_chromium() -> str:
         if name and shutil.which(name):
             return shutil.which(name)
     raise FileNotFoundError("no Chromium found (looked for $CHROMIUM, " + ", ".join(CANDIDATES)
-                            + "); on Debian/Ubuntu: apt-get install -y chromium")
-
-
-class CDPError(RuntimeError):
-    pass
+                            + "); on Debian/Ubuntu: apt-get install -y chromium (or `make browser`)")
 
 
 class Browser:
-    """Headless Chromium speaking the DevTools protocol over a pipe."""
+    """Headless Debian Chromium under Playwright (a context manager); ``open`` gives one ``Page`` per URL."""
 
     def __init__(self, executable: str | None = None, timeout: float = 30.0):
         self.timeout = timeout
-        self._profile = tempfile.TemporaryDirectory(prefix="dsv3-chromium-")
-        to_child_r, self._to_child = os.pipe()
-        self._from_child, from_child_w = os.pipe()
-        # High descriptor numbers, so that dup2 onto 3 and 4 in the child cannot overwrite one of them.
-        hi_r = fcntl.fcntl(to_child_r, fcntl.F_DUPFD, 100)
-        hi_w = fcntl.fcntl(from_child_w, fcntl.F_DUPFD, 100)
-        os.close(to_child_r), os.close(from_child_w)
+        self._playwright = sync_playwright().start()
+        try:
+            self._browser = self._playwright.chromium.launch(executable_path=executable or find_chromium(),
+                                                             args=FLAGS, headless=True, timeout=timeout * 1000)
+        except BaseException:
+            self._playwright.stop()
+            raise
 
-        def child_fds() -> None:
-            os.dup2(hi_r, 3)
-            os.dup2(hi_w, 4)
-
-        self._log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [executable or find_chromium(), *FLAGS, f"--user-data-dir={self._profile.name}",
-             "--remote-debugging-pipe", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, pass_fds=(3, 4),
-            preexec_fn=child_fds)
-        os.close(hi_r), os.close(hi_w)
-        self._next_id = 0
-        self._lock = threading.Condition()
-        self._results: dict[int, dict] = {}
-        self.events: list[dict] = []
-        self._closed = False
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.send("Browser.getVersion")
-
-    def _read(self) -> None:
-        buffer = b""
-        while True:
-            try:
-                chunk = os.read(self._from_child, 1 << 16)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                with self._lock:
-                    self._closed = True
-                    self._lock.notify_all()
-                return
-            buffer += chunk
-            *messages, buffer = buffer.split(b"\0")
-            with self._lock:
-                for raw in messages:
-                    msg = json.loads(raw)
-                    if "id" in msg:
-                        self._results[msg["id"]] = msg
-                    else:
-                        self.events.append(msg)
-                self._lock.notify_all()
-
-    def _wait(self, ready: Callable[[], Any], timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while True:
-                value = ready()
-                if value:
-                    return value
-                if self._closed:
-                    raise CDPError(f"Chromium exited while waiting for {what}: {self.log()[-2000:]}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-                self._lock.wait(left)
-
-    def send(self, method: str, params: dict | None = None, session: str | None = None,
-             timeout: float | None = None) -> dict:
-        with self._lock:
-            self._next_id += 1
-            msg_id = self._next_id
-        msg = {"id": msg_id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        os.write(self._to_child, json.dumps(msg).encode() + b"\0")
-        reply = self._wait(lambda: self._results.pop(msg_id, None), timeout or self.timeout, method)
-        if "error" in reply:
-            raise CDPError(f"{method}: {reply['error']}")
-        return reply.get("result", {})
-
-    def wait_event(self, method: str, session: str | None, timeout: float | None = None) -> dict:
-        def found():
-            return next((e for e in self.events if e["method"] == method and e.get("sessionId") == session), None)
-        return self._wait(found, timeout or self.timeout, method)
-
-    def log(self) -> str:
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")
-
-    def open(self, url: str, width: int = 1280, height: int = 900) -> "Page":
-        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Page", "Runtime", "Network", "Log"):
-            self.send(f"{domain}.enable", session=session)
-        self.send("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session)
-        page = Page(self, target, session, url)
-        self.send("Page.navigate", {"url": url}, session)
-        self.wait_event("Page.loadEventFired", session)
+    def open(self, url: str, width: int = 1280, height: int = 900) -> Page:
+        context = self._browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=1)
+        context.set_default_timeout(self.timeout * 1000)
+        page = Page(context, url)
+        page.pw.goto(url, wait_until="load")
         return page
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.send("Browser.close", timeout=5)
-            except (CDPError, TimeoutError, OSError):
-                pass
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        os.close(self._to_child)
-        self._reader.join(5)
-        os.close(self._from_child)
-        self._log.close()
-        self._profile.cleanup()
+        try:
+            self._browser.close()
+        finally:
+            self._playwright.stop()
 
-    def __enter__(self) -> "Browser":
+    def __enter__(self) -> Browser:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -177,81 +76,63 @@ class Browser:
 
 
 class Page:
-    def __init__(self, browser: Browser, target: str, session: str, url: str):
-        self.browser, self.target, self.session, self.url = browser, target, session, url
-        self.origin = url.split("/", 3)[:3]
+    """A Playwright page (``.pw``) in its own browser context, with everything that went wrong on it recorded."""
 
-    def evaluate(self, expression: str, await_promise: bool = False, timeout: float | None = None) -> Any:
-        result = self.browser.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                        "awaitPromise": await_promise}, self.session, timeout)
-        if "exceptionDetails" in result:
-            raise CDPError(f"{expression[:80]}...: {result['exceptionDetails']}")
-        return result["result"].get("value")
+    def __init__(self, context, url: str):
+        self.context, self.url = context, url
+        self._problems: list[str] = []
+        context.route(lambda u: not u.startswith(LOCAL), self._block)
+        self.pw = context.new_page()
+        self.pw.on("pageerror", lambda err: self._problems.append(f"JS exception: {err}"))
+        self.pw.on("console", self._console)
+        self.pw.on("requestfailed", self._failed)
+        self.pw.on("response", self._response)
+
+    def _block(self, route) -> None:
+        self._problems.append(f"request leaves the site: {route.request.url}")
+        route.abort("blockedbyclient")
+
+    def _console(self, msg) -> None:
+        url = (msg.location or {}).get("url", "")
+        if msg.type in ("error", "assert") and not url.endswith(IGNORED_URLS):
+            self._problems.append(f"console.{msg.type}: {msg.text} {url}".rstrip())
+
+    def _failed(self, request) -> None:
+        error = request.failure or ""
+        if not request.url.endswith(IGNORED_URLS) and "ERR_ABORTED" not in error and "BLOCKED_BY_CLIENT" not in error:
+            self._problems.append(f"request failed: {request.url} ({error})")
+
+    def _response(self, response) -> None:
+        if response.status >= 400 and not response.url.endswith(IGNORED_URLS):
+            self._problems.append(f"HTTP {response.status}: {response.url}")
+
+    def evaluate(self, expression: str, arg: Any = None) -> Any:
+        """The value of a JavaScript expression (a promise is awaited), or of a function applied to ``arg``."""
+        return self.pw.evaluate(expression, arg)
 
     def wait_for(self, expression: str, timeout: float = 20.0, what: str = "") -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.url}: timed out waiting for {what or expression}")
-            time.sleep(0.1)
-
-    def events(self, method: str) -> list[dict]:
-        with self.browser._lock:
-            return [e["params"] for e in self.browser.events
-                    if e["method"] == method and e.get("sessionId") == self.session]
+        try:
+            return self.pw.wait_for_function(expression, timeout=timeout * 1000).json_value()
+        except PlaywrightError as err:
+            raise TimeoutError(f"{self.url}: timed out waiting for {what or expression}") from err
 
     def problems(self) -> list[str]:
-        """JavaScript errors, console errors, failed or non-local requests seen by this page so far."""
-        local = "/".join(self.origin) + "/"
-        found = []
-        for p in self.events("Runtime.exceptionThrown"):
-            d = p["exceptionDetails"]
-            found.append(f"JS exception: {d.get('exception', {}).get('description') or d.get('text')}")
-        for p in self.events("Runtime.consoleAPICalled"):
-            if p["type"] in ("error", "assert"):
-                found.append("console.error: " + " ".join(str(a.get("value", a.get("description", "")))
-                                                          for a in p["args"]))
-        for p in self.events("Log.entryAdded"):
-            e = p["entry"]
-            if e["level"] == "error" and not e.get("url", "").endswith(IGNORED_URLS):
-                found.append(f"browser log error: {e['text']} {e.get('url', '')}")
-        for p in self.events("Network.requestWillBeSent"):
-            url = p["request"]["url"]
-            if not url.startswith((local, "data:", "blob:", "about:")):
-                found.append(f"request leaves the site: {url}")
-        urls = {p["requestId"]: p["request"]["url"] for p in self.events("Network.requestWillBeSent")}
-        for p in self.events("Network.loadingFailed"):
-            url = urls.get(p["requestId"], "?")
-            if not url.endswith(IGNORED_URLS) and not p.get("canceled"):
-                found.append(f"request failed: {url} ({p.get('errorText')})")
-        for p in self.events("Network.responseReceived"):
-            r = p["response"]
-            if r["status"] >= 400 and not r["url"].endswith(IGNORED_URLS):
-                found.append(f"HTTP {r['status']}: {r['url']}")
-        return found
+        """JavaScript errors, console errors, failed, refused or non-local requests seen by this page so far."""
+        return list(self._problems)
 
-    def screenshot(self, path: Path, full_page: bool = True, width: int = 1280, height: int = 900) -> Path:
-        """A PNG of the page; ``full_page`` makes the viewport as tall as the page (at most 12000 px) first."""
-        if full_page:
-            tall = self.evaluate("document.documentElement.scrollHeight")
-            self.browser.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": min(int(tall), 12000),
-                                                                     "deviceScaleFactor": 1, "mobile": False},
-                              self.session)
-            time.sleep(0.3)  # responsive plotly figures redraw on resize
-        data = self.browser.send("Page.captureScreenshot", {"format": "png"}, self.session, timeout=60)["data"]
-        if full_page:
-            self.browser.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
-                                                                     "deviceScaleFactor": 1, "mobile": False},
-                              self.session)
+    def screenshot(self, path: Path, full_page: bool = True) -> Path:
+        """A PNG of the page (``full_page``: all of it, cut at 12000 px). Chromium lays the page out again for a
+        full-page shot, so responsive figures see a resize: drive plotly's controls before, not after."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(data))
+        clip = None
+        if full_page:
+            size = self.evaluate("[document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
+            clip = {"x": 0, "y": 0, "width": size[0], "height": min(size[1], 12000)}
+        self.pw.screenshot(path=str(path), full_page=full_page, clip=clip, timeout=60_000)
         return path
 
     def close(self) -> None:
-        self.browser.send("Target.closeTarget", {"targetId": self.target})
+        self.context.close()
 
 
 # The figure text whose colour comes from the book's theme (axes, titles, legends, sliders, menus, annotations);
@@ -298,20 +179,18 @@ INSPECT_JS = r"""
 
 MATHJAX_READY_JS = ("(window.MathJax && MathJax.startup && MathJax.startup.promise)"
                     " ? MathJax.startup.promise.then(() => true) : true")
+FINISHED_JS = (f"(() => {{ const r = {INSPECT_JS.strip()};"
+               " return r.drawn === r.figures && r.typeset === r.math && r.widgets >= r.widgetViews; })()")
 
 
 def settle(page: Page, timeout: float = 30.0) -> dict:
     """Wait until MathJax, plotly and the widget manager have finished; return ``INSPECT_JS``'s report."""
-    page.evaluate(MATHJAX_READY_JS, await_promise=True, timeout=timeout)
-    deadline = time.monotonic() + timeout
-    while True:
-        report = page.evaluate(INSPECT_JS)
-        if (report["drawn"] == report["figures"] and report["typeset"] == report["math"]
-                and report["widgets"] >= report["widgetViews"]):
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{page.url}: not finished after {timeout:.0f} s: {report}; {page.problems()}")
-        time.sleep(0.1)
+    page.evaluate(MATHJAX_READY_JS)
+    try:
+        page.pw.wait_for_function(FINISHED_JS, timeout=timeout * 1000, polling=100)
+    except PlaywrightError as err:
+        raise TimeoutError(f"{page.url}: not finished after {timeout:.0f} s: {page.evaluate(INSPECT_JS)};"
+                           f" {page.problems()}") from err
     time.sleep(0.3)  # let late console errors and requests arrive
     return page.evaluate(INSPECT_JS)
 
@@ -324,6 +203,71 @@ def set_theme(page: Page, mode: str) -> dict:
     return page.evaluate(INSPECT_JS)
 
 
+# --- plotly's own controls, driven the way a reader drives them ------------------------------------------------
+
+# The figure's state that its controls change: the active step of each slider, and whether every trace that a
+# frame names holds that frame's data (``shows``: frame name -> bool, for every frame of the figure).
+FIGURE_STATE_JS = """(i) => {
+  const gd = document.querySelectorAll('.dsv3-plotly')[i];
+  const same = (a, b) => JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
+  const frames = (gd._transitionData && gd._transitionData._frames) || [];
+  const shows = Object.fromEntries(frames.map(f => [f.name, f.data.every((t, k) => {
+    const d = gd.data[f.traces ? f.traces[k] : k];
+    return d && ['x', 'y', 'z'].every(a => !(a in t) || same([...d[a]], [...t[a]]));
+  })]));
+  return {active: (gd.layout.sliders || []).map(s => s.active || 0), shows,
+          data: JSON.stringify(gd.data.map(t => [t.x, t.y, t.z, t.visible]))};
+}"""
+
+
+def figure_controls(page: Page) -> list[dict]:
+    """For every figure of the page: its sliders (their steps' frame names, for animating steps), its frames and
+    its updatemenu buttons (``play``: the labels of those that animate through several frames)."""
+    return page.evaluate("""() => [...document.querySelectorAll('.dsv3-plotly')].map((gd, i) => {
+      const buttons = (gd.layout.updatemenus || []).flatMap(m => m.buttons || []);
+      const many = b => b.method === 'animate' && (b.args[0] === null || (Array.isArray(b.args[0])
+                                                                          && b.args[0].length > 1));
+      return {index: i,
+              sliders: (gd.layout.sliders || []).map(s => s.steps.map(st => st.method === 'animate'
+                                                                              ? String(st.args[0][0]) : null)),
+              frames: ((gd._transitionData && gd._transitionData._frames) || []).map(f => f.name),
+              buttons: buttons.map(b => b.label), play: buttons.filter(many).map(b => b.label)};
+    })""")
+
+
+def drag_slider(page: Page, figure: int, to: float = 1.0) -> dict:
+    """Drag the first slider of figure ``figure`` with the mouse from its grip to the fraction ``to`` of its rail;
+    returns the figure's state (``FIGURE_STATE_JS``) once plotly has applied the step."""
+    gd = page.pw.locator(".dsv3-plotly").nth(figure)
+    gd.scroll_into_view_if_needed()
+    grip = gd.locator(".slider-grip-rect").first.bounding_box()
+    rail = gd.locator(".slider-rail-rect").first.bounding_box()
+    y = grip["y"] + grip["height"] / 2
+    page.pw.mouse.move(grip["x"] + grip["width"] / 2, y)
+    page.pw.mouse.down()
+    page.pw.mouse.move(rail["x"] + to * rail["width"], y, steps=8)
+    page.pw.mouse.up()
+    time.sleep(0.5)  # the step's transition, if any
+    return page.evaluate(FIGURE_STATE_JS, figure)
+
+
+def click_button(page: Page, figure: int, label: str, timeout: float = 60.0) -> dict:
+    """Click the updatemenu button ``label`` of figure ``figure`` (e.g. Play) and wait for the animation it starts to
+    end; returns the figure's state (``FIGURE_STATE_JS``) with ``played``, the names of the frames it showed."""
+    gd = page.pw.locator(".dsv3-plotly").nth(figure)
+    gd.scroll_into_view_if_needed()
+    page.evaluate("""(i) => { const gd = document.querySelectorAll('.dsv3-plotly')[i];
+      window.__dsv3_played = []; window.__dsv3_animated = false;
+      gd.on('plotly_animatingframe', e => window.__dsv3_played.push(e.name));
+      gd.on('plotly_animated', () => { window.__dsv3_animated = true; }); }""", figure)
+    gd.locator(".updatemenu-button").filter(has_text=label).first.click()
+    page.wait_for("window.__dsv3_animated === true", timeout=timeout, what=f"the {label!r} animation to end")
+    time.sleep(0.5)  # the slider's grip follows the last frame with a transition of its own
+    return {**page.evaluate(FIGURE_STATE_JS, figure), "played": page.evaluate("window.__dsv3_played")}
+
+
+# --- the site -------------------------------------------------------------------------------------------------
+
 class SiteServer:
     """``http://127.0.0.1:<port>/`` serving a built site from a thread (a context manager)."""
 
@@ -333,7 +277,7 @@ class SiteServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "SiteServer":
+    def __enter__(self) -> SiteServer:
         self.thread.start()
         return self
 
@@ -366,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             page.screenshot(args.screenshots / f"{name}-light.png")
             report["dark"] = set_theme(page, "dark")["figureTextLuminance"]
             page.screenshot(args.screenshots / f"{name}-dark.png")
+            report["controls"] = [{"figure": c["index"], "slider steps": [len(s) for s in c["sliders"]],
+                                   "frames": len(c["frames"]), "buttons": c["buttons"]}
+                                  for c in figure_controls(page) if c["sliders"] or c["buttons"]]
             problems = page.problems()
             failed |= bool(problems)
             print(rel, json.dumps(report))

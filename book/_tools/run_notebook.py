@@ -4,17 +4,25 @@
     python book/_tools/run_notebook.py --all                      # every book/NN_*.ipynb, with a time table
     python book/_tools/run_notebook.py --strip-only book/02_mla.ipynb
     python book/_tools/run_notebook.py --check --all              # exit 1 unless committed notebooks are clean
+    python book/_tools/run_notebook.py --device cuda --all        # on a GPU: executed copies in _build/cuda/
 
 Execution: a fresh kernel of *this* Python (like ``pytest --nbval --nbval-current-env``), working directory
 ``book/``, environment ``NOTEBOOK_ENV`` (no GPU, 2 threads, AVX2 code paths, ``PYTHONHASHSEED=0``, offline), widget
-state stored in the notebook metadata so the site can draw the widgets. The committed outputs are the nbval oracle, so they
-must come from exactly this setup; ``book/conftest.py`` gives nbval's kernel the same environment.
+state stored in the notebook metadata so the site can draw the widgets. The committed outputs are the nbval oracle,
+so they must come from exactly this setup; ``book/conftest.py`` gives nbval's kernel the same environment.
 
 Stripping keeps every output and removes what changes from run to run or machine to machine: execution
 timestamps, the Python patch version, editor state (``collapsed``, ``scrolled``, Colab ids); random ipywidgets
 model ids are renumbered deterministically, so re-running an unchanged chapter leaves ``git diff`` empty.
 
-Budget (STYLE.md): under 2 minutes per chapter on 2 CPU cores, under 12 for the whole book.
+Budget (STYLE.md): under 2 minutes per chapter on 2 CPU cores, under 12 for the whole book. Every execution
+records the chapter's wall time in ``book/_data/timings.json`` (per device, with the machine that measured it);
+the site's "Time to run" page renders it with ``timing_markdown()``.
+
+``--device cuda`` runs a chapter on the GPU (the Colab path): the GPU stays visible, ``DSV3_DEVICE=cuda`` makes
+``setup_notebook()`` choose it (or fail clearly without one), Triton compiles for the GPU instead of
+interpreting. The committed outputs are CPU outputs, so these runs write executed copies to ``_build/cuda/``
+and never touch the chapters.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import argparse
 import copy
 import json
 import os
+import platform
 import re
 import sys
 import time
@@ -35,6 +44,9 @@ BOOK = Path(__file__).resolve().parents[1]
 CHAPTER_GLOB = "[0-9][0-9]_*.ipynb"
 BUDGET_S = 120.0  # per chapter, 2 CPU cores
 BOOK_BUDGET_S = 720.0
+TIMINGS = BOOK / "_data" / "timings.json"  # {"cpu" | "cuda": {chapter stem: {"seconds": s, "machine": ...}}}
+DEVICES = ("cpu", "cuda")
+CUDA_OUT = BOOK.parent / "_build" / "cuda"
 
 NOTEBOOK_ENV = {
     "PYTHONHASHSEED": "0",
@@ -68,12 +80,25 @@ WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 _CELL_ID = re.compile(r"^[a-zA-Z0-9-_]{1,64}$")
 
 
-def apply_env(environ: dict | None = None) -> dict:
-    """Put NOTEBOOK_ENV into ``environ`` (default ``os.environ``, so kernels started afterwards inherit it)."""
+def apply_env(environ: dict | None = None, device: str = "cpu") -> dict:
+    """Put NOTEBOOK_ENV into ``environ`` (default ``os.environ``, so kernels started afterwards inherit it).
+
+    ``device="cuda"``: the same, except that the GPU stays visible, ``DSV3_DEVICE=cuda`` forces chapters onto it
+    and Triton compiles instead of interpreting."""
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r}: expected one of {DEVICES}")
     environ = os.environ if environ is None else environ
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
     environ.update(NOTEBOOK_ENV)
     for key in UNSET_ENV:
         environ.pop(key, None)
+    environ["DSV3_DEVICE"] = device
+    if device == "cuda":
+        environ.pop("TRITON_INTERPRET", None)
+        if visible is None:
+            environ.pop("CUDA_VISIBLE_DEVICES")
+        else:
+            environ["CUDA_VISIBLE_DEVICES"] = visible  # the GPUs the caller chose
     return environ
 
 
@@ -179,8 +204,9 @@ def _kernel_manager():
     return KernelManager(kernel_name="python3", kernel_spec_manager=ThisPython())
 
 
-def execute(path: Path, timeout: int = 600) -> float:
-    """Execute ``path`` in place (fixed env, widget state stored), strip it, save it; returns the wall time."""
+def execute(path: Path, timeout: int = 600, device: str = "cpu", out: Path | None = None) -> float:
+    """Execute ``path`` (fixed env, widget state stored), strip it and save it to ``out`` (default: in place);
+    return the wall time, also recorded in ``TIMINGS`` when ``path`` is a chapter of the book."""
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
@@ -188,10 +214,72 @@ def execute(path: Path, timeout: int = 600) -> float:
                             store_widget_state=True, record_timing=False,
                             resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
-    client.execute(env=apply_env(dict(os.environ)))  # the kernel's environment; ours is left alone
+    client.execute(env=apply_env(dict(os.environ), device))  # the kernel's environment; ours is left alone
     seconds = time.perf_counter() - start
-    write_atomic(strip(nb, path.stem), path)
+    write_atomic(strip(nb, path.stem), out or path)
+    if path.resolve().parent == BOOK:  # a chapter of the book (not a test's notebook)
+        record_timing(path.stem, seconds, device, machine(nb, device))
     return seconds
+
+
+def machine(nb, device: str) -> str:
+    """What ran ``nb``: the device line its setup cell printed ("cuda (NVIDIA H100 ...)", "cpu (2 threads)"),
+    with the CPU model for CPU runs."""
+    text = "".join(o.get("text", "") for c in nb.cells[:3] if c.cell_type == "code" for o in c.get("outputs", []))
+    found = re.search(r"device (\w+ \([^)]*\))", text)
+    where = found.group(1) if found else device
+    if device == "cpu":
+        model = platform.processor()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+        except OSError:
+            pass
+        where = f"{model}, {where}" if model else where
+    return where
+
+
+def load_timings(path: Path = TIMINGS) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def record_timing(name: str, seconds: float, device: str, machine: str, path: Path = TIMINGS) -> None:
+    """Store one chapter's wall time under ``device`` in the timing file (other entries kept)."""
+    data = load_timings(path)
+    data.setdefault(device, {})[name] = {"seconds": round(seconds, 1), "machine": machine}
+    data = {dev: dict(sorted(data[dev].items())) for dev in sorted(data)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _duration(entry: dict | None) -> str:
+    if not entry:
+        return "not measured yet"
+    seconds = entry["seconds"]
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def timing_markdown(path: Path = TIMINGS) -> str:
+    """The chapters' time to run, CPU and GPU, as a MyST table (the site's timings page), from the timing file."""
+    data = load_timings(path)
+    rows = ["| Chapter | CPU | GPU |", "|:--|--:|--:|"]
+    for chapter in chapters():
+        rows.append(f"| [{chapter.stem}]({chapter.name}) | {_duration(data.get('cpu', {}).get(chapter.stem))} | "
+                    f"{_duration(data.get('cuda', {}).get(chapter.stem))} |")
+    totals = []
+    for device in DEVICES:
+        measured = [data.get(device, {}).get(c.stem) for c in chapters()]
+        totals.append(_duration({"seconds": sum(e["seconds"] for e in measured)}) if all(measured)
+                      else "not measured yet")
+    rows.append(f"| **the whole book** | {totals[0]} | {totals[1]} |")
+    machines = []
+    for device, label in (("cpu", "CPU"), ("cuda", "GPU")):
+        seen = sorted({e["machine"] for e in data.get(device, {}).values()})
+        if seen:
+            machines.append(f"{label}: measured on {'; '.join(seen)}.")
+    return "\n".join(rows) + ("\n\n" + " ".join(machines) if machines else "")
 
 
 def problems(path: Path) -> list[str]:
@@ -226,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 unless the notebooks are executed and stripped")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a chapter is over its time budget")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help=f"cpu (default: the committed outputs) or cuda (executed copies in {CUDA_OUT})")
     args = parser.parse_args(argv)
     paths = chapters() if args.all else args.notebooks
     if not paths:
@@ -247,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     over = False
     total = 0.0
     for path in paths:
-        seconds = execute(path, timeout=args.timeout)
+        out = None
+        if args.device == "cuda":
+            CUDA_OUT.mkdir(parents=True, exist_ok=True)
+            out = CUDA_OUT / path.name
+        seconds = execute(path, timeout=args.timeout, device=args.device, out=out)
         total += seconds
         flag = "" if seconds < BUDGET_S else f"  OVER BUDGET ({BUDGET_S:.0f} s)"
         over |= bool(flag)

@@ -4,7 +4,9 @@
     with dsv3.kernels.use_backend("torch"): ...               # temporarily
 
 Ops (each `op` dispatches to `op_torch`, the readable reference that runs anywhere and is differentiable,
-or `op_triton`, the fused kernel; file `x.py` holds the reference and dispatch, `x_triton.py` the kernels):
+or `op_triton`, the fused kernel; file `x.py` holds the dispatch, `x_triton.py` the kernels; the references of
+the model's own math (RMSNorm, RoPE, router, experts, latent attention) live in `dsv3.layers.reference` and are
+re-exported here, the others (FP8, cross-entropy, SDPA) sit beside their dispatch):
 
 | op                        | paper            | kernel                                                        |
 |---------------------------|------------------|---------------------------------------------------------------|

@@ -11,14 +11,19 @@ one to run:
 - "auto" (default): the kernel when the tensors are on CUDA, Triton is importable and the GPU supports the
   dtype (bf16 needs compute capability 8.0; Colab's T4 has 7.5 and runs bf16 through torch), else the reference.
 
+The choice is state of the calling thread or context, not a global: it lives in a `contextvars.ContextVar`, so
+`with use_backend("torch"):` in one thread (or asyncio task) does not change what another one runs, and
+`set_backend(name)` sets it for the calling context (a new thread starts from the default). The default is
+"auto", or the environment variable `DSV3_KERNEL_BACKEND` read at import.
+
 Triton is imported lazily: `import dsv3.kernels` works on an install without Triton, and the modules that
 define the `@triton.jit` kernels (`*_triton.py`) are imported on first use. Lazy import also matters for the
 interpreter, since `triton.jit` decides between the compiler and the interpreter when a kernel is defined.
-The initial backend can be chosen with the environment variable `DSV3_KERNEL_BACKEND`.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import os
 
@@ -26,36 +31,40 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton")
 
-_backend = os.environ.get("DSV3_KERNEL_BACKEND", "auto")
-if _backend not in BACKENDS:
-    raise ValueError(f"DSV3_KERNEL_BACKEND={_backend!r}: expected one of {BACKENDS}")
+_default = os.environ.get("DSV3_KERNEL_BACKEND", "auto")
+if _default not in BACKENDS:
+    raise ValueError(f"DSV3_KERNEL_BACKEND={_default!r}: expected one of {BACKENDS}")
+_backend: contextvars.ContextVar[str] = contextvars.ContextVar("dsv3_kernel_backend", default=_default)
 _triton_ok: bool | None = None  # cached result of trying to import triton
 
 
-def set_backend(name: str) -> None:
-    """Choose the kernel backend for every op: "auto", "torch" or "triton"."""
-    global _backend
+def _checked(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"kernel backend {name!r}: expected one of {BACKENDS}")
     if name == "triton":
         require_triton()
-    _backend = name
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Choose the kernel backend of every op for the calling thread or context: "auto", "torch" or "triton"."""
+    _backend.set(_checked(name))
 
 
 def get_backend() -> str:
-    """The backend set by `set_backend` (default "auto")."""
-    return _backend
+    """The calling context's backend (default "auto", or `DSV3_KERNEL_BACKEND`)."""
+    return _backend.get()
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """`with use_backend("torch"): ...` runs the block with another backend and restores the old one."""
-    old = get_backend()
-    set_backend(name)
+    """`with use_backend("torch"): ...` runs the block with another backend and restores the old one (for this
+    thread or context only)."""
+    token = _backend.set(_checked(name))
     try:
         yield
     finally:
-        set_backend(old)
+        _backend.reset(token)
 
 
 def triton_available() -> bool:
@@ -101,9 +110,10 @@ def _device_supports(t: torch.Tensor) -> bool:
 
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """Decide, for one call, whether to run the Triton kernel on these tensors (None entries are skipped)."""
-    if _backend == "torch":
+    name = _backend.get()
+    if name == "torch":
         return False
-    if _backend == "auto":  # a plain loop: this runs for every op of every step, and a CPU tensor ends it at once
+    if name == "auto":  # a plain loop: this runs for every op of every step, and a CPU tensor ends it at once
         for t in tensors:
             if t is not None and not (t.is_cuda and _device_supports(t)):
                 return False

@@ -1,22 +1,19 @@
-"""Multi-head Latent Attention for decoding, in the absorbed form (paper Sec. 2.1.1, Eq. 1-11).
+"""Multi-head Latent Attention in the absorbed form (paper Sec. 2.1.1, Eq. 1-11): the dispatch between the latent-
+attention reference (`dsv3.layers.reference.mla_decode_torch`, where the math is written out; it serves prefill and
+decode alike) and the fused split-KV Triton kernel, plus full-head attention for the naive path.
 
-The cache holds, per position, only the compressed latent c^KV (kv_lora_rank = 512 at V3 size) and the
-decoupled rope key k^R (64), shared by all heads. Absorbing W^UK into the query and W^UV into the output
-projection turns attention into a multi-query attention over the latent itself:
-
-    q_latent[h] = q_nope[h] @ W^UK[h]                                   (B, Tq, H, r)     done by the caller
-    score[h, s] = scale * (q_latent[h] . c^KV[s] + q_rope[h] . k^R[s])
-    o_latent[h] = softmax_s(score[h]) @ c^KV                             (B, Tq, H, r)     this op
-    output      = o_latent[h] @ W^UV[h] ...                             done by the caller
-
-so each cached position is read once for all H heads: the op is memory-bound at small batch, which is
-what the "flash decoding" split of the cache across programs (then one reduction) is for.
+The cache holds, per position, only the compressed latent c^KV (kv_lora_rank = 512 at V3 size) and the decoupled
+rope key k^R (64), shared by all heads, so each cached position is read once for all H heads: the op is
+memory-bound at small batch, which is what the "flash decoding" split of the cache across programs (then one
+reduction) is for.
 
 Cache layouts: contiguous (B, S_max, r) / (B, S_max, dr), or PAGED pools (num_blocks, page, r) /
 (num_blocks, page, dr) with a block_table (B, max_blocks) int32 mapping each sequence's logical block to a
 pool block (page = 64 in inference engines), so sequences of different lengths share one pool.
 seq_lens (B,) counts the valid positions INCLUDING the Tq new tokens, which sit at seq_len - Tq ... seq_len - 1;
 query t sees positions < seq_len - Tq + t + 1 (Tq = 2 when the MTP draft is verified in the same step).
+starts (B,) (optional) is each sequence's first real position: a left-padded batch keeps the fused kernel, its
+padding is simply never attended.
 
 `attention_prefill` is plain causal attention over full heads (q, k (B, H, T, Dqk), v (B, H, T, Dv)) used by
 the naive/prefill path; its reference is torch's SDPA.
@@ -26,10 +23,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..layers.reference import gather_paged, mla_decode_torch
 from . import backend
 
+__all__ = ["attention_prefill", "attention_prefill_torch", "attention_prefill_triton", "gather_paged", "mla_decode",
+           "mla_decode_torch", "mla_decode_triton"]
 
-def _check_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, block_table):
+
+def _check_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, block_table, starts):
     if q_latent.dim() != 4 or q_rope.dim() != 4 or q_latent.shape[:3] != q_rope.shape[:3]:
         raise ValueError(f"mla_decode: q_latent (B, Tq, H, r) and q_rope (B, Tq, H, dr) disagree: "
                          f"{tuple(q_latent.shape)}, {tuple(q_rope.shape)}")
@@ -42,61 +43,35 @@ def _check_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, block_tabl
                          f"got {tuple(krope_cache.shape)}")
     if seq_lens.shape != (B,):
         raise ValueError(f"mla_decode: seq_lens must be ({B},), got {tuple(seq_lens.shape)}")
+    if starts is not None and starts.shape != (B,):
+        raise ValueError(f"mla_decode: starts must be ({B},), got {tuple(starts.shape)}")
     if block_table is None and ckv_cache.shape[0] != B:
         raise ValueError(f"mla_decode: contiguous cache has batch {ckv_cache.shape[0]}, queries have {B}")
     if block_table is not None and (block_table.dim() != 2 or block_table.shape[0] != B):
         raise ValueError(f"mla_decode: block_table must be (B={B}, max_blocks), got {tuple(block_table.shape)}")
 
 
-def gather_paged(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """(num_blocks, page, d) pool + (B, max_blocks) table -> contiguous (B, max_blocks * page, d)."""
-    B, nb = block_table.shape
-    page, d = pool.shape[1], pool.shape[2]
-    idx = block_table.long().clamp(0, pool.shape[0] - 1)  # unused entries may hold anything
-    return pool[idx].reshape(B, nb * page, d)
-
-
-def mla_decode_torch(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table=None):
-    """Reference absorbed MLA decode: scores in fp32 over the filled prefix of the cache, masked softmax, weighted
-    sum of the latents. The Tq * H queries of a sequence share its cache, so each product is one batched matmul."""
-    B, Tq, H, r = q_latent.shape
-    if block_table is not None:
-        ckv_cache = gather_paged(ckv_cache, block_table)  # (B, S, r)
-        krope_cache = gather_paged(krope_cache, block_table)  # (B, S, dr)
-    L = min(int(seq_lens.max()), ckv_cache.shape[1]) if B else 0  # positions any query can see
-    ckv = ckv_cache[:, :L].float()  # (B, L, r)
-    q = q_latent.reshape(B, Tq * H, r).float()  # (B, Tq*H, r): query t's heads are rows t*H .. t*H + H - 1
-    q_r = q_rope.reshape(B, Tq * H, -1).float()  # (B, Tq*H, dr)
-    scores = torch.bmm(q, ckv.transpose(1, 2))  # (B, Tq*H, L)
-    scores = scores.baddbmm_(q_r, krope_cache[:, :L].float().transpose(1, 2)).mul_(scale)  # + rope part
-    masked = Tq > 1 or B > 1  # one sequence and one query sees all L positions
-    if masked:
-        pos = torch.arange(L, device=q_latent.device)  # (L,)
-        limit = seq_lens.long()[:, None] - Tq + torch.arange(Tq, device=q_latent.device)[None, :] + 1  # (B, Tq)
-        visible = pos[None, None, :] < limit[:, :, None]  # (B, Tq, L)
-        scores = scores.view(B, Tq, H, L).masked_fill_(~visible[:, :, None, :], float("-inf")).view(B, Tq * H, L)
-    p = torch.softmax(scores, dim=-1)  # (B, Tq*H, L)
-    if masked:
-        p = p.nan_to_num_(0.0)  # rows with nothing visible -> 0
-    return torch.bmm(p, ckv).view(B, Tq, H, r).to(q_latent.dtype)  # (B, Tq, H, r)
-
-
-def mla_decode_triton(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table=None, num_splits=None):
+def mla_decode_triton(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table=None, starts=None,
+                      num_splits=None):
     """Split-KV flash decoding over the latent cache (contiguous or paged), then one reduction kernel."""
     return backend.load("mla_triton").mla_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale,
-                                                 block_table, num_splits)
+                                                 block_table, num_splits, starts=starts)
 
 
-def mla_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table=None):
-    """Absorbed MLA attention for decoding (forward only): returns o_latent (B, Tq, H, r) in q's dtype."""
-    _check_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, block_table)
+def mla_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table=None, starts=None):
+    """Absorbed MLA attention of Tq new queries per sequence over its latent cache (a decoding step, a speculative
+    verification or a whole prefill): returns o_latent (B, Tq, H, r) in q's dtype. The Triton kernel is forward-only:
+    with autograd recording and inputs that require grad, the reference runs."""
+    _check_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, block_table, starts)
+    args = (q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table, starts)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_latent, q_rope, ckv_cache, krope_cache))
     # pre-Ampere GPUs (64 KB shared memory) cannot hold V3-size latent tiles: "auto" keeps them on torch
     small_smem = q_latent.is_cuda and torch.cuda.get_device_capability(q_latent.device) < (8, 0)
-    if small_smem and q_latent.shape[-1] > 256 and backend.get_backend() == "auto":
-        return mla_decode_torch(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table)
-    if backend.use_triton(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, block_table):
-        return mla_decode_triton(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table)
-    return mla_decode_torch(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table)
+    if needs_grad or (small_smem and q_latent.shape[-1] > 256 and backend.get_backend() == "auto"):
+        return mla_decode_torch(*args)
+    if backend.use_triton(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, block_table, starts):
+        return mla_decode_triton(*args)
+    return mla_decode_torch(*args)
 
 
 def attention_prefill_torch(q, k, v, scale, causal=True, mask=None):

@@ -1,11 +1,12 @@
 """Triton kernels for MLA: split-KV flash decoding over the latent cache, and flash-attention prefill
-(references: `mla.mla_decode_torch`, `mla.attention_prefill_torch`).
+(references: `dsv3.layers.reference.mla_decode_torch`, `mla.attention_prefill_torch`).
 
 Decode, stage 1 (`_mla_decode_kernel`), grid (query-row blocks, splits, B): a program takes BLOCK_H query rows
 of one sequence (rows = (token, head) pairs, all sharing the latent cache, so one cache tile feeds all of them)
 and one contiguous slice of that sequence's positions. It streams the slice in BLOCK_N tiles, each from one
 page when the cache is paged, computing scores against the latent (512) and rope (64) parts with two dots and
-keeping an online softmax (running max m, sum l, output acc, in fp32 and base 2). It writes acc / l and the
+keeping an online softmax (running max m, sum l, output acc, in fp32 and base 2). Positions before the
+sequence's start (left padding) are masked, except a padding query's own position. It writes acc / l and the
 log-sum-exp of its slice. Stage 2 (`_mla_reduce_kernel`) merges the splits:
     o = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max).
 With one split the first stage writes the output directly.
@@ -25,7 +26,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _mla_decode_kernel(
-    Q, QR, CKV, KR, SEQ_LENS, BLOCK_TABLE, O, O_PART, LSE_PART,
+    Q, QR, CKV, KR, SEQ_LENS, STARTS, BLOCK_TABLE, O, O_PART, LSE_PART,
     TQ, H, R, DR, qk_scale,  # qk_scale = softmax scale * log2(e)
     sqb, sqt, sqh, sqd,  # q_latent (B, Tq, H, r)
     srb, srt, srh, srd,  # q_rope (B, Tq, H, dr)
@@ -40,6 +41,7 @@ def _mla_decode_kernel(
     split = tl.program_id(1)  # share its cache tiles through L2
     b = tl.program_id(2).to(tl.int64)
     seq_len = tl.load(SEQ_LENS + b).to(tl.int32)
+    first = tl.load(STARTS + b).to(tl.int32)  # the sequence's first real position (left padding before it)
     rows = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)  # query rows: row = t * H + h
     row_mask = rows < TQ * H
     t = rows // H
@@ -78,7 +80,8 @@ def _mla_decode_kernel(
         s = tl.dot(q, tl.trans(kv), input_precision=DOT_PRECISION)
         s = tl.dot(qr, tl.trans(kr), s, input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_N)
         s = s * qk_scale
-        s = tl.where((offs[None, :] < limit[:, None]) & n_mask[None, :], s, float("-inf"))
+        visible = (offs[None, :] < limit[:, None]) & ((offs[None, :] >= first) | (offs[None, :] == limit[:, None] - 1))
+        s = tl.where(visible & n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
         p = tl.exp2(s - m_use[:, None])
@@ -154,7 +157,7 @@ def choose_splits(batch: int, row_blocks: int, max_len: int, device: torch.devic
 
 
 def mla_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table=None, num_splits=None,
-               config=None):
+               config=None, starts=None):
     B, Tq, H, r = q_latent.shape
     dr = q_rope.shape[-1]
     cdt = ckv_cache.dtype
@@ -183,13 +186,14 @@ def mla_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_
     if num_splits is None:
         num_splits = choose_splits(B, row_blocks, max_len, q.device, block_n)
     seq_lens = seq_lens.to(torch.int32)
+    starts = torch.zeros_like(seq_lens) if starts is None else starts.to(device=q.device, dtype=torch.int32)
     if num_splits > 1:
         o_part = torch.empty((B * Tq * H, num_splits, r), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((B * Tq * H, num_splits), device=q.device, dtype=torch.float32)
     else:
         o_part = lse_part = out
     _mla_decode_kernel[(row_blocks, num_splits, B)](
-        q, qr, ckv_cache, krope_cache, seq_lens, bt, out, o_part, lse_part,
+        q, qr, ckv_cache, krope_cache, seq_lens, starts, bt, out, o_part, lse_part,
         Tq, H, r, dr, scale * LOG2E,
         *q.stride(), *qr.stride(), *ckv_cache.stride(), *krope_cache.stride(),
         bt.stride(0), bt.stride(-1) if paged else 0, *out.stride(),

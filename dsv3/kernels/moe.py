@@ -1,29 +1,19 @@
-"""The routed experts of DeepSeekMoE (paper Sec. 2.1.2, Eq. 12): every token n goes to top_k experts and
+"""The routed experts of DeepSeekMoE (paper Sec. 2.1.2, Eq. 12): the dispatch between the reference
+(`dsv3.layers.reference.moe_experts_torch`, sum_k g[n, k] * FFN_{ids[n, k]}(x_n) written out as a loop over the
+experts that received tokens) and the fused version (`moe_triton.py`): the (token, slot) pairs are sorted by
+expert and padded per expert to a multiple of the tile height, one grouped GEMM launch computes silu(gate) * up
+for every expert, a second computes down with the gating weight fused, and the top_k partial outputs of a token
+are summed in one reduction. Its backward is grouped the same way (one launch per projection and per gradient
+kind). Both are differentiable w.r.t. x, the three weight tensors and the gating weights.
 
-    out_n = sum_k g[n, k] * FFN_e(x_n),   e = ids[n, k],   FFN_e(x) = W_down,e (silu(W_gate,e x) * (W_up,e x))
-
-Weights follow nn.Linear: w_gate, w_up (E, I, D), w_down (E, D, I). The (token, slot) pairs are sorted by
-expert so that each expert multiplies one contiguous block of rows.
-
-`moe_experts_torch` is the readable reference: a loop over the experts that received tokens (never over
-tokens), each doing three matmuls on its rows, then one `index_add_` of the weighted results back to the tokens.
-`moe_experts_triton` is the fused version (`moe_triton.py`): the pairs are padded per expert to a multiple of the
-tile height, one grouped GEMM launch computes silu(gate) * up for every expert, a second computes down with the
-gating weight fused, and the top_k partial outputs of a token are summed in one reduction. Its backward is
-grouped the same way (one launch per projection and per gradient kind). Both are differentiable w.r.t. x, the
-three weight tensors and the gating weights.
+Weights follow nn.Linear: w_gate, w_up (E, I, D), w_down (E, D, I).
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
+from ..layers.reference import expert_counts, moe_experts_torch
 from . import backend
 
-
-def expert_counts(topk_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert: (E,) int64 (the load that Sec. 2.1.2's balancing watches)."""
-    return torch.bincount(topk_ids.reshape(-1), minlength=n_experts)
+__all__ = ["expert_counts", "moe_experts", "moe_experts_torch", "moe_experts_triton"]
 
 
 def _check(x, w_gate, w_up, w_down, topk_weights, topk_ids):
@@ -39,38 +29,6 @@ def _check(x, w_gate, w_up, w_down, topk_weights, topk_ids):
     if topk_ids.dim() != 2 or topk_ids.shape[0] != N or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"moe_experts: topk_ids/topk_weights must be (N={N}, K), got {tuple(topk_ids.shape)}, "
                          f"{tuple(topk_weights.shape)}")
-
-
-def moe_experts_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids, linear=None):
-    """Reference: sort the (token, slot) pairs by expert and run each expert once on its slice.
-
-    ``linear(rows, w, e)`` computes rows @ w[e]^T for one of the stacked weights w (default: a plain matmul);
-    the FP8 recipe (``dsv3.fp8``) passes its FP8 GEMM here."""
-    N, D = x.shape
-    E = w_gate.shape[0]
-    K = topk_ids.shape[1]
-    flat_ids = topk_ids.reshape(-1)  # (N*K,) expert of each pair
-    order = torch.argsort(flat_ids, stable=True)  # (N*K,) pairs grouped by expert
-    token = order // K  # (N*K,) token of each sorted pair
-    acc_dtype = torch.promote_types(x.dtype, torch.float32)  # accumulate in fp32 (fp64 stays fp64)
-    out = torch.zeros((N, D), device=x.device, dtype=acc_dtype)  # (N, D) accumulator
-    if N == 0:
-        return out.to(x.dtype)
-    ys, start = [], 0
-    for e, c in enumerate(expert_counts(flat_ids, E).tolist()):
-        if c == 0:
-            continue
-        xe = x[token[start:start + c]]  # (c, D) the rows this expert serves
-        if linear is None:
-            h = F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())  # (c, I)
-            ys.append(h @ w_down[e].t())  # (c, D)
-        else:
-            h = F.silu(linear(xe, w_gate, e)) * linear(xe, w_up, e)  # (c, I)
-            ys.append(linear(h, w_down, e))  # (c, D)
-        start += c
-    gate_w = topk_weights.reshape(-1)[order, None].to(acc_dtype)  # (N*K, 1)
-    out.index_add_(0, token, torch.cat(ys).to(acc_dtype) * gate_w)  # each token sums its K weighted rows
-    return out.to(x.dtype)
 
 
 def moe_experts_triton(x, w_gate, w_up, w_down, topk_weights, topk_ids):

@@ -1,20 +1,18 @@
-"""Rotary position embedding on the decoupled rope slice of q and k (paper Sec. 2.1.1, Eq. 3 and 8).
-
-Layout: INTERLEAVED, as in the released weights: the pair (x[2i], x[2i+1]) rotates by theta_{t,i},
-
-    out[2i]   = x[2i] cos - x[2i+1] sin
-    out[2i+1] = x[2i] sin + x[2i+1] cos
+"""Rotary position embedding on the decoupled rope slice of q and k (interleaved pairs): the dispatch between the
+reference (`dsv3.layers.reference.apply_rope_torch`, where the rotation is written out) and the Triton kernel.
 
 `cos`/`sin` are (B, T, R/2) fp32 tables, one row per position of each sequence (so a batch may hold sequences
-at different offsets, as in decoding); the caller folds YaRN's frequencies and attention factor into them
-(`dsv3.layers.rope`). The rotation is computed in fp32 and rounded once to x.dtype. Its backward is the
-rotation by -theta (the matrix is orthogonal), so the same kernel serves both directions.
+at different offsets, as in decoding). The kernel's backward is the rotation by -theta (the matrix is
+orthogonal), so the same kernel serves both directions.
 """
 from __future__ import annotations
 
 import torch
 
+from ..layers.reference import apply_rope_torch
 from . import backend
+
+__all__ = ["apply_rope", "apply_rope_torch", "apply_rope_triton"]
 
 
 def _tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -31,16 +29,6 @@ def _tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
             raise ValueError(f"apply_rope: {name} must be (B, T, R/2) = {(B, T, R // 2)}, got {tuple(t.shape)}")
         out.append(t.expand(B, T, R // 2))
     return out
-
-
-def apply_rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Reference: rotate interleaved pairs of x (B, T, H, R) by the angles in cos/sin (B, T, R/2)."""
-    B, T, H, R = x.shape
-    xf = x.float().view(B, T, H, R // 2, 2)  # (B, T, H, R/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]  # (B, T, H, R/2) each
-    c, s = cos[:, :, None, :].float(), sin[:, :, None, :].float()  # (B, T, 1, R/2)
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)  # (B, T, H, R/2, 2)
-    return out.view(B, T, H, R).to(x.dtype)
 
 
 def apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inplace: bool = False) -> torch.Tensor:

@@ -1,9 +1,9 @@
-"""Triton kernel for the biased group-limited top-k router (reference: `router.router_topk_torch`).
+"""Triton kernel for the biased group-limited top-k router (reference: `dsv3.layers.reference.router_topk_torch`).
 
 One program per token holds its E logits as a (groups, experts per group) tile: sigmoid, bias, the per-group
-top-2 sum, the choice of topk_group groups and the top_k experts are all done in registers by repeated
-max/argmax (top_k and topk_group are small constants, 8 and 4 for V3), and the normalized, scaled weights are
-written once. Ties between equal scores resolve to the lower expert index.
+sum of the top top_k/topk_group scores (PER_GROUP: 2 for V3), the choice of topk_group groups and the top_k
+experts are all done in registers by repeated max/argmax (top_k and topk_group are small constants, 8 and 4 for
+V3), and the normalized, scaled weights are written once. Ties between equal scores resolve to the lower expert index.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ def _router_kernel(
     LOGITS, BIAS, W_OUT, IDX_OUT,
     stride_l, scaling,
     N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
+    PER_GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -35,11 +36,14 @@ def _router_kernel(
     c = tl.where(valid, c, float("-inf"))  # (BLOCK_G, BLOCK_GS) selection scores
 
     if TOPK_GROUP < N_GROUP:
-        # group score = sum of the two largest c in the group
-        top1 = tl.max(c, axis=1)  # (BLOCK_G,)
-        arg1 = tl.argmax(c, axis=1)
-        top2 = tl.max(tl.where(j[None, :] == arg1[:, None], float("-inf"), c), axis=1)
-        gscore = tl.where(g < N_GROUP, top1 + top2, float("-inf"))
+        # group score = sum of the PER_GROUP largest c in the group, taken one at a time
+        rest = c
+        gscore = tl.zeros([BLOCK_G], dtype=tl.float32)
+        for _ in tl.static_range(PER_GROUP):
+            gscore = gscore + tl.max(rest, axis=1)  # (BLOCK_G,)
+            arg = tl.argmax(rest, axis=1)
+            rest = tl.where(j[None, :] == arg[:, None], float("-inf"), rest)
+        gscore = tl.where(g < N_GROUP, gscore, float("-inf"))
         keep = g < 0  # all False
         for _ in tl.static_range(TOPK_GROUP):
             best = tl.argmax(gscore, axis=0)
@@ -79,7 +83,7 @@ def router_topk(logits, bias, top_k, n_group, topk_group, routed_scaling_factor,
     bias_arg = bias.contiguous() if bias is not None else logits
     _router_kernel[(N,)](
         logits, bias_arg, weights, indices, logits.stride(0), float(routed_scaling_factor),
-        N_GROUP=n_group, GROUP_SIZE=group_size, TOPK_GROUP=topk_group, TOP_K=top_k,
+        N_GROUP=n_group, GROUP_SIZE=group_size, TOPK_GROUP=topk_group, TOP_K=top_k, PER_GROUP=top_k // topk_group,
         HAS_BIAS=bias is not None, NORM=bool(norm_topk_prob),
         BLOCK_G=next_pow2(n_group), BLOCK_GS=next_pow2(group_size), BLOCK_K=next_pow2(top_k),
         num_warps=4 if E >= 128 else 1,

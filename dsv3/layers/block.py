@@ -24,11 +24,12 @@ class Block(nn.Module):
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = DeepSeekMoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, starts: torch.Tensor | None = None,
                 cache: KVCache | None = None, start: int = 0,
-                absorbed: bool = False) -> tuple[torch.Tensor, Routing | None]:
-        """x (B, T, D) -> (B, T, D) and the MoE routing (None for a dense block)."""
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer_idx, start, absorbed)
+                latent: bool = False) -> tuple[torch.Tensor, Routing | None]:
+        """x (B, T, D) -> (B, T, D) and the MoE routing (None for a dense block). ``starts`` (B,): each row's first
+        real position (left padding), or None."""
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, starts, cache, self.layer_idx, start, latent)
         normed, h = self.post_attention_layernorm(attn, residual=x)  # norm(x + attn) and h = x + attn, one pass on GPU
         if self.is_moe:
             ffn, routing = self.mlp(normed)

@@ -1,13 +1,18 @@
 """Multi-head Latent Attention (paper Sec. 2.1.1, Eq. 1-11; taught in Chapter 2).
 
 Keys and values are jointly compressed into one latent c_KV (``kv_lora_rank`` wide) per token, plus one shared
-RoPE key k^R. Two equivalent ways to attend, behind one switch (the cache's ``kind``):
+RoPE key k^R. Two equivalent ways to attend, picked once, by the cache's ``kind`` (without a cache, by ``latent``):
 
 * **naive**: decompress c_KV into per-head keys and values with ``kv_b_proj`` (W^UK, W^UV) and run ordinary
   attention; the cache holds the decompressed K and V (n_h x (d_h + d_h^R + d_h) values per token and layer).
-* **absorbed**: fold W^UK into the query (q^C W^UK attends directly to c_KV) and W^UV after the attention
+* **latent** (absorbed): fold W^UK into the query (q^C W^UK attends directly to c_KV) and W^UV after the attention
   (the output is read in latent space, then decompressed); the cache holds only c_KV and k^R
-  (kv_lora_rank + qk_rope_head_dim values per token and layer: 576 at V3 size).
+  (kv_lora_rank + qk_rope_head_dim values per token and layer: 576 at V3 size). One op serves prefill and decode:
+  ``dsv3.kernels.mla_decode`` (the fused split-KV kernel on a GPU, ``dsv3.layers.reference.mla_decode_torch``
+  elsewhere).
+
+A left-padded batch carries its padding as per-row start offsets (``starts`` (B,): each row's first real
+position), so ragged batches keep the fused kernel.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
 CACHE_KINDS = ("latent", "naive")
-DECODE_MAX_TOKENS = 8  # new tokens per step up to which cached absorbed attention runs as decoding (mla_decode)
 
 
 class KVCache:
@@ -29,8 +33,9 @@ class KVCache:
 
     ``kind="latent"`` stores c_KV (B, S, kv_lora_rank) and k^R (B, S, qk_rope_head_dim) per layer, used by the
     absorbed path; ``kind="naive"`` stores decompressed keys (B, S, H, qk_head_dim) and values (B, S, H, v_head_dim).
-    ``length`` positions are filled; ``key_mask`` (B, S) marks real (non-padding) tokens. ``truncate(n)`` rolls the
-    cache back (speculative decoding rejects drafted tokens this way); nothing is reallocated.
+    ``length`` positions are filled; ``starts`` (B,) is each row's first real position (the slots before it hold left
+    padding, never attended). ``truncate(n)`` rolls the cache back (speculative decoding rejects drafted tokens this
+    way); nothing is reallocated.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, kind: str = "latent",
@@ -49,8 +54,8 @@ class KVCache:
             shapes = ((B, S, H, config.qk_head_dim), (B, S, H, config.v_head_dim))
         self.a = [torch.zeros(shapes[0], dtype=dtype, device=device) for _ in range(n)]  # c_KV or K per layer
         self.b = [torch.zeros(shapes[1], dtype=dtype, device=device) for _ in range(n)]  # k^R or V per layer
-        self.key_mask = torch.ones(B, S, dtype=torch.bool, device=device)  # (B, S) False = padding
-        self.padded = False  # True once a padding position was written (the decode kernel then steps aside)
+        self.starts = torch.zeros(B, dtype=torch.long, device=device)  # (B,) first real slot of each row
+        self.ragged = False  # whether any row starts after slot 0 (else attention needs no padding mask)
         self.length = 0
         self.layer_lengths = [0] * n
 
@@ -114,8 +119,8 @@ class MultiHeadLatentAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, self.nope_dim:]  # (H, d_v, r): v^C_h = W^UV_h c_KV
 
-    # -- the two absorbed products of ``_attend_absorbed`` as one bmm over heads each, for decoding, where a step
-    # has a handful of queries and einsum's own bookkeeping costs more than the product --
+    # -- the two absorbed products, one bmm over heads each (a step has a handful of queries, where einsum's own
+    # bookkeeping costs more than the product) --
     def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
         """q^C (B, T, H, d_nope) -> q^C W^UK (B, T, H, r): the query that attends to c_KV directly."""
         B, T, H, d = q_nope.shape
@@ -128,13 +133,12 @@ class MultiHeadLatentAttention(nn.Module):
         o = torch.bmm(o_lat.reshape(B * T, H, r).transpose(0, 1), self.w_uv().transpose(1, 2))  # (H, B*T, d_v)
         return o.transpose(0, 1).reshape(B, T, H * self.v_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None, layer: int = 0, start: int = 0,
-                absorbed: bool = False) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D). ``mask`` (B, 1, T, S) bool, True = may attend; None = plain causal.
-
-        With a cache, the new entries go to positions [start, start + T) and attention runs over [0, start + T).
-        ``absorbed`` selects the path when there is no cache; a cache's kind decides otherwise.
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, starts: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0, start: int = 0, latent: bool = False) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). The new tokens sit at positions [start, start + T) and attend causally to
+        [0, start + T) (with a cache, their entries are written there first). ``starts`` (B,) or None (all 0): each
+        row's first real position; left padding before it is never attended. The algorithm is the cache's kind, or
+        without a cache ``latent`` (absorbed attention) vs the naive default.
         """
         B, T, _ = x.shape
         H = self.n_heads
@@ -152,20 +156,16 @@ class MultiHeadLatentAttention(nn.Module):
         rotated = RotaryEmbedding.apply(torch.cat([q_rope, k_rope.unsqueeze(2)], dim=2), cos, sin)  # (B, T, H+1, rope)
         q_rope, k_rope = rotated[:, :, :H], rotated[:, :, H]  # (B, T, H, rope), (B, T, rope)
 
-        if cache is not None:
-            absorbed = cache.kind == "latent"
-        if absorbed:
+        if (cache.kind == "latent") if cache is not None else latent:
             if cache is not None:
                 c_kv, k_rope = cache.write(layer, start, c_kv, k_rope)  # (B, S, r), (B, S, rope)
-                if T <= DECODE_MAX_TOKENS and not cache.padded:
-                    return self.o_proj(self._decode_latent(q_nope, q_rope, cache, layer, start + T))  # (B, T, D)
-            out = self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)  # (B, T, H, v)
-        else:
-            k_nope, v = self._decompress(c_kv)  # (B, T, H, nope), (B, T, H, v)
-            k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, H, self.rope_dim)], dim=-1)  # (B, T, H, qk)
-            if cache is not None:
-                k, v = cache.write(layer, start, k, v)  # (B, S, H, qk), (B, S, H, v)
-            out = self._attend_naive(torch.cat([q_nope, q_rope], dim=-1), k, v, mask)  # (B, T, H, v)
+            return self.o_proj(self._attend_absorbed(q_nope, q_rope, c_kv, k_rope, starts))  # (B, T, D)
+        k_nope, v = self._decompress(c_kv)  # (B, T, H, nope), (B, T, H, v)
+        k = torch.cat([k_nope, k_rope.unsqueeze(2).expand(B, T, H, self.rope_dim)], dim=-1)  # (B, T, H, qk)
+        if cache is not None:
+            k, v = cache.write(layer, start, k, v)  # (B, S, H, qk), (B, S, H, v)
+        mask = attention_mask(B, T, start, starts, x.device)  # (B, 1, T, S) or None: plain causal
+        out = self._attend_naive(torch.cat([q_nope, q_rope], dim=-1), k, v, mask)  # (B, T, H, v)
         return self.o_proj(out.reshape(B, T, H * self.v_dim))  # (B, T, D)
 
     def _decompress(self, c_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,27 +182,29 @@ class MultiHeadLatentAttention(nn.Module):
             out = kernels.attention_prefill_torch(q, k, v, self.scale, causal=False, mask=mask)  # (B, H, T, v)
         return out.transpose(1, 2)  # (B, T, H, v)
 
-    def _decode_latent(self, q_nope, q_rope, cache: KVCache, layer: int, length: int) -> torch.Tensor:
-        """Decode (and speculative verification) over the latent cache with ``dsv3.kernels.mla_decode``: the fused
-        split-KV kernel on GPU, its torch reference elsewhere. Returns (B, T, H * v)."""
-        B = q_nope.shape[0]
-        seq_lens = torch.full((B,), length, dtype=torch.int32, device=q_nope.device)  # (B,)
-        o_lat = kernels.mla_decode(self.absorb_query(q_nope), q_rope, cache.a[layer], cache.b[layer], seq_lens,
-                                   self.scale)  # (B, T, H, r)
+    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, starts) -> torch.Tensor:
+        """Attention in latent space (Sec. 2.1.1, "absorbed"), for prefill and decode alike: the T queries are the
+        last T of the S positions of c_kv (B, S, r) and k_rope (B, S, rope). W^UK is folded into the query, the
+        scores and the weighted sum read c_KV directly (``dsv3.kernels.mla_decode``: the fused kernel on a GPU,
+        ``dsv3.layers.reference.mla_decode_torch`` elsewhere), and W^UV decompresses the result. -> (B, T, H * v)."""
+        B, S = c_kv.shape[:2]
+        seq_lens = torch.full((B,), S, dtype=torch.int32, device=c_kv.device)  # (B,)
+        o_lat = kernels.mla_decode(self.absorb_query(q_nope), q_rope, c_kv, k_rope, seq_lens, self.scale,
+                                   starts=starts)  # (B, T, H, r)
         return self.expand_output(o_lat)  # (B, T, H * v)
 
-    def _attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
-        """Attention in latent space (Sec. 2.1.1, "absorbed"): scores = (q^C W^UK) c_KV + q^R k^R, output W^UV (P c_KV).
 
-        q_nope (B, T, H, nope), q_rope (B, T, H, rope), c_kv (B, S, r), k_rope (B, S, rope) -> (B, T, H, v).
-        """
-        T, S = q_nope.shape[1], c_kv.shape[1]
-        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, self.w_uk())  # (B, T, H, r): W^UK folded into the query
-        scores = (torch.einsum("bthr,bsr->bhts", q_lat, c_kv)
-                  + torch.einsum("bthd,bsd->bhts", q_rope, k_rope)) * self.scale  # (B, H, T, S)
-        if mask is None:
-            mask = torch.ones(T, S, dtype=torch.bool, device=c_kv.device).tril(S - T)  # (T, S) causal
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.float().softmax(dim=-1).to(c_kv.dtype)  # (B, H, T, S)
-        o_lat = torch.einsum("bhts,bsr->bthr", probs, c_kv)  # (B, T, H, r): the output, still latent
-        return torch.einsum("bthr,hdr->bthd", o_lat, self.w_uv())  # (B, T, H, v): W^UV applied after attention
+def attention_mask(B: int, T: int, start: int, starts: torch.Tensor | None, device) -> torch.Tensor | None:
+    """(B, 1, T, S) bool mask (True = attend) of T queries at positions [start, start + T) over keys [0, S = start + T),
+    for the naive path; None when plain causal attention needs no offset and nothing is padded (no cached positions,
+    or a single query, which sees every key). ``starts`` (B,): each row's first real position; a padding query still
+    sees itself, so no softmax row is empty (its output is never used)."""
+    if starts is None and (start == 0 or T == 1):
+        return None
+    S = start + T
+    q_pos = torch.arange(start, S, device=device)  # (T,)
+    k_pos = torch.arange(S, device=device)  # (S,)
+    mask = (k_pos[None, :] <= q_pos[:, None]).expand(B, 1, T, S)  # (B, 1, T, S) causal
+    if starts is not None:
+        mask = mask & ((k_pos[None, :] >= starts[:, None])[:, None, None, :] | (k_pos[None, :] == q_pos[:, None]))
+    return mask

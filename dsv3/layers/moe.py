@@ -2,7 +2,8 @@
 experts, sigmoid affinities, the auxiliary-loss-free correction bias and group (node)-limited top-k routing.
 
 By default dispatch never drops a token: every token goes to exactly ``num_experts_per_tok`` routed experts
-(DeepSeek-V3's "No Token-Dropping", Sec. 2.1.2). Setting ``moe.capacity_factor`` turns on GShard-style capacity
+(DeepSeek-V3's "No Token-Dropping", Sec. 2.1.2). A capacity factor (``DeepSeekV3(config, capacity_factor=...)``,
+``model.set_capacity(...)`` or ``with model.capacity(...)``) turns on GShard-style capacity
 dropping, for comparison only (Chapter 4): each expert keeps at most ceil(cf * N * K / N_r) of its (token, slot)
 pairs. Tokens are sorted by expert and each expert runs once on its contiguous slice (``dsv3.kernels.moe_experts``;
 a grouped GEMM on GPU). The per-expert token counts come back with the output for the balancing code
@@ -20,6 +21,9 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
+from .reference import router_topk_torch
+
+CAPACITY_PRIORITIES = ("order", "weight")
 
 
 class MLP(nn.Module):
@@ -32,6 +36,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: the same bits with two fewer (..., I) temporaries
+            return self.down_proj(F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (..., D)
 
 
@@ -44,7 +50,9 @@ class Routing:
     scores: torch.Tensor  # (N, N_r) fp32, sigmoid affinities s_{i,t} (differentiable: the balance loss needs them)
     counts: torch.Tensor  # (N_r,) int64, tokens sent to each expert
     batch_shape: tuple[int, int]  # (B, T), to regroup per sequence
-    dropped: float = 0.0  # fraction of (token, slot) pairs dropped by a capacity factor (0 by default: none)
+    # fraction of (token, slot) pairs dropped by a capacity factor: 0.0 by default (none); with a capacity factor a
+    # () fp64 tensor on the device, so that the forward pass never waits for the host (float() reads it)
+    dropped: float | torch.Tensor = 0.0
 
 
 class Router(nn.Module):
@@ -63,12 +71,22 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))  # (N_r, D) centroids e_i
         self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))  # (N_r,) fp32
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> router logits u = x e_i^T (N, N_r), in fp32 as released."""
+        return F.linear(x.float(), self.weight.float())
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) -> gating weights (N, K) fp32, expert ids (N, K) int64, affinities (N, N_r) fp32."""
-        logits = F.linear(x.float(), self.weight.float())  # (N, N_r), routing in fp32 as released
+        logits = self.logits(x)  # (N, N_r)
         weights, ids = kernels.router_topk(logits, self.e_score_correction_bias.float(), self.top_k, self.n_group,
                                            self.topk_group, self.routed_scaling_factor, self.norm_topk_prob)
         return weights, ids, logits.sigmoid()
+
+    def steps(self, x: torch.Tensor) -> dict:
+        """Every intermediate of routing x (N, D), from the reference itself (``router_topk_torch`` with
+        ``return_steps=True``): affinities, biased scores, group scores, kept groups, chosen ids, weights."""
+        return router_topk_torch(self.logits(x), self.e_score_correction_bias.float(), self.top_k, self.n_group,
+                                 self.topk_group, self.routed_scaling_factor, self.norm_topk_prob, return_steps=True)
 
 
 class Experts(nn.Module):
@@ -94,15 +112,33 @@ class DeepSeekMoE(nn.Module):
     """h' = h + sum_i FFN^(s)_i(h) + sum_i g_i FFN^(r)_i(h) (Eq. 12), with the released names gate / experts /
     shared_experts."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, capacity_factor: float | None = None, capacity_priority: str = "order"):
         super().__init__()
         self.n_routed_experts = config.n_routed_experts
         self.gate = Router(config)
         self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
                                if config.n_shared_experts > 0 else None)
-        self.capacity_factor: float | None = None  # None: never drop (V3); a number: GShard-style dropping
-        self.capacity_priority = "order"  # what a full expert keeps: "order" (slot, then token) or "weight"
+        self._capacity: tuple[float | None, str] = (None, "order")
+        self.set_capacity(capacity_factor, capacity_priority)
+
+    @property
+    def capacity_factor(self) -> float | None:
+        """None: never drop a token (V3); a number: GShard-style dropping (set with ``set_capacity``)."""
+        return self._capacity[0]
+
+    @property
+    def capacity_priority(self) -> str:
+        """What a full expert keeps: "order" (slot, then token) or "weight" (largest gating weights)."""
+        return self._capacity[1]
+
+    def set_capacity(self, capacity_factor: float | None, priority: str = "order") -> None:
+        """Turn capacity dropping on (a factor > 0) or off (None); checked here, not at the next forward."""
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 (or None for no dropping), got {capacity_factor!r}")
+        if priority not in CAPACITY_PRIORITIES:
+            raise ValueError(f"capacity priority must be one of {CAPACITY_PRIORITIES}, got {priority!r}")
+        self._capacity = (None if capacity_factor is None else float(capacity_factor), priority)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """x (B, T, D) -> (FFN output (B, T, D) without the residual, the routing decisions)."""
@@ -114,7 +150,7 @@ class DeepSeekMoE(nn.Module):
             keep = capacity_keep(ids, weights, self.n_routed_experts, self.capacity_factor,
                                  self.capacity_priority)  # (N, K) bool
             weights = weights * keep  # a dropped pair contributes nothing (the token keeps its residual)
-            dropped = 1.0 - keep.float().mean().item()
+            dropped = 1.0 - keep.float().mean().double()  # () fp64, read by whoever needs the number
         y = self.experts(flat, weights, ids)  # (N, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)  # (N, D)
@@ -132,8 +168,8 @@ def capacity_keep(ids: torch.Tensor, weights: torch.Tensor, n_experts: int, capa
     """
     if not capacity_factor > 0:
         raise ValueError(f"capacity_factor must be > 0 (or None for no dropping), got {capacity_factor!r}")
-    if priority not in ("order", "weight"):
-        raise ValueError(f"capacity priority must be 'order' or 'weight', got {priority!r}")
+    if priority not in CAPACITY_PRIORITIES:
+        raise ValueError(f"capacity priority must be one of {CAPACITY_PRIORITIES}, got {priority!r}")
     N, K = ids.shape
     capacity = math.ceil(capacity_factor * N * K / n_experts)
     if priority == "order":

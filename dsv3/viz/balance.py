@@ -1,11 +1,11 @@
 """Tables, figures and the gamma widget of Chapter 4 ("Load balancing without auxiliary loss", paper Sec. 2.1.2,
 Eq. 16-20): routing collapse, the auxiliary loss and its gradient, the bias rule over training, MaxVio, the
-sequence-wise loss written out by hand, and token dropping with a capacity factor.
+sequence-wise loss, and token dropping with a capacity factor.
 
 The training histories come from ``dsv3.train.train`` (one dict per optimizer step with ``loads``, ``biases``,
 ``max_vio``; see ``TrainResult``), the losses from ``dsv3.balance``, the dropping from
-``dsv3.layers.moe.capacity_keep``; nothing here re-implements them. ``sequence_loss_by_hand`` is the exception on
-purpose: Eq. 17-20 with Python loops, the independent check the chapter compares ``dsv3.balance`` against.
+``dsv3.layers.moe.capacity_keep``; nothing here re-implements them (Chapter 4 writes Eq. 17-20 with Python loops in
+its own cells, the lesson, and asserts it against ``dsv3.balance``).
 ``tests/test_viz_balance.py`` checks every function on synthetic histories and tiny random models.
 """
 
@@ -287,7 +287,7 @@ def balance_gradients(model, input_ids: torch.Tensor, labels: torch.Tensor, aux_
     was_training = model.training
     model.train()
     with torch.enable_grad():
-        out = model(input_ids, labels=labels)
+        out = model(input_ids.to(model.device), labels=labels.to(model.device))
         losses = {"main": out.main_loss, "aux": bal.batch_aux_loss(out.routing, aux_alpha),
                   "seq": bal.sequence_balance_loss(out.routing, seq_alpha)}
         grads = {k: torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) for k, v in losses.items()}
@@ -303,25 +303,6 @@ def balance_gradients(model, input_ids: torch.Tensor, labels: torch.Tensor, aux_
     return result
 
 
-def sequence_loss_by_hand(routing: Routing, alpha: float) -> float:
-    """Eq. 17-20 with Python loops over sequences, experts and tokens (no tensors ops beyond reading numbers):
-    alpha * mean over sequences of sum_i f_i P_i, with f_i = N_r / (K_r T) * count_t(i in top-K of t) and
-    P_i = 1/T sum_t s_{i,t} / sum_j s_{j,t}."""
-    B, T = routing.batch_shape
-    scores, ids = routing.scores.detach().tolist(), routing.topk_ids.tolist()
-    E, K = len(scores[0]), len(ids[0])
-    per_sequence = []
-    for b in range(B):
-        tokens = range(b * T, (b + 1) * T)
-        total = 0.0
-        for i in range(E):
-            f = E / (K * T) * sum(1 for t in tokens if i in ids[t])  # Eq. 18
-            P = sum(scores[t][i] / sum(scores[t]) for t in tokens) / T  # Eq. 19-20
-            total += f * P  # Eq. 17
-        per_sequence.append(total)
-    return alpha * sum(per_sequence) / B
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Token dropping with a capacity factor
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,7 +311,7 @@ def dropped_fraction(topk_ids: torch.Tensor, n_experts: int, factors: Sequence[f
                      priority: str = "order") -> list[float]:
     """For each capacity factor, the fraction of (token, slot) pairs that GShard-style capacity
     (``capacity_keep``: at most ceil(cf * N * K / N_r) pairs per expert) would drop from these routing choices."""
-    weights = torch.ones(topk_ids.shape)
+    weights = torch.ones(topk_ids.shape, device=topk_ids.device)
     return [1.0 - capacity_keep(topk_ids, weights, n_experts, cf, priority).float().mean().item() for cf in factors]
 
 

@@ -21,7 +21,7 @@ import plotly.graph_objects as go
 import torch
 
 from ..accounting import count_parameters, kv_cache_bytes
-from ..checkpoint import _EXPERT_PARAM, _MTP_SHARED, _NEVER_FP8, FP8_BLOCK, INDEX_NAME, SINGLE_NAME, hf_names
+from ..checkpoint import EXPERT_PARAM, FP8_BLOCK, INDEX_NAME, MTP_SHARED, NEVER_FP8, SINGLE_NAME, hf_names
 from ..config import ModelConfig
 from .display import COLORS, figure
 
@@ -56,7 +56,7 @@ class ReleasedTensor:
             return "fp8 weight"
         if self.name.endswith("e_score_correction_bias"):
             return "correction bias"
-        if any(self.name.endswith(k) for k in _MTP_SHARED) and ".layers." in self.name:
+        if any(self.name.endswith(k) for k in MTP_SHARED) and ".layers." in self.name:
             return "MTP copy"
         return "high precision"
 
@@ -64,7 +64,7 @@ class ReleasedTensor:
 def is_fp8_weight(name: str, shape: Sequence[int]) -> bool:
     """Whether the release stores this tensor in FP8: every 2-D ``.weight`` except the embedding, the heads, the
     norms, the router and the MTP's ``eh_proj`` (the rule ``dsv3.save_pretrained(fp8=True)`` applies)."""
-    return len(shape) == 2 and name.endswith(".weight") and not _NEVER_FP8.search(name)
+    return len(shape) == 2 and name.endswith(".weight") and not NEVER_FP8.search(name)
 
 
 def release_tensors(config: ModelConfig, fp8: bool = True, high: str = "BF16") -> list[ReleasedTensor]:
@@ -93,7 +93,7 @@ def release_tensors(config: ModelConfig, fp8: bool = True, high: str = "BF16") -
     state = model.state_dict()
     for name, t in state.items():
         shape = tuple(t.shape)
-        if _EXPERT_PARAM.match(name):
+        if EXPERT_PARAM.match(name):
             for n in hf_names(name, config, shape[0]):
                 add(n, shape[1:])
         else:
@@ -101,7 +101,7 @@ def release_tensors(config: ModelConfig, fp8: bool = True, high: str = "BF16") -
                 add(n, shape)
     L = config.num_hidden_layers
     for k in range(config.num_nextn_predict_layers):
-        for released, ours in _MTP_SHARED.items():
+        for released, ours in MTP_SHARED.items():
             add(f"model.layers.{L + k}.{released}", tuple(state[ours].shape))
     return out
 

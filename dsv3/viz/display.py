@@ -88,6 +88,11 @@ pio.templates["dsv3"] = theme
 pio.templates.default = "dsv3"  # every go.Figure made after `import dsv3.viz` uses the book's theme
 
 
+def significant(values, digits: int = 4) -> list[float]:
+    """Round to `digits` significant digits: figure data stays small and insensitive to the last bits."""
+    return [float(f"{v:.{digits}g}") for v in values]
+
+
 def figure(**layout: Any) -> go.Figure:
     """An empty figure with the book's theme and the given layout (``figure(title="...", height=360)``)."""
     return go.Figure(layout=dict(template=theme, **layout))
@@ -164,8 +169,10 @@ def mimebundle(fig: Any) -> dict[str, Any]:
     div_id = _div_id(fig_json)
     # "</" would end the <script> element early; "<\/" is the same string to JavaScript.
     script = _SCRIPT % {"id": div_id, "fig": json.dumps(fig_dict, sort_keys=True).replace("</", "<\\/")}
+    # A responsive plot takes its container's height: give the container the figure's, or a resize collapses it.
+    height = fig_dict.get("layout", {}).get("height") or 450  # plotly's default height
     html = (f'<div class="dsv3-figure tex2jax_ignore mathjax_ignore">\n'
-            f'<div id="{div_id}" class="dsv3-plotly" style="width: 100%;"></div>\n'
+            f'<div id="{div_id}" class="dsv3-plotly" style="width: 100%; height: {height}px;"></div>\n'
             f'<script type="text/javascript">\n{script}\n</script>\n</div>')
     return {PLOTLY_MIMETYPE: fig_dict, "text/html": html, "text/plain": summary(fig)}
 
@@ -234,11 +241,25 @@ def _colab_setup(extras: Sequence[str]) -> None:
     output.enable_custom_widget_manager()  # Colab's built-in manager speaks ipywidgets 7 only
 
 
+def _device(torch) -> str:
+    """``DSV3_DEVICE`` ("cpu" or "cuda", set by ``book/_tools/run_notebook.py --device``) when set, else cuda when
+    a GPU is visible, else cpu."""
+    forced = os.environ.get("DSV3_DEVICE", "").strip().lower()
+    if forced not in ("", "cpu", "cuda"):
+        raise ValueError(f"DSV3_DEVICE={forced!r}: expected 'cpu' or 'cuda'")
+    if forced == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DSV3_DEVICE=cuda but torch sees no CUDA GPU "
+                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+    if forced:
+        return forced
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def setup_notebook(seed: int = 0, extras: Sequence[str] = ()) -> NotebookSetup:
     """First cell of a chapter: seeds, device, versions; on Colab also installs ``extras`` and widget support.
 
     Returns ``(device, big)``: ``device`` is ``"cuda"`` when a GPU is visible, otherwise ``"cpu"`` (never fails on
-    a CPU); ``big`` is ``device == "cuda"``, the switch chapters use to scale their sizes up on a GPU.
+    a CPU); the environment variable ``DSV3_DEVICE`` (``cpu``/``cuda``) forces the choice; ``big`` is ``device == "cuda"``, the switch chapters use to scale their sizes up on a GPU.
     ``extras`` are pip requirements (``"transformers>=4.46"``) a chapter needs; off Colab a missing one is an
     error naming the pip command, since the book never installs into your own environment.
     """
@@ -256,7 +277,7 @@ def setup_notebook(seed: int = 0, extras: Sequence[str] = ()) -> NotebookSetup:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device(torch)
     where = torch.cuda.get_device_name(0) if device == "cuda" else f"{torch.get_num_threads()} threads"
     import dsv3
 

@@ -429,6 +429,7 @@ def capture_mla(model, input_ids: torch.Tensor, layer: int = 0) -> MLACapture:
     handles = [attn.q_a_layernorm.register_forward_hook(keep("c_q")),
                attn.q_b_proj.register_forward_hook(keep("q")),
                attn.kv_a_layernorm.register_forward_hook(keep("c_kv"))]
+    input_ids = input_ids.to(model.device)
     B, T = input_ids.shape
     try:
         latent = model.new_cache(B, T, "latent")

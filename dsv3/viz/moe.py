@@ -2,9 +2,8 @@
 the router's decisions step by step, group (node)-limited routing, and what the experts of a trained model do.
 
 Everything is computed from ``dsv3`` objects: the arithmetic from a ``ModelConfig``, the routing walk-through
-from a real ``Router`` (``routing_steps`` recomputes the router's intermediate values, which the router itself
-does not return, and the chapter asserts that it reaches the router's own choices), and the activation views
-from the ``Routing`` records a ``DeepSeekV3`` forward pass returns. ``tests/test_viz_moe.py`` checks them.
+from a real ``Router`` (``Router.steps`` asks the router's reference for its intermediate values), and the
+activation views from the ``Routing`` records a ``DeepSeekV3`` forward pass returns. ``tests/test_viz_moe.py`` checks them.
 """
 
 from __future__ import annotations
@@ -14,11 +13,10 @@ from typing import Sequence
 
 import plotly.graph_objects as go
 import torch
-import torch.nn.functional as F
 from plotly.subplots import make_subplots
 
 from ..config import ModelConfig
-from ..layers.moe import DeepSeekMoE, Router
+from ..layers.moe import Router
 from .display import COLORS, COLORWAY, figure, theme
 
 GROUP_COLORS = [COLORS["blue"], COLORS["orange"], COLORS["green"], COLORS["violet"], COLORS["cyan"],
@@ -90,49 +88,19 @@ def granularity_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def moe_by_hand(moe: DeepSeekMoE, x: torch.Tensor) -> torch.Tensor:
-    """Eq. 12 with explicit loops (the slow, obvious way): shared experts plus sum_i g_i FFN_i over each token's
-    chosen experts, using the layer's own weights and routing. x (N, D) -> (N, D), without the residual."""
-    weights, ids, _ = moe.gate(x)  # (N, K), (N, K)
-    out = moe.shared_experts(x) if moe.shared_experts is not None else torch.zeros_like(x)  # (N, D)
-    rows = []
-    E = moe.experts
-    for n in range(x.shape[0]):
-        y = out[n].clone()  # (D,)
-        for k in range(ids.shape[1]):
-            e = int(ids[n, k])
-            h = F.silu(E.gate_proj[e] @ x[n]) * (E.up_proj[e] @ x[n])  # (I,)
-            y = y + weights[n, k] * (E.down_proj[e] @ h)  # (D,)
-        rows.append(y)
-    return torch.stack(rows)  # (N, D)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The router, step by step
 # ---------------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def routing_steps(router: Router, x: torch.Tensor) -> dict:
     """Every intermediate value of the biased, group-limited routing of tokens x (N, D) (Eq. 13-16 plus node-limited
-    routing), recomputed in plain torch from the router's weights and bias:
+    routing), as the router's own reference computes them (``Router.steps``, i.e. ``router_topk_torch`` asked for
+    its intermediates):
 
-    ``scores`` s (N, E), ``biased`` s + b (N, E), ``group_scores`` (N, G) = sum of the top-2 of s + b per group,
-    ``kept_groups`` (N, G) bool, ``ids`` (N, K) chosen by s + b among the kept groups, ``weights`` (N, K) =
-    s of the chosen, normalized over them and times ``routed_scaling_factor``."""
-    W, b = router.weight.float(), router.e_score_correction_bias.float()
-    N, E, G = x.shape[0], W.shape[0], router.n_group
-    s = torch.sigmoid(x.float() @ W.t())  # (N, E) affinities, Eq. 15
-    c = s + b  # (N, E) selection scores
-    group_scores = c.view(N, G, E // G).topk(2, dim=-1).values.sum(-1)  # (N, G)
-    kept = torch.zeros(N, G, dtype=torch.bool)
-    kept.scatter_(1, group_scores.topk(router.topk_group, dim=-1).indices, True)  # (N, G)
-    masked = c.masked_fill(~kept.repeat_interleave(E // G, dim=1), float("-inf"))  # (N, E)
-    ids = masked.topk(router.top_k, dim=-1).indices  # (N, K)
-    g = s.gather(1, ids)  # (N, K) unbiased affinities of the chosen experts
-    if router.norm_topk_prob:
-        g = g / g.sum(-1, keepdim=True)  # Eq. 13
-    return dict(scores=s, bias=b, biased=c, group_scores=group_scores, kept_groups=kept, ids=ids,
-                weights=g * router.routed_scaling_factor, n_group=G, topk_group=router.topk_group)
+    ``scores`` s (N, E), ``biased`` s + b (N, E), ``group_scores`` (N, G) = sum of the top K_r/M (``per_group``) of
+    s + b per group, ``kept_groups`` (N, G) bool, ``ids`` (N, K) chosen by s + b among the kept groups, ``weights``
+    (N, K) = s of the chosen, normalized over them and times ``routed_scaling_factor``."""
+    return router.steps(x)
 
 
 def _r(t: torch.Tensor, digits: int = 4) -> list:
@@ -141,9 +109,9 @@ def _r(t: torch.Tensor, digits: int = 4) -> list:
 
 def group_routing_figure(steps: dict, tokens: Sequence[int] = (0, 1, 2, 3, 4, 5)) -> go.Figure:
     """One token's routing: top, each expert's affinity s (bar) and biased score s + b (diamond), colored by
-    group, grey where the group is masked, solid where the expert is chosen; bottom, the group scores (top-2 sums
-    of s + b), the kept groups in color. A slider steps through ``tokens`` (precomputed frames)."""
-    E, G = steps["scores"].shape[1], steps["n_group"]
+    group, grey where the group is masked, solid where the expert is chosen; bottom, the group scores (sums of the
+    top K_r/M of s + b), the kept groups in color. A slider steps through ``tokens`` (precomputed frames)."""
+    E, G, top = steps["scores"].shape[1], steps["n_group"], steps["per_group"]
     size = E // G
     experts = list(range(E))
 
@@ -169,12 +137,12 @@ def group_routing_figure(steps: dict, tokens: Sequence[int] = (0, 1, 2, 3, 4, 5)
             go.Bar(x=[f"group {g}" for g in range(G)], y=_r(steps["group_scores"][t]), name="group score",
                    marker=dict(color=[GROUP_COLORS[g % len(GROUP_COLORS)] if kept[g] else MUTED for g in range(G)]),
                    text=["kept" if kept[g] else "masked" for g in range(G)], textposition="outside",
-                   hovertemplate="%{x}: top-2 sum of s + b = %{y:.3f}<extra></extra>", showlegend=False),
+                   hovertemplate=f"%{{x}}: top-{top} sum of s + b = %{{y:.3f}}<extra></extra>", showlegend=False),
         ]
 
     fig = make_subplots(rows=2, cols=1, row_heights=[0.62, 0.38], vertical_spacing=0.2,
                         subplot_titles=("s (bars, color = group) and s + b (◆); chosen: outlined, with g",
-                                        "group scores: sum of the top-2 s + b in each group"))
+                                        f"group scores: sum of the top-{top} s + b in each group"))
     for i, tr in enumerate(traces(tokens[0])):
         fig.add_trace(tr, row=1 if i < 2 else 2, col=1)
     fig.frames = [go.Frame(name=f"token {t}", data=traces(t), traces=[0, 1, 2]) for t in tokens]
@@ -209,14 +177,14 @@ def _fade(hex_color: str, alpha: float = 0.35) -> str:
 @torch.no_grad()
 def domain_expert_loads(model, corpus, batch_size: int = 8, seq_len: int = 64, max_batches: int = 2) -> torch.Tensor:
     """(L, n_domains, N_r) int64: how many (token, slot) pairs of each domain's validation windows each routed
-    expert of each main-model MoE layer receives."""
+    expert of each main-model MoE layer receives (on the CPU; the batches go to ``model.device``)."""
     was_training = model.training
     model.eval()
     rows = []
     for d in corpus.domains:
         total = None
         for batch in corpus.val_batches(batch_size, seq_len, max_batches=max_batches, domain=d):
-            counts = model(batch.input_ids).expert_counts  # (L, N_r)
+            counts = model(batch.input_ids.to(model.device)).expert_counts.cpu()  # (L, N_r)
             total = counts if total is None else total + counts
         rows.append(total)
     model.train(was_training)
@@ -282,7 +250,7 @@ def show_piece(piece: str) -> str:
 @torch.no_grad()
 def sentence_routing(model, tokenizer, text: str) -> dict:
     """Route ``text`` through a model: its token pieces and, per main-model MoE layer, the chosen experts
-    ``ids`` (N, K) and gating weights ``weights`` (N, K)."""
+    ``ids`` (N, K) and gating weights ``weights`` (N, K), on the CPU (the model runs on ``model.device``)."""
     ids = tokenizer.encode(text)
     if not ids:
         raise ValueError("sentence_routing: the text encodes to no tokens")
@@ -291,12 +259,13 @@ def sentence_routing(model, tokenizer, text: str) -> dict:
                          f"{model.config.max_position_embeddings}")
     was_training = model.training
     model.eval()
-    out = model(torch.tensor([ids]))
+    out = model(torch.tensor([ids], device=model.device))
     model.train(was_training)
     layers = [i for i in range(model.config.num_hidden_layers) if model.config.is_moe_layer(i)]
     return dict(pieces=[tokenizer.decode([i]) for i in ids], token_ids=ids,
                 layers=[f"block {i}" for i in layers],
-                ids=[r.topk_ids.clone() for r in out.routing], weights=[r.topk_weights.clone() for r in out.routing],
+                ids=[r.topk_ids.cpu().clone() for r in out.routing],
+                weights=[r.topk_weights.cpu().clone() for r in out.routing],
                 n_experts=model.config.n_routed_experts)
 
 

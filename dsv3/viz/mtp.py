@@ -1,7 +1,7 @@
 """Figures and helpers of Chapter 5, Multi-Token Prediction (paper Sec. 2.2, Eq. 21-25; Sec. 4.2 for lambda).
 
-Everything here measures a real ``DeepSeekV3``: the causal chain is found by changing one input token at a time
-and watching which outputs of which depth move (``dependence``), the sharing of embedding and output head by
+Everything here measures a real ``DeepSeekV3``: the causal chain (measured in Chapter 5's own cells by changing one
+input token at a time, recorded in a ``Chain`` and drawn by ``chain_figure``), the sharing of embedding and output head by
 hooks on the model's own modules (``shared_module_calls``), the loss weight from ``dsv3.train.mtp_weight_at``, and
 the MTP head's agreement with the main model from forward passes over validation batches (``mtp_agreement``).
 """
@@ -49,7 +49,7 @@ def token_labels(tokenizer, ids: Sequence[int] | torch.Tensor) -> list[str]:
 
 @dataclass
 class Chain:
-    """What each depth of a real forward pass depends on (``dependence``).
+    """What each depth of a real forward pass depends on (measured by Chapter 5's ``dependence`` probe).
 
     ``seen[k, i, j]`` is True when changing input token j changes the logits of depth k (0 = the main model) at
     position i; ``positions[k]`` is how many positions depth k predicts at (``T - k``, read off the logits'
@@ -82,7 +82,6 @@ class Chain:
         return out
 
 
-@torch.no_grad()
 def dependence(model: DeepSeekV3, ids: torch.Tensor, tol: float = 1e-5) -> Chain:
     """Measure the causal chain on a real forward: replace one token at a time (T + 1 forwards of ``ids`` (T,) or
     (1, T)) and record which positions of the main model and of every MTP depth change their logits by more than

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import plotly.graph_objects as go
 
-from ..accounting import _block_params, count_parameters, flops_per_token
+from ..accounting import block_params, count_parameters, flops_per_token
 from ..config import ModelConfig, yarn_mscale
 from .display import COLORS, figure
 
@@ -199,8 +199,8 @@ def parameter_parts(config: ModelConfig, include_mtp: bool = False) -> list[Part
     def stage(sid: str, label: str, n: int, moe: bool, extra: dict[str, int] | None = None) -> None:
         if n == 0:
             return
-        total = _block_params(c, moe, active=False)
-        active = _block_params(c, moe, active=True)
+        total = block_params(c, moe, active=False)
+        active = block_params(c, moe, active=True)
         children = [Part(f"{sid}/{k}", _COMPONENT_LABELS[k], sid, n * v, n * active[k]) for k, v in total.items()]
         for k, v in (extra or {}).items():
             children.append(Part(f"{sid}/{k}", k, sid, v, v))
@@ -284,8 +284,8 @@ def token_flow(config: ModelConfig, seq_len: int = 4096, include_mtp: bool = Tru
                     V * d, 0, 0.0)]
     for i in range(c.num_hidden_layers):
         moe = c.is_moe_layer(i)
-        total = sum(_block_params(c, moe, active=False).values())
-        active = sum(_block_params(c, moe, active=True).values())
+        total = sum(block_params(c, moe, active=False).values())
+        active = sum(block_params(c, moe, active=True).values())
         ffn = (f"MoE: {Ns} shared + {K} of {Nr} routed experts (width {c.moe_intermediate_size:,})" if moe
                else f"dense SwiGLU FFN (width {c.intermediate_size:,})")
         stages.append(Stage(f"block {i}", "moe" if moe else "dense",
@@ -297,8 +297,8 @@ def token_flow(config: ModelConfig, seq_len: int = 4096, include_mtp: bool = Tru
     if include_mtp:
         for k in range(c.num_nextn_predict_layers):
             moe = c.is_moe_layer(c.num_hidden_layers + k)
-            own = sum(_block_params(c, moe, active=False).values()) + 2 * d * d + 3 * d
-            active = sum(_block_params(c, moe, active=True).values()) + 2 * d * d + 3 * d
+            own = sum(block_params(c, moe, active=False).values()) + 2 * d * d + 3 * d
+            active = sum(block_params(c, moe, active=True).values()) + 2 * d * d + 3 * d
             stages.append(Stage(f"MTP {k + 1}", "mtp",
                                 f"[enorm(Emb(t_(i+{k + 1}))); hnorm(h)] (2d={2 * d:,}) -> eh_proj -> block -> "
                                 f"shared norm + head -> logits for t_(i+{k + 2})",
