@@ -58,10 +58,16 @@ def hf_decode(hf, prompt: torch.Tensor, n_new: int) -> tuple[float, torch.Tensor
 
     stamps = Clock()
     with torch.no_grad():
-        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
-                          min_new_tokens=n_new, do_sample=False, stopping_criteria=StoppingCriteriaList([stamps]),
-                          pad_token_id=0)
-    return (n_new - 1) / (stamps.times[-1] - stamps.times[0]), out[0, prompt.shape[1]:]
+        out = hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            stopping_criteria=StoppingCriteriaList([stamps]),
+            pad_token_id=0,
+        )
+    return (n_new - 1) / (stamps.times[-1] - stamps.times[0]), out[0, prompt.shape[1] :]
 
 
 def decode_table(args) -> list[str]:
@@ -74,10 +80,12 @@ def decode_table(args) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model, tmp)
         hf = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager").eval()
-    lines = [f"Decode speed, batch 1, greedy, {args.new_tokens} new tokens, tokens/s after the prefill; "
-             f"ModelConfig.tiny(max_position_embeddings=4096, YaRN factor 16 over 256) fp32, random weights",
-             f"  {'context':>8}{'dsv3 absorbed':>15}{'dsv3 naive':>12}{'transformers':>14}"
-             f"{'absorbed/naive':>16}{'absorbed/HF':>13}  same tokens"]
+    lines = [
+        f"Decode speed, batch 1, greedy, {args.new_tokens} new tokens, tokens/s after the prefill; "
+        f"ModelConfig.tiny(max_position_embeddings=4096, YaRN factor 16 over 256) fp32, random weights",
+        f"  {'context':>8}{'dsv3 absorbed':>15}{'dsv3 naive':>12}{'transformers':>14}"
+        f"{'absorbed/naive':>16}{'absorbed/HF':>13}  same tokens",
+    ]
     vs_hf_at = {}  # context -> absorbed / transformers
     for context in args.contexts:
         prompt = torch.randint(0, config.vocab_size, (1, context), generator=torch.Generator().manual_seed(context))
@@ -86,8 +94,9 @@ def decode_table(args) -> list[str]:
         for _ in range(args.repeats):
             for kind in ("latent", "naive"):
                 times = []  # the same measurement as for transformers: one stamp per generated token
-                gen = generate(model, prompt, args.new_tokens, cache_kind=kind,
-                               callback=lambda row, ids: times.append(now()))
+                gen = generate(
+                    model, prompt, args.new_tokens, cache_kind=kind, callback=lambda row, ids: times.append(now())
+                )
                 rates[kind].append((args.new_tokens - 1) / (times[-1] - times[0]))
                 tokens[kind] = gen.tokens[0]
             rate, tokens["hf"] = hf_decode(hf, prompt, args.new_tokens)
@@ -98,12 +107,15 @@ def decode_table(args) -> list[str]:
         vs_naive = statistics.median(a / b for a, b in zip(rates["latent"], rates["naive"]))
         vs_hf = vs_hf_at[context] = statistics.median(a / b for a, b in zip(rates["latent"], rates["hf"]))
         same = torch.equal(tokens["latent"], tokens["naive"]) and torch.equal(tokens["latent"], tokens["hf"])
-        lines.append(f"  {context:>8}{med['latent']:>15.1f}{med['naive']:>12.1f}{med['hf']:>14.1f}"
-                     f"{vs_naive:>15.2f}x{vs_hf:>12.2f}x  {'yes' if same else 'NO'}")
+        lines.append(
+            f"  {context:>8}{med['latent']:>15.1f}{med['naive']:>12.1f}{med['hf']:>14.1f}"
+            f"{vs_naive:>15.2f}x{vs_hf:>12.2f}x  {'yes' if same else 'NO'}"
+        )
     if 2048 in vs_hf_at:
         ratio = vs_hf_at[2048]
-        lines.append(f"  target: absorbed >= 2x transformers at 2K -> {'met' if ratio >= 2 else 'NOT met'} "
-                     f"({ratio:.2f}x)")
+        lines.append(
+            f"  target: absorbed >= 2x transformers at 2K -> {'met' if ratio >= 2 else 'NOT met'} ({ratio:.2f}x)"
+        )
     return lines
 
 
@@ -115,13 +127,24 @@ def trained_model(args):
     run = Path(args.model_dir) if args.model_dir else Path(tempfile.mkdtemp(prefix="dsv3_bench_decode_"))
     note = f"loaded from {run}"
     if not (run.is_dir() and find_checkpoint(run) is not None):
-        cfg = TrainConfig(steps=args.train_steps, batch_size=16, seq_len=128, domains=DOMAINS, progress=False,
-                          device="cpu", eval_every=100, save_every=100, out_dir=str(run))
+        cfg = TrainConfig(
+            steps=args.train_steps,
+            batch_size=16,
+            seq_len=128,
+            domains=DOMAINS,
+            progress=False,
+            device="cpu",
+            eval_every=100,
+            save_every=100,
+            out_dir=str(run),
+        )
         t0 = time.perf_counter()
         result = train(ModelConfig.tiny(), cfg)
-        note = (f"trained here by dsv3.train: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens on "
-                f"{'+'.join(DOMAINS)} in {time.perf_counter() - t0:.0f}s, final train loss "
-                f"{result.last('main_loss'):.3f}")
+        note = (
+            f"trained here by dsv3.train: {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens on "
+            f"{'+'.join(DOMAINS)} in {time.perf_counter() - t0:.0f}s, final train loss "
+            f"{result.last('main_loss'):.3f}"
+        )
     model = load_pretrained(model_dir(run), dtype=torch.float32).eval()
 
     history = load_history(run)
@@ -143,7 +166,7 @@ def speculative_table(args) -> list[str]:
     for domain in DOMAINS:
         val = corpus.tokens("val", domain)
         for start in torch.randint(0, val.numel() - args.prompt_len, (args.prompts,), generator=g).tolist():
-            prompts.append((domain, val[start:start + args.prompt_len]))
+            prompts.append((domain, val[start : start + args.prompt_len]))
 
     def run(k: int | None):
         """All prompts, one at a time: (tokens, totals, wall seconds)."""
@@ -169,11 +192,13 @@ def speculative_table(args) -> list[str]:
             runs[k].append(run(k))
     results = {k: (r[-1][0], r[-1][1], statistics.median(x[2] for x in r)) for k, r in runs.items()}
     plain_outs, _, plain_wall = results[None]
-    lines = [f"Speculative decoding with MTP, greedy, batch 1, {len(prompts)} prompts ({args.prompts} per domain, "
-             f"{args.prompt_len} tokens from the validation split) x {args.new_tokens} new tokens; "
-             f"ModelConfig.tiny() {note}",
-             f"  {'decoding':<22}{'tokens/forward':>15}{'accepted per draft position':>30}{'mean accepted':>15}"
-             f"{'tokens/s':>10}{'speedup':>9}  same as plain"]
+    lines = [
+        f"Speculative decoding with MTP, greedy, batch 1, {len(prompts)} prompts ({args.prompts} per domain, "
+        f"{args.prompt_len} tokens from the validation split) x {args.new_tokens} new tokens; "
+        f"ModelConfig.tiny() {note}",
+        f"  {'decoding':<22}{'tokens/forward':>15}{'accepted per draft position':>30}{'mean accepted':>15}"
+        f"{'tokens/s':>10}{'speedup':>9}  same as plain",
+    ]
     for k in (None, 1, 2, 3):
         outs, totals, wall = results[k]
         tpf = totals["new"] / totals["fwd"]
@@ -184,15 +209,27 @@ def speculative_table(args) -> list[str]:
         per_pos = [a / d for a, d in zip(totals["accepted"][:k], totals["drafted"][:k])]
         mean_acc = sum(totals["accepted"][:k]) / totals["drafted"][0]
         same = all(torch.equal(a, b) for a, b in zip(outs, plain_outs))
-        lines.append(f"  {f'speculative, {k} draft' + ('s' if k > 1 else ''):<22}{tpf:>15.2f}"
-                     f"{'  '.join(f'{x:.2f}' for x in per_pos):>30}{mean_acc:>15.2f}{rate:>10.1f}"
-                     f"{plain_wall / wall:>8.2f}x  {'yes' if same else 'NO'}")
-    lines.append("  tokens per main-model forward by domain: " + "; ".join(
-        f"{domain} " + "/".join(f"{results[k][1]['by_domain'][domain][0] / results[k][1]['by_domain'][domain][1]:.2f}"
-                                for k in (1, 2, 3)) for domain in DOMAINS) + " (1/2/3 drafts)")
+        lines.append(
+            f"  {f'speculative, {k} draft' + ('s' if k > 1 else ''):<22}{tpf:>15.2f}"
+            f"{'  '.join(f'{x:.2f}' for x in per_pos):>30}{mean_acc:>15.2f}{rate:>10.1f}"
+            f"{plain_wall / wall:>8.2f}x  {'yes' if same else 'NO'}"
+        )
+    lines.append(
+        "  tokens per main-model forward by domain: "
+        + "; ".join(
+            f"{domain} "
+            + "/".join(
+                f"{results[k][1]['by_domain'][domain][0] / results[k][1]['by_domain'][domain][1]:.2f}"
+                for k in (1, 2, 3)
+            )
+            for domain in DOMAINS
+        )
+        + " (1/2/3 drafts)"
+    )
     best = max(results[k][1]["new"] / results[k][1]["fwd"] for k in (1, 2, 3))
-    lines.append(f"  target: >= 1.5 tokens per main-model forward -> {'met' if best >= 1.5 else 'NOT met'} "
-                 f"(best {best:.2f})")
+    lines.append(
+        f"  target: >= 1.5 tokens per main-model forward -> {'met' if best >= 1.5 else 'NOT met'} (best {best:.2f})"
+    )
     return lines
 
 

@@ -24,6 +24,7 @@ Targets from the project issue (checked in the last column): MLA decode >= 3.0 T
 and RoPE >= 80% of copy bandwidth; router < 10 us for 256 tokens (GPU time, CUDA graph); fused MoE >= 3x the
 torch per-expert loop at decode batch sizes; FP8 GEMM >= 1.5x the bf16 cuBLAS matmul of the same shape.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,12 @@ from dataclasses import dataclass, field
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ops", default="all",
-                   help="comma list of: norm,rope,router,moe,mla,prefill,fp8,ce (default all)")
-    p.add_argument("--interpret-smoke", action="store_true",
-                   help="CPU: run tiny sizes through the Triton interpreter (checks nothing crashes)")
+    p.add_argument("--ops", default="all", help="comma list of: norm,rope,router,moe,mla,prefill,fp8,ce (default all)")
+    p.add_argument(
+        "--interpret-smoke",
+        action="store_true",
+        help="CPU: run tiny sizes through the Triton interpreter (checks nothing crashes)",
+    )
     p.add_argument("--reps", type=int, default=20, help="timed repetitions per measurement (median reported)")
     p.add_argument("--train", action="store_true", help="also time MoE / norm / RoPE backward passes")
     p.add_argument("--tune", action="store_true", help="sweep MLA decode and FP8 GEMM tile configs")
@@ -68,6 +71,7 @@ DT = torch.float32 if SMOKE else torch.bfloat16  # the interpreter's bf16 dot is
 
 # ------------------------------------------------------------------------------------------------ timing
 
+
 def sync():
     if DEV.type == "cuda":
         torch.cuda.synchronize()
@@ -88,6 +92,7 @@ def rel_err(a, b) -> float:
 
 # ------------------------------------------------------------------------------------------------ roofline
 
+
 def measure_roofline():
     """Copy bandwidth (bytes read + written per second) and bf16 matmul rate (FLOP/s) of this device."""
     n = (1 << 16) if SMOKE else (1 << 30)  # 2 GiB of bf16 on a GPU
@@ -99,10 +104,11 @@ def measure_roofline():
     a = torch.randn(m, m, device=DEV, dtype=DT)
     b = torch.randn(m, m, device=DEV, dtype=DT)
     t = time_fn(lambda: a @ b)
-    return bw, 2 * m ** 3 / t
+    return bw, 2 * m**3 / t
 
 
 # ------------------------------------------------------------------------------------------------ cases
+
 
 @dataclass
 class Row:
@@ -122,7 +128,7 @@ def pair(op, shape, torch_fn, triton_fn, bytes_=0.0, flops=0.0, target="", graph
     """Time both paths on the same inputs and compare their outputs."""
     out_r = torch_fn()
     out_t = triton_fn()
-    first = (lambda o: o[0] if isinstance(o, tuple) else o)
+    first = lambda o: o[0] if isinstance(o, tuple) else o
     err = rel_err(first(out_t), first(out_r))
     del out_r, out_t
     t_r = time_fn(torch_fn, graph=False)
@@ -137,14 +143,30 @@ def esize(dtype):
 def case_norm():
     rows = []
     M = 64 if SMOKE else 16384
-    for D in ([40] if SMOKE else [7168, 1536, 512]):
+    for D in [40] if SMOKE else [7168, 1536, 512]:
         x = torch.randn(M, D, device=DEV, dtype=DT)
         r = torch.randn_like(x)
         w = torch.randn(D, device=DEV, dtype=DT)
-        rows.append(pair("rms_norm", f"{M}x{D}", lambda: K.rms_norm_torch(x, w, 1e-6),
-                         lambda: K.rms_norm_triton(x, w, 1e-6), bytes_=2 * x.numel() * esize(DT), target="bw80"))
-        rows.append(pair("rms_norm+residual", f"{M}x{D}", lambda: K.rms_norm_torch(x, w, 1e-6, r),
-                         lambda: K.rms_norm_triton(x, w, 1e-6, r), bytes_=4 * x.numel() * esize(DT), target="bw80"))
+        rows.append(
+            pair(
+                "rms_norm",
+                f"{M}x{D}",
+                lambda: K.rms_norm_torch(x, w, 1e-6),
+                lambda: K.rms_norm_triton(x, w, 1e-6),
+                bytes_=2 * x.numel() * esize(DT),
+                target="bw80",
+            )
+        )
+        rows.append(
+            pair(
+                "rms_norm+residual",
+                f"{M}x{D}",
+                lambda: K.rms_norm_torch(x, w, 1e-6, r),
+                lambda: K.rms_norm_triton(x, w, 1e-6, r),
+                bytes_=4 * x.numel() * esize(DT),
+                target="bw80",
+            )
+        )
         if ARGS.train:
             xg, rg, wg = (t.clone().requires_grad_() for t in (x, r, w))
             dy = torch.randn_like(x)
@@ -152,8 +174,15 @@ def case_norm():
             def fwd_bwd(fn):
                 return lambda: torch.autograd.grad(fn(xg, wg, 1e-6, rg)[0], (xg, rg, wg), dy)
 
-            rows.append(pair("rms_norm+res fwd+bwd", f"{M}x{D}", fwd_bwd(K.rms_norm_torch), fwd_bwd(K.rms_norm_triton),
-                             bytes_=(4 + 5) * x.numel() * esize(DT)))
+            rows.append(
+                pair(
+                    "rms_norm+res fwd+bwd",
+                    f"{M}x{D}",
+                    fwd_bwd(K.rms_norm_torch),
+                    fwd_bwd(K.rms_norm_triton),
+                    bytes_=(4 + 5) * x.numel() * esize(DT),
+                )
+            )
     return rows
 
 
@@ -164,28 +193,58 @@ def case_rope():
     cos, sin = ang.cos(), ang.sin()
     x = q[..., 128:]
     n = x.numel() * esize(DT)
-    rows = [pair("rope (q rope slice)", f"{B}x{T}x{H}x64", lambda: K.apply_rope_torch(x, cos, sin),
-                 lambda: K.apply_rope_triton(x, cos, sin), bytes_=2 * n + 2 * cos.numel() * 4, target="bw80")]
+    rows = [
+        pair(
+            "rope (q rope slice)",
+            f"{B}x{T}x{H}x64",
+            lambda: K.apply_rope_torch(x, cos, sin),
+            lambda: K.apply_rope_triton(x, cos, sin),
+            bytes_=2 * n + 2 * cos.numel() * 4,
+            target="bw80",
+        )
+    ]
     y = x.clone()
-    rows.append(pair("rope in place", f"{B}x{T}x{H}x64", lambda: K.apply_rope_torch(y, cos, sin),
-                     lambda: K.apply_rope_triton(y, cos, sin, inplace=True), bytes_=2 * n + 2 * cos.numel() * 4,
-                     target="bw80"))
+    rows.append(
+        pair(
+            "rope in place",
+            f"{B}x{T}x{H}x64",
+            lambda: K.apply_rope_torch(y, cos, sin),
+            lambda: K.apply_rope_triton(y, cos, sin, inplace=True),
+            bytes_=2 * n + 2 * cos.numel() * 4,
+            target="bw80",
+        )
+    )
     return rows
 
 
 def case_router():
     rows = []
-    for N in ([5] if SMOKE else [256, 4096]):
+    for N in [5] if SMOKE else [256, 4096]:
         logits = torch.randn(N, 256, device=DEV)
         bias = torch.randn(256, device=DEV) * 0.1
         args = (logits, bias, 8, 8, 4, 2.5)
-        rows.append(pair("router (graph)", f"{N} tok, 256 exp, top-8", lambda: K.router_topk_torch(*args),
-                         lambda: K.router_topk_triton(*args), bytes_=logits.numel() * 4,
-                         target="router10us" if N == 256 else "", graph=not SMOKE))
+        rows.append(
+            pair(
+                "router (graph)",
+                f"{N} tok, 256 exp, top-8",
+                lambda: K.router_topk_torch(*args),
+                lambda: K.router_topk_triton(*args),
+                bytes_=logits.numel() * 4,
+                target="router10us" if N == 256 else "",
+                graph=not SMOKE,
+            )
+        )
         rows[-1].t_torch = time_fn(lambda: K.router_topk_torch(*args), graph=not SMOKE)  # both as graphs
         if not SMOKE:
-            rows.append(pair("router (eager)", f"{N} tok", lambda: K.router_topk_torch(*args),
-                             lambda: K.router_topk_triton(*args), bytes_=logits.numel() * 4))
+            rows.append(
+                pair(
+                    "router (eager)",
+                    f"{N} tok",
+                    lambda: K.router_topk_torch(*args),
+                    lambda: K.router_topk_triton(*args),
+                    bytes_=logits.numel() * 4,
+                )
+            )
     return rows
 
 
@@ -193,20 +252,28 @@ def case_moe():
     rows = []
     E, D, I, Kt = (8, 48, 32, 2) if SMOKE else (256, 7168, 2048, 8)
     g = torch.Generator(device=DEV).manual_seed(0)
-    wg = torch.randn(E, I, D, device=DEV, dtype=DT, generator=g) * D ** -0.5
-    wu = torch.randn(E, I, D, device=DEV, dtype=DT, generator=g) * D ** -0.5
-    wd = torch.randn(E, D, I, device=DEV, dtype=DT, generator=g) * I ** -0.5
-    for N in ([3] if SMOKE else [1, 8, 32, 128, 4096]):
+    wg = torch.randn(E, I, D, device=DEV, dtype=DT, generator=g) * D**-0.5
+    wu = torch.randn(E, I, D, device=DEV, dtype=DT, generator=g) * D**-0.5
+    wd = torch.randn(E, D, I, device=DEV, dtype=DT, generator=g) * I**-0.5
+    for N in [3] if SMOKE else [1, 8, 32, 128, 4096]:
         x = torch.randn(N, D, device=DEV, dtype=DT)
         ids = torch.stack([torch.randperm(E, device=DEV)[:Kt] for _ in range(N)])
         tw = torch.rand(N, Kt, device=DEV)
         active = int(torch.unique(ids).numel())
         flops = 2 * 3 * N * Kt * I * D
         bytes_ = active * 3 * I * D * esize(DT) + 2 * N * D * esize(DT)
-        rows.append(pair("moe_experts", f"N={N} E={E} top-{Kt} ({active} active)",
-                         lambda: K.moe_experts_torch(x, wg, wu, wd, tw, ids),
-                         lambda: K.moe_experts_triton(x, wg, wu, wd, tw, ids), bytes_, flops,
-                         target="moe3x" if N <= 128 else "", torch_label="torch expert loop"))
+        rows.append(
+            pair(
+                "moe_experts",
+                f"N={N} E={E} top-{Kt} ({active} active)",
+                lambda: K.moe_experts_torch(x, wg, wu, wd, tw, ids),
+                lambda: K.moe_experts_triton(x, wg, wu, wd, tw, ids),
+                bytes_,
+                flops,
+                target="moe3x" if N <= 128 else "",
+                torch_label="torch expert loop",
+            )
+        )
     if ARGS.train or SMOKE:
         Et = 8 if SMOKE else 64  # a 64-expert slice of a V3 layer keeps gradients in memory
         N = 6 if SMOKE else 4096
@@ -219,9 +286,16 @@ def case_moe():
         def fwd_bwd(fn):
             return lambda: torch.autograd.grad(fn(x, *params, tw, ids), (x, *params, tw), dy)
 
-        rows.append(pair("moe_experts fwd+bwd", f"N={N} E={Et} top-{Kt}", fwd_bwd(K.moe_experts_torch),
-                         fwd_bwd(K.moe_experts_triton), flops=3 * 2 * 3 * N * Kt * I * D,
-                         torch_label="torch expert loop"))
+        rows.append(
+            pair(
+                "moe_experts fwd+bwd",
+                f"N={N} E={Et} top-{Kt}",
+                fwd_bwd(K.moe_experts_torch),
+                fwd_bwd(K.moe_experts_triton),
+                flops=3 * 2 * 3 * N * Kt * I * D,
+                torch_label="torch expert loop",
+            )
+        )
     return rows
 
 
@@ -233,7 +307,7 @@ def _paged_cache(seqlens, r, dr, page):
     table = torch.zeros(B, nb, dtype=torch.int32, device=DEV)
     at = 0
     for b, n in enumerate(blocks):
-        table[b, :n] = perm[at:at + n]
+        table[b, :n] = perm[at : at + n]
         at += n
     pool_c = torch.randn(total, page, r, device=DEV, dtype=DT)
     pool_k = torch.randn(total, page, dr, device=DEV, dtype=DT)
@@ -245,8 +319,8 @@ def case_mla():
     r, dr, page = (64, 16, 64) if SMOKE else (512, 64, 64)
     b = 2 if SMOKE else 128
     rng = random.Random(0)
-    for mean_sk in ([100] if SMOKE else [4096, 8192]):
-        for h_q in ([4] if SMOKE else [16, 32, 64, 128]):
+    for mean_sk in [100] if SMOKE else [4096, 8192]:
+        for h_q in [4] if SMOKE else [16, 32, 64, 128]:
             for s_q in (1, 2):
                 seqlens = [max(int(rng.normalvariate(mean_sk, mean_sk / 2)), s_q) for _ in range(b)]
                 pool_c, pool_k, table = _paged_cache(seqlens, r, dr, page)
@@ -258,21 +332,35 @@ def case_mla():
                 flops = 2 * s_q * total * h_q * (r + dr + r)
                 bytes_ = (total * (r + dr) + b * s_q * h_q * (r + dr + r)) * esize(DT)
                 memory_bound = bytes_ / BW > flops / PEAK
-                rows.append(pair("mla_decode (paged 64)", f"b={b} sk~{mean_sk} h={h_q} s_q={s_q}",
-                                 lambda: K.mla_decode_torch(q, qr, pool_c, pool_k, lens, scale, table),
-                                 lambda: K.mla_decode_triton(q, qr, pool_c, pool_k, lens, scale, table),
-                                 bytes_, flops, target="mla3tb" if memory_bound else ""))
+                rows.append(
+                    pair(
+                        "mla_decode (paged 64)",
+                        f"b={b} sk~{mean_sk} h={h_q} s_q={s_q}",
+                        lambda: K.mla_decode_torch(q, qr, pool_c, pool_k, lens, scale, table),
+                        lambda: K.mla_decode_triton(q, qr, pool_c, pool_k, lens, scale, table),
+                        bytes_,
+                        flops,
+                        target="mla3tb" if memory_bound else "",
+                    )
+                )
                 if ARGS.tune and not SMOKE:
                     from dsv3.kernels import mla_triton
-                    for cfg in (dict(BLOCK_H=16, BLOCK_N=32, num_warps=4), dict(BLOCK_H=16, BLOCK_N=64, num_warps=4),
-                                dict(BLOCK_H=32, BLOCK_N=32, num_warps=8), dict(BLOCK_H=64, BLOCK_N=32, num_warps=8),
-                                dict(BLOCK_H=64, BLOCK_N=16, num_warps=8)):
-                        fn = (lambda cfg=cfg: mla_triton.mla_decode(q, qr, pool_c, pool_k, lens, scale, table,
-                                                                    config=cfg))
+
+                    for cfg in (
+                        dict(BLOCK_H=16, BLOCK_N=32, num_warps=4),
+                        dict(BLOCK_H=16, BLOCK_N=64, num_warps=4),
+                        dict(BLOCK_H=32, BLOCK_N=32, num_warps=8),
+                        dict(BLOCK_H=64, BLOCK_N=32, num_warps=8),
+                        dict(BLOCK_H=64, BLOCK_N=16, num_warps=8),
+                    ):
+                        fn = lambda cfg=cfg: mla_triton.mla_decode(
+                            q, qr, pool_c, pool_k, lens, scale, table, config=cfg
+                        )
                         try:
                             t = time_fn(fn, reps=5)
-                            rows[-1].notes.append(f"H{cfg['BLOCK_H']}/N{cfg['BLOCK_N']}/w{cfg['num_warps']}: "
-                                                  f"{bytes_ / t / 1e12:.2f} TB/s")
+                            rows[-1].notes.append(
+                                f"H{cfg['BLOCK_H']}/N{cfg['BLOCK_N']}/w{cfg['num_warps']}: {bytes_ / t / 1e12:.2f} TB/s"
+                            )
                         except Exception as e:  # a config that does not fit the GPU
                             rows[-1].notes.append(f"{cfg}: {type(e).__name__}")
                 pool_c = pool_k = None  # free the pool before the next, larger one is allocated
@@ -285,38 +373,68 @@ def case_prefill():
     k = torch.randn(B, H, T, 192, device=DEV, dtype=DT)
     v = torch.randn(B, H, T, 128, device=DEV, dtype=DT)
     flops = 2 * B * H * T * T * (192 + 128) / 2  # causal: half the score matrix
-    return [pair("attention_prefill (causal)", f"B={B} H={H} T={T} d=192/128",
-                 lambda: K.attention_prefill_torch(q, k, v, 192 ** -0.5),
-                 lambda: K.attention_prefill_triton(q, k, v, 192 ** -0.5), flops=flops, torch_label="torch SDPA")]
+    return [
+        pair(
+            "attention_prefill (causal)",
+            f"B={B} H={H} T={T} d=192/128",
+            lambda: K.attention_prefill_torch(q, k, v, 192**-0.5),
+            lambda: K.attention_prefill_triton(q, k, v, 192**-0.5),
+            flops=flops,
+            torch_label="torch SDPA",
+        )
+    ]
 
 
 def case_fp8():
     rows = []
     M, Kd = (8, 200) if SMOKE else (8192, 7168)
     x = torch.randn(M, Kd, device=DEV, dtype=DT)
-    rows.append(pair("act_quant 1x128", f"{M}x{Kd}", lambda: fp8.act_quant_torch(x)[0].view(torch.uint8).float(),
-                     lambda: fp8.act_quant_triton(x)[0].view(torch.uint8).float(),
-                     bytes_=x.numel() * (esize(DT) + 1), target="bw80"))
+    rows.append(
+        pair(
+            "act_quant 1x128",
+            f"{M}x{Kd}",
+            lambda: fp8.act_quant_torch(x)[0].view(torch.uint8).float(),
+            lambda: fp8.act_quant_triton(x)[0].view(torch.uint8).float(),
+            bytes_=x.numel() * (esize(DT) + 1),
+            target="bw80",
+        )
+    )
     Wm, Wn = (150, 200) if SMOKE else (18432, 7168)
     wq, ws = fp8.weight_quant(torch.randn(Wm, Wn, device=DEV) * 0.02)
-    rows.append(pair("weight_dequant 128x128", f"{Wm}x{Wn}", lambda: fp8.weight_dequant_torch(wq, ws, dtype=DT),
-                     lambda: fp8.weight_dequant_triton(wq, ws, dtype=DT), bytes_=wq.numel() * (1 + esize(DT)),
-                     target="bw80"))
+    rows.append(
+        pair(
+            "weight_dequant 128x128",
+            f"{Wm}x{Wn}",
+            lambda: fp8.weight_dequant_torch(wq, ws, dtype=DT),
+            lambda: fp8.weight_dequant_triton(wq, ws, dtype=DT),
+            bytes_=wq.numel() * (1 + esize(DT)),
+            target="bw80",
+        )
+    )
     out = torch.float32 if SMOKE else torch.bfloat16
-    shapes = [(8, 150, 256)] if SMOKE else [(8192, 8192, 8192), (8192, 7168, 18432), (8192, 24576, 1536),
-                                             (128, 7168, 18432)]
+    shapes = (
+        [(8, 150, 256)] if SMOKE else [(8192, 8192, 8192), (8192, 7168, 18432), (8192, 24576, 1536), (128, 7168, 18432)]
+    )
     for m, n, k in shapes:
         a, sa = fp8.act_quant(torch.randn(m, k, device=DEV, dtype=DT))
         w, sw = fp8.weight_quant(torch.randn(n, k, device=DEV) * 0.02)
         a_bf, w_bf = torch.randn(m, k, device=DEV, dtype=DT), torch.randn(n, k, device=DEV, dtype=DT)
-        row = pair("fp8_gemm vs bf16 matmul", f"{m}x{n}x{k}", lambda: a_bf @ w_bf.T,
-                   lambda: fp8.fp8_gemm_triton(a, sa, w, sw, out), flops=2 * m * n * k,
-                   target="fp8x1.5" if m >= 4096 else "", torch_label="torch bf16 mm")
-        row.err = rel_err(fp8.fp8_gemm_triton(a, sa, w, sw, torch.float32), fp8.fp8_gemm_torch(a, sa, w, sw,
-                                                                                               torch.float32))
+        row = pair(
+            "fp8_gemm vs bf16 matmul",
+            f"{m}x{n}x{k}",
+            lambda: a_bf @ w_bf.T,
+            lambda: fp8.fp8_gemm_triton(a, sa, w, sw, out),
+            flops=2 * m * n * k,
+            target="fp8x1.5" if m >= 4096 else "",
+            torch_label="torch bf16 mm",
+        )
+        row.err = rel_err(
+            fp8.fp8_gemm_triton(a, sa, w, sw, torch.float32), fp8.fp8_gemm_torch(a, sa, w, sw, torch.float32)
+        )
         rows.append(row)
         if ARGS.tune and not SMOKE:
             from dsv3.kernels import fp8_triton
+
             for cfg in ((128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4)):
                 t = time_fn(lambda cfg=cfg: fp8_triton.fp8_gemm(a, sa, w, sw, out, config=cfg), reps=5)
                 row.notes.append(f"{cfg}: {2 * m * n * k / t / 1e12:.0f} TFLOP/s")
@@ -326,7 +444,7 @@ def case_fp8():
 def case_ce():
     N, D, V = (12, 32, 300) if SMOKE else (8192, 7168, 129280)
     h = (torch.randn(N, D, device=DEV, dtype=DT) * 0.5).requires_grad_()
-    w = (torch.randn(V, D, device=DEV, dtype=DT) * D ** -0.5).requires_grad_()
+    w = (torch.randn(V, D, device=DEV, dtype=DT) * D**-0.5).requires_grad_()
     labels = torch.randint(0, V, (N,), device=DEV)
     chunk = 64 if SMOKE else None
 
@@ -345,21 +463,36 @@ def case_ce():
             base = torch.cuda.memory_allocated()
             fn()
             sync()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
         else:
             peak = float("nan")
         rows.append(f"{label}: peak extra memory {peak:.2f} GiB")
-    row = pair("linear_cross_entropy fwd+bwd", f"N={N} D={D} V={V}", full, fused, flops=6 * N * D * V,
-               torch_label="F.cross_entropy")
+    row = pair(
+        "linear_cross_entropy fwd+bwd",
+        f"N={N} D={D} V={V}",
+        full,
+        fused,
+        flops=6 * N * D * V,
+        torch_label="F.cross_entropy",
+    )
     row.notes = rows
     return [row]
 
 
-CASES = dict(norm=case_norm, rope=case_rope, router=case_router, moe=case_moe, mla=case_mla, prefill=case_prefill,
-             fp8=case_fp8, ce=case_ce)
+CASES = dict(
+    norm=case_norm,
+    rope=case_rope,
+    router=case_router,
+    moe=case_moe,
+    mla=case_mla,
+    prefill=case_prefill,
+    fp8=case_fp8,
+    ce=case_ce,
+)
 
 
 # ------------------------------------------------------------------------------------------------ report
+
 
 def verdict(row: Row) -> str:
     t = row.t_triton
@@ -382,19 +515,25 @@ def fmt_time(s):
 
 
 def table(rows, bw, peak, device_name):
-    lines = [f"# dsv3 kernel benchmark: {device_name}", "",
-             f"Measured in this run: copy bandwidth {bw / 1e9:.0f} GB/s (read + write), "
-             f"{str(DT).replace('torch.', '')} matmul {peak / 1e12:.0f} TFLOP/s. "
-             f"torch {torch.__version__}{', TRITON_INTERPRET=1 (times are meaningless)' if SMOKE else ''}.", "",
-             "| op | shape | baseline | baseline time | triton time | speedup | GB/s | TFLOP/s | roofline "
-             "| max rel err | target |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# dsv3 kernel benchmark: {device_name}",
+        "",
+        f"Measured in this run: copy bandwidth {bw / 1e9:.0f} GB/s (read + write), "
+        f"{str(DT).replace('torch.', '')} matmul {peak / 1e12:.0f} TFLOP/s. "
+        f"torch {torch.__version__}{', TRITON_INTERPRET=1 (times are meaningless)' if SMOKE else ''}.",
+        "",
+        "| op | shape | baseline | baseline time | triton time | speedup | GB/s | TFLOP/s | roofline "
+        "| max rel err | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         t = r.t_triton
         roof = max(r.bytes / bw, r.flops / peak) / t if (r.bytes or r.flops) else float("nan")
-        lines.append(f"| {r.op} | {r.shape} | {r.torch_label} | {fmt_time(r.t_torch)} | {fmt_time(t)} | "
-                     f"{r.t_torch / t:.2f}x | {r.bytes / t / 1e9:.0f} | {r.flops / t / 1e12:.1f} | "
-                     f"{roof:.0%} | {r.err:.1e} | {verdict(r)} |")
+        lines.append(
+            f"| {r.op} | {r.shape} | {r.torch_label} | {fmt_time(r.t_torch)} | {fmt_time(t)} | "
+            f"{r.t_torch / t:.2f}x | {r.bytes / t / 1e9:.0f} | {r.flops / t / 1e12:.1f} | "
+            f"{roof:.0%} | {r.err:.1e} | {verdict(r)} |"
+        )
     notes = [f"- {r.op} {r.shape}: {n}" for r in rows for n in r.notes]
     if notes:
         lines += ["", "Notes:"] + notes

@@ -57,48 +57,74 @@ def forward_table(args) -> list[str]:
         # the two forwards back to back in each repeat; the speedup is the median of the per-repeat ratios, so a
         # machine whose speed drifts during the run (a shared virtual machine does) moves both sides together
         model(ids), hf(ids, use_cache=False)  # warm up
-        runs = [(median_time(lambda: hf(ids, use_cache=False), 1, warmup=0),
-                 median_time(lambda: model(ids), 1, warmup=0)) for _ in range(args.repeats)]
+        runs = [
+            (median_time(lambda: hf(ids, use_cache=False), 1, warmup=0), median_time(lambda: model(ids), 1, warmup=0))
+            for _ in range(args.repeats)
+        ]
         t_hf, t_ours = (statistics.median(r[i] for r in runs) for i in (0, 1))
         speedup = statistics.median(hf_t / ours_t for hf_t, ours_t in runs)
-    lines = [f"Forward, batch {B} x {T} tokens, ModelConfig.tiny() fp32, no grad "
-             f"(logits agree: relative error {err:.1e})",
-             f"  {'implementation':<40}{'time (ms)':>12}{'tokens/s':>12}{'speedup':>10}",
-             f"  {'transformers DeepseekV3ForCausalLM eager':<40}{t_hf * 1e3:>12.1f}{B * T / t_hf:>12,.0f}"
-             f"{1.0:>9.2f}x",
-             f"  {'dsv3.DeepSeekV3':<40}{t_ours * 1e3:>12.1f}{B * T / t_ours:>12,.0f}{speedup:>9.2f}x",
-             f"  speedup: median of the {args.repeats} per-repeat ratios (the two forwards back to back in each)",
-             f"  target: dsv3 >= 1.5x transformers eager -> {'met' if speedup >= 1.5 else 'NOT met'}"]
+    lines = [
+        f"Forward, batch {B} x {T} tokens, ModelConfig.tiny() fp32, no grad (logits agree: relative error {err:.1e})",
+        f"  {'implementation':<40}{'time (ms)':>12}{'tokens/s':>12}{'speedup':>10}",
+        f"  {'transformers DeepseekV3ForCausalLM eager':<40}{t_hf * 1e3:>12.1f}{B * T / t_hf:>12,.0f}{1.0:>9.2f}x",
+        f"  {'dsv3.DeepSeekV3':<40}{t_ours * 1e3:>12.1f}{B * T / t_ours:>12,.0f}{speedup:>9.2f}x",
+        f"  speedup: median of the {args.repeats} per-repeat ratios (the two forwards back to back in each)",
+        f"  target: dsv3 >= 1.5x transformers eager -> {'met' if speedup >= 1.5 else 'NOT met'}",
+    ]
     if args.floor:
-        lines += ["", "The compute floor: each forward's GEMM and attention ops replayed alone (same shapes and "
-                  "kernels), medians of the repeats:"]
+        lines += [
+            "",
+            "The compute floor: each forward's GEMM and attention ops replayed alone (same shapes and "
+            "kernels), medians of the repeats:",
+        ]
         floors = {}
         for name, fn in (("transformers", lambda: hf(ids, use_cache=False)), ("dsv3", lambda: model(ids))):
             whole, floor, n_ops, n_heavy = gemm_floor(fn, args.repeats)
             floors[name] = (whole, floor)
-            lines.append(f"  {name:<13}forward {whole * 1e3:6.1f} ms = GEMM + attention {floor * 1e3:6.1f} ms "
-                         f"({floor / whole:.0%}) + the rest {(whole - floor) * 1e3:5.1f} ms "
-                         f"({n_ops} aten ops, {n_heavy} of them GEMM/attention)")
-        lines.append(f"  transformers forward / dsv3 GEMM + attention alone = "
-                     f"{floors['transformers'][0] / floors['dsv3'][1]:.2f}x: the speedup dsv3 would show if "
-                     f"everything but its GEMMs and attention took no time")
+            lines.append(
+                f"  {name:<13}forward {whole * 1e3:6.1f} ms = GEMM + attention {floor * 1e3:6.1f} ms "
+                f"({floor / whole:.0%}) + the rest {(whole - floor) * 1e3:5.1f} ms "
+                f"({n_ops} aten ops, {n_heavy} of them GEMM/attention)"
+            )
+        lines.append(
+            f"  transformers forward / dsv3 GEMM + attention alone = "
+            f"{floors['transformers'][0] / floors['dsv3'][1]:.2f}x: the speedup dsv3 would show if "
+            f"everything but its GEMMs and attention took no time"
+        )
     if args.profile:
-        ours_parts = component_times(lambda: model(ids), {
-            "attention (MLA)": [b.self_attn for b in model.layers],
-            "MoE layers": [b.mlp for b in model.layers if b.is_moe],
-            "dense FFN layer": [b.mlp for b in model.layers if not b.is_moe],
-            "output head": [model.lm_head]}, args.repeats)
-        hf_parts = component_times(lambda: hf(ids, use_cache=False), {
-            "attention (MLA)": [b.self_attn for b in hf.model.layers],
-            "MoE layers": [b.mlp for b in hf.model.layers if hasattr(b.mlp, "gate")],
-            "dense FFN layer": [b.mlp for b in hf.model.layers if not hasattr(b.mlp, "gate")],
-            "output head": [hf.lm_head]}, args.repeats)
-        lines += ["", "Where the forward time goes (ms, median of per-component sums over the runs):",
-                  f"  {'component':<24}{'transformers':>14}{'dsv3':>10}"]
+        ours_parts = component_times(
+            lambda: model(ids),
+            {
+                "attention (MLA)": [b.self_attn for b in model.layers],
+                "MoE layers": [b.mlp for b in model.layers if b.is_moe],
+                "dense FFN layer": [b.mlp for b in model.layers if not b.is_moe],
+                "output head": [model.lm_head],
+            },
+            args.repeats,
+        )
+        hf_parts = component_times(
+            lambda: hf(ids, use_cache=False),
+            {
+                "attention (MLA)": [b.self_attn for b in hf.model.layers],
+                "MoE layers": [b.mlp for b in hf.model.layers if hasattr(b.mlp, "gate")],
+                "dense FFN layer": [b.mlp for b in hf.model.layers if not hasattr(b.mlp, "gate")],
+                "output head": [hf.lm_head],
+            },
+            args.repeats,
+        )
+        lines += [
+            "",
+            "Where the forward time goes (ms, median of per-component sums over the runs):",
+            f"  {'component':<24}{'transformers':>14}{'dsv3':>10}",
+        ]
         for name in ours_parts:
             lines.append(f"  {name:<24}{hf_parts[name] * 1e3:>14.1f}{ours_parts[name] * 1e3:>10.1f}")
-        lines += ["", *profile_lines("dsv3", lambda: model(ids)), "",
-                  *profile_lines("transformers", lambda: hf(ids, use_cache=False))]
+        lines += [
+            "",
+            *profile_lines("dsv3", lambda: model(ids)),
+            "",
+            *profile_lines("transformers", lambda: hf(ids, use_cache=False)),
+        ]
     return lines
 
 
@@ -109,6 +135,7 @@ def component_times(fn, groups: dict[str, list[torch.nn.Module]], repeats: int) 
     handles = []
     for name, modules in groups.items():
         for module in modules:
+
             def pre(mod, inputs, name=name):
                 mod._bench_t0 = now()
 
@@ -166,8 +193,7 @@ def gemm_floor(fn, repeats: int) -> tuple[float, float, int, int]:
 
         fn(), replay()  # warm up
         runs = [(median_time(fn, 1, warmup=0), median_time(replay, 1, warmup=0)) for _ in range(repeats)]
-    return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), rec.n_ops,
-            len(rec.calls))
+    return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), rec.n_ops, len(rec.calls))
 
 
 def profile_lines(name: str, fn, rows: int = 10) -> list[str]:
@@ -184,10 +210,12 @@ def profile_lines(name: str, fn, rows: int = 10) -> list[str]:
 def decode_table(args) -> list[str]:
     config = yarn_tiny(8192)
     model = random_model(config)
-    lines = ["One decode step (batch 1, one new token) over a filled cache; "
-             "ModelConfig.tiny(max_position_embeddings=8192, YaRN factor 32 over 256) fp32",
-             f"  {'context':>8}{'absorbed (ms)':>15}{'naive (ms)':>12}{'naive/absorbed':>16}"
-             f"{'latent bytes':>14}{'naive bytes':>13}{'ratio':>8}"]
+    lines = [
+        "One decode step (batch 1, one new token) over a filled cache; "
+        "ModelConfig.tiny(max_position_embeddings=8192, YaRN factor 32 over 256) fp32",
+        f"  {'context':>8}{'absorbed (ms)':>15}{'naive (ms)':>12}{'naive/absorbed':>16}"
+        f"{'latent bytes':>14}{'naive bytes':>13}{'ratio':>8}",
+    ]
     step_tokens = torch.randint(0, config.vocab_size, (1, 1))
     for context in args.contexts:
         prompt = torch.randint(0, config.vocab_size, (1, context), generator=torch.Generator().manual_seed(context))
@@ -205,15 +233,22 @@ def decode_table(args) -> list[str]:
             sizes[kind] = cache.nbytes * context // cache.max_len  # bytes for `context` tokens
             attention = "mla" if kind == "latent" else "mha"
             assert sizes[kind] == kv_cache_bytes(config, context, dtype=torch.float32, attention=attention)
-        lines.append(f"  {context:>8}{times['latent'] * 1e3:>15.2f}{times['naive'] * 1e3:>12.2f}"
-                     f"{times['naive'] / times['latent']:>15.2f}x{sizes['latent']:>14,}{sizes['naive']:>13,}"
-                     f"{sizes['naive'] / sizes['latent']:>7.1f}x")
-    expect = (config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
-              / (config.kv_lora_rank + config.qk_rope_head_dim))
-    lines.append(f"  expected byte ratio n_heads x (qk_head_dim + v_head_dim) / (kv_lora_rank + qk_rope_head_dim) = "
-                 f"{config.num_attention_heads} x ({config.qk_head_dim} + {config.v_head_dim}) / "
-                 f"({config.kv_lora_rank} + {config.qk_rope_head_dim}) = {expect:.1f}x; "
-                 f"bytes equal dsv3.kv_cache_bytes (checked)")
+        lines.append(
+            f"  {context:>8}{times['latent'] * 1e3:>15.2f}{times['naive'] * 1e3:>12.2f}"
+            f"{times['naive'] / times['latent']:>15.2f}x{sizes['latent']:>14,}{sizes['naive']:>13,}"
+            f"{sizes['naive'] / sizes['latent']:>7.1f}x"
+        )
+    expect = (
+        config.num_attention_heads
+        * (config.qk_head_dim + config.v_head_dim)
+        / (config.kv_lora_rank + config.qk_rope_head_dim)
+    )
+    lines.append(
+        f"  expected byte ratio n_heads x (qk_head_dim + v_head_dim) / (kv_lora_rank + qk_rope_head_dim) = "
+        f"{config.num_attention_heads} x ({config.qk_head_dim} + {config.v_head_dim}) / "
+        f"({config.kv_lora_rank} + {config.qk_rope_head_dim}) = {expect:.1f}x; "
+        f"bytes equal dsv3.kv_cache_bytes (checked)"
+    )
     return lines
 
 
@@ -225,13 +260,15 @@ def main(argv=None) -> int:
     p.add_argument("--decode-repeats", type=int, default=30)
     p.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of both forwards")
-    p.add_argument("--floor", action="store_true",
-                   help="time each forward's GEMM and attention ops alone: the floor the rest of the forward sits on")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="time each forward's GEMM and attention ops alone: the floor the rest of the forward sits on",
+    )
     add_clock_args(p)
     args = p.parse_args(argv)
     header = apply_clock_args(p, args)
-    print(f"{header}, medians of {args.repeats} (forward) / {args.decode_repeats} (decode step) runs "
-          f"({load_note()})")
+    print(f"{header}, medians of {args.repeats} (forward) / {args.decode_repeats} (decode step) runs ({load_note()})")
     print()
     print("\n".join(forward_table(args)))
     print()

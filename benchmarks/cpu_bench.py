@@ -24,8 +24,12 @@ def now() -> float:
 
 def add_clock_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                   help="wall clock, or the CPU time of the working thread (with --threads 1)")
+    p.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="wall clock, or the CPU time of the working thread (with --threads 1)",
+    )
 
 
 def apply_clock_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
@@ -50,9 +54,18 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
 
 def yarn_tiny(max_position_embeddings: int) -> ModelConfig:
     """The tiny config stretched by YaRN from its original 256 positions to ``max_position_embeddings``."""
-    return ModelConfig.tiny(max_position_embeddings=max_position_embeddings, rope_scaling={
-        "type": "yarn", "factor": max_position_embeddings / 256, "original_max_position_embeddings": 256,
-        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
+    return ModelConfig.tiny(
+        max_position_embeddings=max_position_embeddings,
+        rope_scaling={
+            "type": "yarn",
+            "factor": max_position_embeddings / 256,
+            "original_max_position_embeddings": 256,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    )
 
 
 def random_model(config: ModelConfig, seed: int = 0) -> DeepSeekV3:

@@ -12,5 +12,17 @@ from .model import DeepSeekV3, ModelOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelConfig", "DeepSeekV3", "ModelOutput", "KVCache", "load_pretrained", "save_pretrained",
-           "count_parameters", "kv_cache_bytes", "flops_per_token", "generate", "Generation", "GenerationStats"]
+__all__ = [
+    "ModelConfig",
+    "DeepSeekV3",
+    "ModelOutput",
+    "KVCache",
+    "load_pretrained",
+    "save_pretrained",
+    "count_parameters",
+    "kv_cache_bytes",
+    "flops_per_token",
+    "generate",
+    "Generation",
+    "GenerationStats",
+]

@@ -15,8 +15,10 @@ ATTENTION_KINDS = ("mla", "mha", "gqa", "mqa")
 
 def _check_config(config) -> None:
     if not isinstance(config, ModelConfig):
-        raise ValueError(f"config must be a dsv3.ModelConfig (ModelConfig.from_hf reads a config.json or dict), got "
-                         f"{type(config).__name__}")
+        raise ValueError(
+            f"config must be a dsv3.ModelConfig (ModelConfig.from_hf reads a config.json or dict), got "
+            f"{type(config).__name__}"
+        )
 
 
 def _is_int(value) -> bool:
@@ -73,12 +75,24 @@ def count_parameters(config: ModelConfig) -> dict:
         moe = c.is_moe_layer(c.num_hidden_layers + k)
         mtp += sum(block_params(c, moe, active=False).values())
         mtp += 2 * c.hidden_size + 2 * c.hidden_size * c.hidden_size + c.hidden_size  # enorm, hnorm, eh_proj, norm
-    return {"total": total, "activated": activated, "activated_with_embedding": activated + embed, "mtp": mtp,
-            "total_with_mtp": total + mtp, "breakdown": breakdown}
+    return {
+        "total": total,
+        "activated": activated,
+        "activated_with_embedding": activated + embed,
+        "mtp": mtp,
+        "total_with_mtp": total + mtp,
+        "breakdown": breakdown,
+    }
 
 
-def kv_cache_bytes(config: ModelConfig, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16,
-                   attention: str = "mla", groups: int | None = None) -> int:
+def kv_cache_bytes(
+    config: ModelConfig,
+    seq_len: int,
+    batch: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+    attention: str = "mla",
+    groups: int | None = None,
+) -> int:
     """Bytes of KV cache for ``batch`` sequences of ``seq_len`` tokens over the main model's layers.
 
     ``"mla"`` caches c_KV and the shared RoPE key: (kv_lora_rank + qk_rope_head_dim) per token and layer
@@ -101,8 +115,9 @@ def kv_cache_bytes(config: ModelConfig, seq_len: int, batch: int = 1, dtype: tor
     else:
         if attention == "gqa":
             if not _is_int(groups) or groups <= 0 or c.num_attention_heads % groups:
-                raise ValueError(f"gqa needs groups dividing num_attention_heads={c.num_attention_heads}, "
-                                 f"got groups={groups!r}")
+                raise ValueError(
+                    f"gqa needs groups dividing num_attention_heads={c.num_attention_heads}, got groups={groups!r}"
+                )
             kv_heads = groups
         else:
             kv_heads = c.num_attention_heads if attention == "mha" else 1

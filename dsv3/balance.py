@@ -134,8 +134,9 @@ def batch_aux_loss(routings: Sequence[Routing], alpha: float) -> torch.Tensor:
     return alpha * total
 
 
-def balance_loss(routings: Sequence[Routing], mode: str, seq_aux_alpha: float = PAPER_SEQ_AUX_ALPHA,
-                 aux_alpha: float = 0.0) -> torch.Tensor:
+def balance_loss(
+    routings: Sequence[Routing], mode: str, seq_aux_alpha: float = PAPER_SEQ_AUX_ALPHA, aux_alpha: float = 0.0
+) -> torch.Tensor:
     """The balance term the trainer adds to the loss for a ``balance`` mode: ``"bias"`` the sequence-wise loss with
     ``seq_aux_alpha`` (the bias itself moves outside the gradient), ``"aux"`` the batch-wise auxiliary loss with
     ``aux_alpha``, ``"none"`` zero."""
@@ -159,6 +160,9 @@ def routing_metrics(routings: Sequence[Routing], n_group: int) -> dict:
     """Per-layer statistics of one forward pass (JSON-serializable): loads, MaxVio, mean groups per token and the
     dropped fraction (nonzero only with a capacity factor)."""
     loads = expert_loads(routings)  # (L, N_r)
-    return {"loads": loads.tolist(), "max_vio_layers": max_vio(loads).tolist(),
-            "groups_per_token": mean_groups_per_token(routings, n_group).tolist(),
-            "dropped": [float(r.dropped) for r in routings]}
+    return {
+        "loads": loads.tolist(),
+        "max_vio_layers": max_vio(loads).tolist(),
+        "groups_per_token": mean_groups_per_token(routings, n_group).tolist(),
+        "dropped": [float(r.dropped) for r in routings],
+    }

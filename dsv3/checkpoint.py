@@ -28,8 +28,10 @@ EXPERT_PARAM = re.compile(r"^(layers|mtp)\.(\d+)\.mlp\.experts\.(gate_proj|up_pr
 # released copies under each MTP layer of tensors the model shares with the main model
 MTP_SHARED = {"embed_tokens.weight": "embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
 # weights the release keeps in high precision when the rest is FP8
-NEVER_FP8 = re.compile(r"(embed_tokens|lm_head|shared_head\.head|norm|layernorm|mlp\.gate\.weight|"
-                       r"e_score_correction_bias|eh_proj)")
+NEVER_FP8 = re.compile(
+    r"(embed_tokens|lm_head|shared_head\.head|norm|layernorm|mlp\.gate\.weight|"
+    r"e_score_correction_bias|eh_proj)"
+)
 
 
 class CheckpointError(ValueError):
@@ -86,7 +88,7 @@ def our_name(hf_name: str, config: ModelConfig) -> tuple[str, int | None] | None
             return f"{prefix}.mlp.experts.{e.group(2)}", int(e.group(1))
         return f"{prefix}.{rest}", None
     if hf_name.startswith("model."):
-        return hf_name[len("model."):], None
+        return hf_name[len("model.") :], None
     return hf_name, None
 
 
@@ -98,15 +100,19 @@ def _fp8_ops():
 
 
 def hf_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (released name, tensor) for every tensor of ``model``, experts split, MTP copies of shared tensors added."""
+    """Yield (released name, tensor) for every tensor of ``model``: experts split, MTP copies of shared tensors
+    added."""
     config: ModelConfig = model.config
     L = config.num_hidden_layers
     state = model.state_dict()
     for name, t in state.items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # the embedding itself (transformers writes no lm_head for tied embeddings either)
-        if dtype is not None and t.is_floating_point() and not name.endswith(("gate.weight",
-                                                                                "e_score_correction_bias")):
+        if (
+            dtype is not None
+            and t.is_floating_point()
+            and not name.endswith(("gate.weight", "e_score_correction_bias"))
+        ):
             t = t.to(dtype)
         names = hf_names(name, config, t.shape[0] if EXPERT_PARAM.match(name) else None)
         if len(names) == 1:
@@ -125,8 +131,13 @@ def _is_model_file(name: str) -> bool:
     return name == "config.json" or name == INDEX_NAME or (name.startswith("model") and name.endswith(".safetensors"))
 
 
-def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: int | None = None,
-                    fp8: bool = False, dtype: torch.dtype | None = None) -> Path:
+def save_pretrained(
+    model: torch.nn.Module,
+    path: str | Path,
+    max_shard_bytes: int | None = None,
+    fp8: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write ``model`` in the released layout: config.json + model.safetensors, or shards of at most
     ``max_shard_bytes`` with an index. ``fp8=True`` stores the projection weights as e4m3 with 128x128 block scales
     (``weight_scale_inv``), like the release.
@@ -140,18 +151,22 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: i
     if not isinstance(getattr(model, "config", None), ModelConfig):
         raise ValueError(f"save_pretrained needs a dsv3.DeepSeekV3 model (with a .config), got {type(model).__name__}")
     _check_dtype(dtype, "save_pretrained: dtype")
-    if max_shard_bytes is not None and (isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int)
-                                        or max_shard_bytes <= 0):
-        raise ValueError(f"save_pretrained: max_shard_bytes must be a positive integer (bytes) or None, got "
-                         f"{max_shard_bytes!r}")
+    if max_shard_bytes is not None and (
+        isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0
+    ):
+        raise ValueError(
+            f"save_pretrained: max_shard_bytes must be a positive integer (bytes) or None, got {max_shard_bytes!r}"
+        )
     config: ModelConfig = model.config
     tensors: dict[str, torch.Tensor] = {}
     for name, t in hf_state_dict(model, dtype):
         t = t.detach().cpu()
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise CheckpointError(f"{path}: tensor {name} holds {bad} non-finite values (NaN or Inf); refusing to "
-                                  f"save a model that cannot be loaded back")
+            raise CheckpointError(
+                f"{path}: tensor {name} holds {bad} non-finite values (NaN or Inf); refusing to "
+                f"save a model that cannot be loaded back"
+            )
         if fp8 and t.dim() == 2 and name.endswith(".weight") and not NEVER_FP8.search(name):
             q, scale_inv = _fp8_ops().weight_quant(t.float(), FP8_BLOCK)
             tensors[name] = q
@@ -161,8 +176,12 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: i
     shards = _split_shards(tensors, max_shard_bytes)
     out_config = config.to_hf()
     if fp8:
-        out_config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                             "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+        out_config["quantization_config"] = {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+        }
     else:
         out_config.pop("quantization_config", None)
     if dtype is not None:
@@ -180,9 +199,12 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: i
                 atomic_save_file(shard, tmp / fname, metadata)
                 weight_map.update({k: fname for k in shard})
             total = sum(t.numel() * t.element_size() for t in tensors.values())
-            atomic_write_text(tmp / INDEX_NAME, json.dumps({"metadata": {"total_size": total},
-                                                            "weight_map": dict(sorted(weight_map.items()))},
-                                                           indent=2))
+            atomic_write_text(
+                tmp / INDEX_NAME,
+                json.dumps(
+                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2
+                ),
+            )
         atomic_write_text(tmp / "config.json", json.dumps(out_config, indent=2) + "\n")
     return path
 
@@ -220,8 +242,10 @@ def checkpoint_files(path: str | Path) -> tuple[list[Path], dict[str, str] | Non
             raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name -> file name")
         for key, fname in weight_map.items():
             if not isinstance(fname, str) or not fname or Path(fname).name != fname or fname in (".", ".."):
-                raise CheckpointError(f"{index}: tensor {key} is mapped to {fname!r}, which is not a file name inside "
-                                      f"the checkpoint directory")
+                raise CheckpointError(
+                    f"{index}: tensor {key} is mapped to {fname!r}, which is not a file name inside "
+                    f"the checkpoint directory"
+                )
         files = sorted({path / f for f in weight_map.values()})
         for f in files:
             if not f.is_file():
@@ -231,7 +255,9 @@ def checkpoint_files(path: str | Path) -> tuple[list[Path], dict[str, str] | Non
     if single.is_file():
         return [single], None
     pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-    hint = f" (found {', '.join(pickles)}: pickle files are never loaded, convert them to safetensors)" if pickles else ""
+    hint = (
+        f" (found {', '.join(pickles)}: pickle files are never loaded, convert them to safetensors)" if pickles else ""
+    )
     raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
 
 
@@ -254,15 +280,19 @@ def _read_tensor(f, file: Path, key: str, keys: set[str]) -> torch.Tensor:
     scale_key = key + "_scale_inv"
     if scale_key in keys:
         if tensor.dtype not in FP8_WEIGHT_DTYPES:
-            raise CheckpointError(f"{file}: tensor {key} has a {scale_key} but dtype {tensor.dtype}; block scales are "
-                                  f"only defined for FP8 weights ({', '.join(str(d) for d in FP8_WEIGHT_DTYPES)})")
+            raise CheckpointError(
+                f"{file}: tensor {key} has a {scale_key} but dtype {tensor.dtype}; block scales are "
+                f"only defined for FP8 weights ({', '.join(str(d) for d in FP8_WEIGHT_DTYPES)})"
+            )
         scale = f.get_tensor(scale_key)
         if not scale.is_floating_point():
             raise CheckpointError(f"{file}: {scale_key} has dtype {scale.dtype}, expected a float scale")
         _check_finite(scale, file, scale_key)
         if not bool((scale > 0).all()):
-            raise CheckpointError(f"{file}: {scale_key} holds {int((scale <= 0).sum())} scales <= 0; block scales "
-                                  f"are positive (a zero scale erases its block, a negative one flips its sign)")
+            raise CheckpointError(
+                f"{file}: {scale_key} holds {int((scale <= 0).sum())} scales <= 0; block scales "
+                f"are positive (a zero scale erases its block, a negative one flips its sign)"
+            )
         tensor = _dequant(tensor, scale, file, key)
     elif tensor.dtype in FP8_WEIGHT_DTYPES:
         raise CheckpointError(f"{file}: FP8 tensor {key} has no {scale_key} in the same file")
@@ -270,8 +300,13 @@ def _read_tensor(f, file: Path, key: str, keys: set[str]) -> torch.Tensor:
     return tensor
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None, strict: bool = True, keep_fp8: bool = False):
+def load_pretrained(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    strict: bool = True,
+    keep_fp8: bool = False,
+):
     """A ``DeepSeekV3`` from a directory in the released layout (FP8 weights are dequantized on load, unless
     ``keep_fp8=True``: then the e4m3 weights and their ``weight_scale_inv`` stay as they are, in ``dsv3.fp8``
     modules that run ``act_quant`` + ``fp8_gemm``; inference only, and never ``.to(dtype)`` such a model).
@@ -293,9 +328,12 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     config = ModelConfig.from_hf(path)
     files, weight_map = checkpoint_files(path)
     if config.num_nextn_predict_layers and not _holds_mtp(files, weight_map, config):
-        warnings.warn(f"{path}: config.json declares {config.num_nextn_predict_layers} MTP module(s) "
-                      f"(num_nextn_predict_layers) but the checkpoint holds no MTP tensors (as transformers' "
-                      f"save_pretrained writes it); loading the main model without MTP", stacklevel=2)
+        warnings.warn(
+            f"{path}: config.json declares {config.num_nextn_predict_layers} MTP module(s) "
+            f"(num_nextn_predict_layers) but the checkpoint holds no MTP tensors (as transformers' "
+            f"save_pretrained writes it); loading the main model without MTP",
+            stacklevel=2,
+        )
         config = config.replace(num_nextn_predict_layers=0)
     dtype = dtype or getattr(torch, config.torch_dtype)
     with torch.device("meta"):
@@ -329,8 +367,9 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     raise CheckpointError(f"{INDEX_NAME} maps tensor {absent[0]} to {file}, which does not hold it")
             orphans = sorted(k for k in keys if k.endswith("_scale_inv") and k[: -len("_scale_inv")] not in keys)
             if orphans and strict:
-                raise CheckpointError(f"{file}: scale {orphans[0]} has no weight "
-                                      f"{orphans[0][: -len('_scale_inv')]} in the same file")
+                raise CheckpointError(
+                    f"{file}: scale {orphans[0]} has no weight {orphans[0][: -len('_scale_inv')]} in the same file"
+                )
             for key in sorted(keys):
                 if key.endswith("_scale_inv"):
                     continue
@@ -344,21 +383,26 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     continue
                 if name not in params:
                     if strict:
-                        raise CheckpointError(f"{file}: unexpected tensor {key} (the config has "
-                                              f"{config.num_hidden_layers} layers, "
-                                              f"{config.num_nextn_predict_layers} MTP modules, "
-                                              f"{config.n_routed_experts} routed experts)")
+                        raise CheckpointError(
+                            f"{file}: unexpected tensor {key} (the config has "
+                            f"{config.num_hidden_layers} layers, "
+                            f"{config.num_nextn_predict_layers} MTP modules, "
+                            f"{config.n_routed_experts} routed experts)"
+                        )
                     continue
                 dest = params[name]
                 if expert is not None:
                     if expert >= dest.shape[0]:
-                        raise CheckpointError(f"{file}: unexpected tensor {key} (expert {expert} of "
-                                              f"n_routed_experts={config.n_routed_experts})")
+                        raise CheckpointError(
+                            f"{file}: unexpected tensor {key} (expert {expert} of "
+                            f"n_routed_experts={config.n_routed_experts})"
+                        )
                     dest = dest[expert]
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != tuple(dest.shape):
-                    raise CheckpointError(f"{file}: tensor {key} has shape {shape}, the config "
-                                          f"expects {tuple(dest.shape)}")
+                    raise CheckpointError(
+                        f"{file}: tensor {key} has shape {shape}, the config expects {tuple(dest.shape)}"
+                    )
                 tensor = _read_tensor(f, file, key, keys)  # checked (and dequantized) as always
                 if dest.dtype == torch.float8_e4m3fn:  # keep_fp8: the e4m3 bits and their scale go in as they are
                     scale_dest = params[name + "_scale_inv"]
@@ -367,13 +411,17 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     filled[name + "_scale_inv"].add(expert)
                     tensor = f.get_tensor(key)
                 if dest.is_floating_point() and not tensor.is_floating_point():
-                    raise CheckpointError(f"{file}: tensor {key} has dtype {tensor.dtype}; a floating-point weight "
-                                          f"is expected (converting it would change its values)")
+                    raise CheckpointError(
+                        f"{file}: tensor {key} has dtype {tensor.dtype}; a floating-point weight "
+                        f"is expected (converting it would change its values)"
+                    )
                 with torch.no_grad():
                     dest.copy_(tensor)
                 if dest.dtype != tensor.dtype and dest.is_floating_point() and not bool(torch.isfinite(dest).all()):
-                    raise CheckpointError(f"{file}: tensor {key} holds values too large for {dest.dtype} (they "
-                                          f"overflow to Inf); load it with a wider dtype= such as torch.float32")
+                    raise CheckpointError(
+                        f"{file}: tensor {key} holds values too large for {dest.dtype} (they "
+                        f"overflow to Inf); load it with a wider dtype= such as torch.float32"
+                    )
                 filled[name].add(expert)
     for name, got in filled.items():
         need = set(range(params[name].shape[0])) if EXPERT_PARAM.match(name.removesuffix("_scale_inv")) else {None}
@@ -387,11 +435,15 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     for file, key, tensor in shared_copies:
         ours = "embed_tokens.weight" if key.endswith("embed_tokens.weight") else "lm_head.weight"
         if tuple(tensor.shape) != tuple(params[ours].shape):
-            raise CheckpointError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}, expected "
-                                  f"{tuple(params[ours].shape)} (a copy of the shared {ours})")
+            raise CheckpointError(
+                f"{file}: tensor {key} has shape {tuple(tensor.shape)}, expected "
+                f"{tuple(params[ours].shape)} (a copy of the shared {ours})"
+            )
         if key == "lm_head.weight" and not torch.equal(tensor.to(params[ours].dtype), params[ours].detach()):
-            raise CheckpointError(f"{file}: config.json ties the word embeddings (tie_word_embeddings=true), but "
-                                  f"tensor lm_head.weight differs from model.embed_tokens.weight")
+            raise CheckpointError(
+                f"{file}: config.json ties the word embeddings (tie_word_embeddings=true), but "
+                f"tensor lm_head.weight differs from model.embed_tokens.weight"
+            )
     return model.eval()
 
 
@@ -422,10 +474,13 @@ def _check_device(device) -> torch.device:
         raise ValueError(f"load_pretrained: device {device!r} is not a device (cpu, cuda, cuda:N)") from None
     if dev.type == "meta":
         raise ValueError("load_pretrained: device 'meta' holds no weights; load onto cpu or cuda")
-    if dev.type == "cuda" and (not torch.cuda.is_available()
-                               or (dev.index is not None and dev.index >= torch.cuda.device_count())):
-        raise ValueError(f"load_pretrained: device {device!r} is not available (CUDA devices here: "
-                         f"{torch.cuda.device_count() if torch.cuda.is_available() else 0})")
+    if dev.type == "cuda" and (
+        not torch.cuda.is_available() or (dev.index is not None and dev.index >= torch.cuda.device_count())
+    ):
+        raise ValueError(
+            f"load_pretrained: device {device!r} is not available (CUDA devices here: "
+            f"{torch.cuda.device_count() if torch.cuda.is_available() else 0})"
+        )
     return dev
 
 
@@ -433,8 +488,7 @@ def _holds_mtp(files: list[Path], weight_map: dict[str, str] | None, config: Mod
     """Whether any tensor of the checkpoint belongs to an MTP module (a layer index >= num_hidden_layers)."""
     from safetensors import safe_open
 
-    prefixes = tuple(f"model.layers.{config.num_hidden_layers + k}."
-                     for k in range(config.num_nextn_predict_layers))
+    prefixes = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in range(config.num_nextn_predict_layers))
     if weight_map is not None:
         return any(k.startswith(prefixes) for k in weight_map)
     for file in files:
@@ -453,6 +507,8 @@ def _dequant(w: torch.Tensor, scale_inv: torch.Tensor, file: Path, key: str) -> 
     rows, cols = w.shape
     expect = (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
     if tuple(scale_inv.shape) != expect:
-        raise CheckpointError(f"{file}: {key}_scale_inv has shape {tuple(scale_inv.shape)}, expected {expect} "
-                              f"for a {rows}x{cols} weight in {FP8_BLOCK}x{FP8_BLOCK} blocks")
+        raise CheckpointError(
+            f"{file}: {key}_scale_inv has shape {tuple(scale_inv.shape)}, expected {expect} "
+            f"for a {rows}x{cols} weight in {FP8_BLOCK}x{FP8_BLOCK} blocks"
+        )
     return _fp8_ops().weight_dequant(w, scale_inv, FP8_BLOCK, dtype=torch.float32)

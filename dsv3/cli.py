@@ -25,8 +25,13 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (not action.option_strings or "default" in text or action.default is None or action.default is False
-                or action.default == argparse.SUPPRESS):
+        if (
+            not action.option_strings
+            or "default" in text
+            or action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+        ):
             return text
         return f"{text} (default: %(default)s)".strip()
 
@@ -146,15 +151,24 @@ def info_tables(config, seq_lens=(1, 4096, 32768, 131072)) -> str:
     fl = flops_per_token(config, seq_len=4096)
     lines.append(f"  forward FLOPs per token at 4K context: {_fmt_count(fl['total'])}")
     groups = 8 if config.num_attention_heads % 8 == 0 else config.num_attention_heads // 2 or 1
-    lines += ["", "KV cache (bf16, batch 1, main-model layers)",
-              f"  {'tokens':>8}" + "".join(f"{a:>14}" for a in ("MLA", "MHA", f"GQA-{groups}", "MQA"))]
+    lines += [
+        "",
+        "KV cache (bf16, batch 1, main-model layers)",
+        f"  {'tokens':>8}" + "".join(f"{a:>14}" for a in ("MLA", "MHA", f"GQA-{groups}", "MQA")),
+    ]
     for T in seq_lens:
-        row = [kv_cache_bytes(config, T, attention="mla"), kv_cache_bytes(config, T, attention="mha"),
-               kv_cache_bytes(config, T, attention="gqa", groups=groups), kv_cache_bytes(config, T, attention="mqa")]
+        row = [
+            kv_cache_bytes(config, T, attention="mla"),
+            kv_cache_bytes(config, T, attention="mha"),
+            kv_cache_bytes(config, T, attention="gqa", groups=groups),
+            kv_cache_bytes(config, T, attention="mqa"),
+        ]
         lines.append(f"  {T:>8}" + "".join(f"{_fmt_bytes(b):>14}" for b in row))
     per_token = kv_cache_bytes(config, 1, dtype=torch.bfloat16)
-    lines.append(f"  MLA: {per_token:,} bytes per token "
-                 f"({config.kv_lora_rank} + {config.qk_rope_head_dim} values x {config.num_hidden_layers} layers x 2)")
+    lines.append(
+        f"  MLA: {per_token:,} bytes per token "
+        f"({config.kv_lora_rank} + {config.qk_rope_head_dim} values x {config.num_hidden_layers} layers x 2)"
+    )
     return "\n".join(lines)
 
 
@@ -184,41 +198,73 @@ def _add_train(sub) -> None:
     from . import balance as bal
     from .train import DTYPES, TrainConfig
 
-    p = sub.add_parser("train", help="train a model on the bundled corpus (resumable)",
-                       formatter_class=_Help,
-                       description="Train DeepSeek-V3 (tiny by default) with a progress bar; checkpoints go to --out "
-                                   "and --resume continues from the latest one. One run at a time per --out.")
-    p.add_argument("--config", default=None,
-                   help="tiny, deepseek_v3, or a config.json / checkpoint dir (default: tiny, or the resumed run's)")
+    p = sub.add_parser(
+        "train",
+        help="train a model on the bundled corpus (resumable)",
+        formatter_class=_Help,
+        description="Train DeepSeek-V3 (tiny by default) with a progress bar; checkpoints go to --out "
+        "and --resume continues from the latest one. One run at a time per --out.",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="tiny, deepseek_v3, or a config.json / checkpoint dir (default: tiny, or the resumed run's)",
+    )
     p.add_argument("--out", required=True, help="run directory for checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     d = TrainConfig()
-    flags = [("--steps", "steps", positive_int), ("--batch-size", "batch_size", positive_int),
-             ("--seq-len", "seq_len", positive_int), ("--grad-accum", "grad_accum", positive_int),
-             ("--lr", "lr", finite_float), ("--min-lr-ratio", "min_lr_ratio", finite_float),
-             ("--warmup-steps", "warmup_steps", non_negative_int), ("--weight-decay", "weight_decay", finite_float),
-             ("--grad-clip", "grad_clip", finite_float), ("--bias-update-speed", "bias_update_speed", finite_float),
-             ("--bias-update-until", "bias_update_until", finite_float),
-             ("--seq-aux-alpha", "seq_aux_alpha", finite_float), ("--aux-alpha", "aux_alpha", finite_float),
-             ("--mtp-weight", "mtp_weight", finite_float), ("--mtp-weight-final", "mtp_weight_final", finite_float),
-             ("--mtp-weight-switch", "mtp_weight_switch", finite_float),
-             ("--capacity-factor", "capacity_factor", finite_float), ("--eval-every", "eval_every", non_negative_int),
-             ("--eval-batches", "eval_batches", positive_int), ("--save-every", "save_every", non_negative_int),
-             ("--keep-checkpoints", "keep_checkpoints", positive_int), ("--seed", "seed", non_negative_int),
-             ("--data-dir", "data_dir", str), ("--device", "device", str)]
+    flags = [
+        ("--steps", "steps", positive_int),
+        ("--batch-size", "batch_size", positive_int),
+        ("--seq-len", "seq_len", positive_int),
+        ("--grad-accum", "grad_accum", positive_int),
+        ("--lr", "lr", finite_float),
+        ("--min-lr-ratio", "min_lr_ratio", finite_float),
+        ("--warmup-steps", "warmup_steps", non_negative_int),
+        ("--weight-decay", "weight_decay", finite_float),
+        ("--grad-clip", "grad_clip", finite_float),
+        ("--bias-update-speed", "bias_update_speed", finite_float),
+        ("--bias-update-until", "bias_update_until", finite_float),
+        ("--seq-aux-alpha", "seq_aux_alpha", finite_float),
+        ("--aux-alpha", "aux_alpha", finite_float),
+        ("--mtp-weight", "mtp_weight", finite_float),
+        ("--mtp-weight-final", "mtp_weight_final", finite_float),
+        ("--mtp-weight-switch", "mtp_weight_switch", finite_float),
+        ("--capacity-factor", "capacity_factor", finite_float),
+        ("--eval-every", "eval_every", non_negative_int),
+        ("--eval-batches", "eval_batches", positive_int),
+        ("--save-every", "save_every", non_negative_int),
+        ("--keep-checkpoints", "keep_checkpoints", positive_int),
+        ("--seed", "seed", non_negative_int),
+        ("--data-dir", "data_dir", str),
+        ("--device", "device", str),
+    ]
     for flag, name, typ in flags:
-        p.add_argument(flag, dest=name, type=typ, default=None,
-                       help=f"TrainConfig.{name} (default {getattr(d, name)!r}, or the resumed run's)")
-    p.add_argument("--gamma", dest="bias_update_speed", type=finite_float, default=None,
-                   help="alias of --bias-update-speed")
+        p.add_argument(
+            flag,
+            dest=name,
+            type=typ,
+            default=None,
+            help=f"TrainConfig.{name} (default {getattr(d, name)!r}, or the resumed run's)",
+        )
+    p.add_argument(
+        "--gamma", dest="bias_update_speed", type=finite_float, default=None, help="alias of --bias-update-speed"
+    )
     p.add_argument("--balance", choices=bal.BALANCE_MODES, default=None, help=f"default {d.balance!r}")
     p.add_argument("--dtype", choices=DTYPES, default=None, help=f"default {d.dtype!r}")
     p.add_argument("--fp8", action="store_true", default=None, help="the paper's FP8 recipe (Sec. 3.3)")
-    p.add_argument("--domains", default=None,
-                   help="comma-separated domains, optionally weighted: shakespeare=2,arithmetic=1,code=1 "
-                        f"(default {','.join(d.domains)})")
-    p.add_argument("--threads", type=thread_count, default=None,
-                   help=f"torch CPU threads (default: torch's choice, {torch.get_num_threads()} here)")
+    p.add_argument(
+        "--domains",
+        default=None,
+        help="comma-separated domains, optionally weighted: shakespeare=2,arithmetic=1,code=1 "
+        f"(default {','.join(d.domains)})",
+    )
+    p.add_argument(
+        "--threads",
+        type=thread_count,
+        default=None,
+        help=f"torch CPU threads (default: torch's choice, {torch.get_num_threads()} here)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -255,9 +301,11 @@ def _cmd_train(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     h = result.history[-1] if result.history else {}
-    print(f"steps {h.get('step', 0)}/{cfg.steps}  tokens {h.get('tokens', 0):,}  "
-          f"throughput {result.tokens_per_s:,.0f} tokens/s  loss {h.get('main_loss', float('nan')):.3f}  "
-          f"MaxVio {h.get('max_vio', float('nan')):.3f}")
+    print(
+        f"steps {h.get('step', 0)}/{cfg.steps}  tokens {h.get('tokens', 0):,}  "
+        f"throughput {result.tokens_per_s:,.0f} tokens/s  loss {h.get('main_loss', float('nan')):.3f}  "
+        f"MaxVio {h.get('max_vio', float('nan')):.3f}"
+    )
     if result.last("val_loss") is not None:
         print(f"validation: loss {result.last('val_loss'):.3f}  MaxVio (global) {result.last('val_max_vio'):.3f}")
     if result.checkpoint is not None:
@@ -271,15 +319,22 @@ def _add_decoding_flags(p, temperature: float) -> None:
     p.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=unit_interval, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--threads", type=thread_count, default=default_threads(),
-                   help="torch CPU threads (default: half the cores, at most 8: torch's default of every core "
-                        "slows decoding badly on a busy machine)")
+    p.add_argument(
+        "--threads",
+        type=thread_count,
+        default=default_threads(),
+        help="torch CPU threads (default: half the cores, at most 8: torch's default of every core "
+        "slows decoding badly on a busy machine)",
+    )
 
 
 def _add_sample(sub) -> None:
-    s = sub.add_parser("sample", help="sample text from a trained checkpoint",
-                       formatter_class=_Help,
-                       description="Greedy (--temperature 0) or sampled continuation of a prompt.")
+    s = sub.add_parser(
+        "sample",
+        help="sample text from a trained checkpoint",
+        formatter_class=_Help,
+        description="Greedy (--temperature 0) or sampled continuation of a prompt.",
+    )
     s.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or a model directory")
     s.add_argument("--prompt", default="\n", help="prompt text (bundled tokenizer; default: a newline)")
     s.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to generate")
@@ -306,17 +361,27 @@ def _cmd_sample(args) -> int:
     path, model = _load_for_decoding(args)
     tokenizer = load_tokenizer()
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{path}: the model's vocab_size={model.config.vocab_size} is smaller than the bundled "
-                         f"tokenizer's {tokenizer.vocab_size}")
+        raise ValueError(
+            f"{path}: the model's vocab_size={model.config.vocab_size} is smaller than the bundled "
+            f"tokenizer's {tokenizer.vocab_size}"
+        )
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("--prompt encodes to no tokens")
     room = model.config.max_position_embeddings - len(ids)
     if room <= 0:
-        raise ValueError(f"--prompt has {len(ids)} tokens, the model's context is "
-                         f"{model.config.max_position_embeddings}")
-    gen = generate(model, ids, min(args.max_new_tokens, room), temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed)
+        raise ValueError(
+            f"--prompt has {len(ids)} tokens, the model's context is {model.config.max_position_embeddings}"
+        )
+    gen = generate(
+        model,
+        ids,
+        min(args.max_new_tokens, room),
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     print(prompt + tokenizer.decode(gen.sequences()[0]))
     return 0
 
@@ -324,22 +389,35 @@ def _cmd_sample(args) -> int:
 def _add_generate(sub) -> None:
     from .layers.mla import CACHE_KINDS
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint (optionally speculative with MTP)",
-                       formatter_class=_Help,
-                       description="Stream tokens from a checkpoint in the released layout, then print the "
-                                   "generation stats.")
-    p.add_argument("--checkpoint", required=True,
-                   help="directory with config.json and model.safetensors, or a training run directory")
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a checkpoint (optionally speculative with MTP)",
+        formatter_class=_Help,
+        description="Stream tokens from a checkpoint in the released layout, then print the generation stats.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="directory with config.json and model.safetensors, or a training run directory",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (encoded with the bundled tokenizer)")
     src.add_argument("--prompt-ids", help="prompt as token ids separated by spaces or commas")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate")
     p.add_argument("--seed", type=non_negative_int, default=None, help="sampling seed (default: random)")
     p.add_argument("--speculative", action="store_true", help="draft with the MTP modules and verify")
-    p.add_argument("--num-draft", type=positive_int, default=1,
-                   help="tokens drafted per round (with --speculative; at most --max-new-tokens are drafted)")
-    p.add_argument("--cache", choices=CACHE_KINDS, default="latent",
-                   help="latent = absorbed MLA over c_KV + k^R; naive = decompressed K/V")
+    p.add_argument(
+        "--num-draft",
+        type=positive_int,
+        default=1,
+        help="tokens drafted per round (with --speculative; at most --max-new-tokens are drafted)",
+    )
+    p.add_argument(
+        "--cache",
+        choices=CACHE_KINDS,
+        default="latent",
+        help="latent = absorbed MLA over c_KV + k^R; naive = decompressed K/V",
+    )
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
     _add_decoding_flags(p, temperature=0.0)
     p.set_defaults(func=_cmd_generate)
@@ -374,15 +452,18 @@ def _cmd_generate(args) -> int:
         pass
     if prompt is not None:
         if tokenizer is None:
-            raise ValueError(f"the checkpoint's vocab_size={model.config.vocab_size} does not match the bundled "
-                             f"tokenizer; pass the prompt as --prompt-ids")
+            raise ValueError(
+                f"the checkpoint's vocab_size={model.config.vocab_size} does not match the bundled "
+                f"tokenizer; pass the prompt as --prompt-ids"
+            )
         ids = tokenizer.encode(prompt)
         if not ids:
             raise ValueError("--prompt encodes to no tokens")
     outside = [t for t in ids if t >= model.config.vocab_size]
     if outside:
-        raise ValueError(f"--prompt-ids holds token id {outside[0]}, outside the vocabulary "
-                         f"[0, {model.config.vocab_size})")
+        raise ValueError(
+            f"--prompt-ids holds token id {outside[0]}, outside the vocabulary [0, {model.config.vocab_size})"
+        )
 
     emitted: list[int] = []
     shown = [""]
@@ -394,7 +475,7 @@ def _cmd_generate(args) -> int:
         else:
             text = tokenizer.decode(emitted)
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(shown[0]):])
+                sys.stdout.write(text[len(shown[0]) :])
                 shown[0] = text
         sys.stdout.flush()
 
@@ -403,11 +484,22 @@ def _cmd_generate(args) -> int:
     else:
         sys.stdout.write(" ".join(str(t) for t in ids))
     stop = None if args.no_stop else [model.config.eos_token_id]
-    gen = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, stop_tokens=stop, cache_kind=args.cache,
-                   speculative=args.speculative, num_draft=args.num_draft, callback=stream)
+    gen = generate(
+        model,
+        ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_tokens=stop,
+        cache_kind=args.cache,
+        speculative=args.speculative,
+        num_draft=args.num_draft,
+        callback=stream,
+    )
     if tokenizer is not None and shown[0] != tokenizer.decode(emitted):
-        sys.stdout.write(tokenizer.decode(emitted)[len(shown[0]):])
+        sys.stdout.write(tokenizer.decode(emitted)[len(shown[0]) :])
     sys.stdout.write("\n")
     print(gen.stats)
     return 0
@@ -426,10 +518,12 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m dsv3", description="DeepSeek-V3 in PyTorch + Triton")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="parameter and KV-cache tables for a config",
-                          formatter_class=_Help)
-    info.add_argument("--config", default="deepseek_v3",
-                      help=f"a preset ({', '.join(PRESETS)}) or a config.json / checkpoint directory")
+    info = sub.add_parser("info", help="parameter and KV-cache tables for a config", formatter_class=_Help)
+    info.add_argument(
+        "--config",
+        default="deepseek_v3",
+        help=f"a preset ({', '.join(PRESETS)}) or a config.json / checkpoint directory",
+    )
     info.set_defaults(func=_cmd_info)
     _add_train(sub)
     _add_sample(sub)

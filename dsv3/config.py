@@ -17,22 +17,64 @@ from typing import Any
 from .atomic import atomic_write_text
 
 # Fields of the released config.json that carry bookkeeping, not architecture: written by to_hf, ignored by from_hf.
-_HF_ONLY = ("architectures", "auto_map", "model_type", "transformers_version", "dtype", "num_mtp_layers",
-            "output_router_logits", "qk_head_dim", "head_dim", "rope_parameters", "rope_theta",
-            "rope_scaling", "_name_or_path", "use_return_dict", "return_dict")
+_HF_ONLY = (
+    "architectures",
+    "auto_map",
+    "model_type",
+    "transformers_version",
+    "dtype",
+    "num_mtp_layers",
+    "output_router_logits",
+    "qk_head_dim",
+    "head_dim",
+    "rope_parameters",
+    "rope_theta",
+    "rope_scaling",
+    "_name_or_path",
+    "use_return_dict",
+    "return_dict",
+)
 # Fields a config.json must hold (the release's and transformers' both do): they fix every tensor's shape and the
 # routing. The rest default to the release's values.
-REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "n_shared_experts", "n_routed_experts", "kv_lora_rank", "q_lora_rank",
-                    "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "n_group", "topk_group",
-                    "num_experts_per_tok", "first_k_dense_replace")
+REQUIRED_HF_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "n_shared_experts",
+    "n_routed_experts",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "qk_nope_head_dim",
+    "n_group",
+    "topk_group",
+    "num_experts_per_tok",
+    "first_k_dense_replace",
+)
 # Float fields that must be finite numbers (NaN/Inf here would poison every forward silently)
-_FLOAT_FIELDS = ("routed_scaling_factor", "aux_loss_alpha", "initializer_range", "rms_norm_eps", "rope_theta",
-                 "attention_dropout")
+_FLOAT_FIELDS = (
+    "routed_scaling_factor",
+    "aux_loss_alpha",
+    "initializer_range",
+    "rms_norm_eps",
+    "rope_theta",
+    "attention_dropout",
+)
 _YARN_FLOATS = ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 # Keys a rope_scaling / rope_parameters dict may hold (the release's YaRN keys and transformers' spellings)
-_ROPE_KEYS = ("type", "rope_type", "rope_theta", "original_max_position_embeddings", "attention_factor",
-              "truncate", "partial_rotary_factor") + _YARN_FLOATS
+_ROPE_KEYS = (
+    "type",
+    "rope_type",
+    "rope_theta",
+    "original_max_position_embeddings",
+    "attention_factor",
+    "truncate",
+    "partial_rotary_factor",
+) + _YARN_FLOATS
 # Weight dtypes a checkpoint's torch_dtype may name (the model computes in floating point)
 TORCH_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -78,9 +120,17 @@ class ModelConfig:
     pretraining_tp: int = 1
     tie_word_embeddings: bool = False
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = field(default_factory=lambda: {
-        "type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
-        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
+    rope_scaling: dict | None = field(
+        default_factory=lambda: {
+            "type": "yarn",
+            "factor": 40.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        }
+    )
     rope_interleave: bool = True  # released weights rotate interleaved pairs (x0, x1), (x2, x3), ...
     attention_bias: bool = False
     attention_dropout: float = 0.0
@@ -90,34 +140,64 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
-            raise ValueError(f"ModelConfig.rope_scaling must be an object of YaRN settings or null, got "
-                             f"{self.rope_scaling!r}")
+            raise ValueError(
+                f"ModelConfig.rope_scaling must be an object of YaRN settings or null, got {self.rope_scaling!r}"
+            )
         if self.rope_scaling is not None:
             self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
         self.validate()
 
     # ---------------------------------------------------------------- presets
     @classmethod
-    def deepseek_v3(cls) -> "ModelConfig":
+    def deepseek_v3(cls) -> ModelConfig:
         """The released DeepSeek-V3 (671B) configuration, FP8 block-quantized as published."""
-        return cls(quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                        "weight_block_size": [128, 128]})
+        return cls(
+            quantization_config={
+                "activation_scheme": "dynamic",
+                "fmt": "e4m3",
+                "quant_method": "fp8",
+                "weight_block_size": [128, 128],
+            }
+        )
 
     @classmethod
-    def tiny(cls, **overrides: Any) -> "ModelConfig":
+    def tiny(cls, **overrides: Any) -> ModelConfig:
         """The book's CPU teaching size: ~7M parameters, 1 dense + 2 MoE layers, 16 experts in 4 groups, 1 MTP module.
 
         Every V3 mechanism is present (MLA with both low-rank paths, decoupled RoPE with YaRN, shared + routed experts,
         group-limited routing, MTP); only the widths shrink. ``vocab_size`` matches the bundled tokenizer.
         """
         base = dict(
-            vocab_size=2048, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-            num_hidden_layers=3, num_nextn_predict_layers=1, num_attention_heads=4, num_key_value_heads=4,
-            n_shared_experts=1, n_routed_experts=16, routed_scaling_factor=2.5, kv_lora_rank=64, q_lora_rank=96,
-            qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32, n_group=4, topk_group=2,
-            num_experts_per_tok=4, first_k_dense_replace=1, max_position_embeddings=1024,
-            rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
-                          "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+            vocab_size=2048,
+            hidden_size=256,
+            intermediate_size=768,
+            moe_intermediate_size=128,
+            num_hidden_layers=3,
+            num_nextn_predict_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            n_shared_experts=1,
+            n_routed_experts=16,
+            routed_scaling_factor=2.5,
+            kv_lora_rank=64,
+            q_lora_rank=96,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            qk_nope_head_dim=32,
+            n_group=4,
+            topk_group=2,
+            num_experts_per_tok=4,
+            first_k_dense_replace=1,
+            max_position_embeddings=1024,
+            rope_scaling={
+                "type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 256,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
             torch_dtype="float32",
         )
         base.update(overrides)
@@ -139,13 +219,16 @@ class ModelConfig:
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether block ``layer_idx`` uses DeepSeekMoE (MTP blocks, indexed after the main ones, are MoE too)."""
-        return (self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
-                and layer_idx % self.moe_layer_freq == 0)
+        return (
+            self.n_routed_experts > 0
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
 
     @property
     def softmax_scale(self) -> float:
         """Attention scale 1/sqrt(d_h + d_h^R), times YaRN's mscale squared (folded into the softmax, Sec. 4.3)."""
-        scale = self.qk_head_dim ** -0.5
+        scale = self.qk_head_dim**-0.5
         rs = self.rope_scaling
         if rs is not None and rs.get("mscale_all_dim"):
             m = yarn_mscale(rs["factor"], rs["mscale_all_dim"])
@@ -155,29 +238,46 @@ class ModelConfig:
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field whose value cannot describe a DeepSeek-V3 model."""
-        positive = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim",
-                    "max_position_embeddings"]
+        positive = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "kv_lora_rank",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
+        ]
         if self.n_routed_experts > 0:
             positive += ["moe_intermediate_size", "num_experts_per_tok", "n_group", "topk_group", "moe_layer_freq"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("n_routed_experts", "n_shared_experts", "num_nextn_predict_layers", "first_k_dense_replace",
-                     "qk_nope_head_dim"):
+        for name in (
+            "n_routed_experts",
+            "n_shared_experts",
+            "num_nextn_predict_layers",
+            "first_k_dense_replace",
+            "qk_nope_head_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
             raise ValueError(f"ModelConfig.q_lora_rank must be a positive integer or None, got {self.q_lora_rank!r}")
         if self.num_key_value_heads != self.num_attention_heads:
-            raise ValueError(f"ModelConfig.num_key_value_heads={self.num_key_value_heads} must equal "
-                             f"num_attention_heads={self.num_attention_heads} (MLA decompresses a key and value per "
-                             f"head; transformers groups heads by their ratio)")
+            raise ValueError(
+                f"ModelConfig.num_key_value_heads={self.num_key_value_heads} must equal "
+                f"num_attention_heads={self.num_attention_heads} (MLA decompresses a key and value per "
+                f"head; transformers groups heads by their ratio)"
+            )
         if self.qk_rope_head_dim % 2:
-            raise ValueError(f"ModelConfig.qk_rope_head_dim must be even (RoPE rotates pairs), "
-                             f"got {self.qk_rope_head_dim}")
+            raise ValueError(
+                f"ModelConfig.qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}"
+            )
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -197,43 +297,62 @@ class ModelConfig:
             if value is None and name != "eos_token_id":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                raise ValueError(f"ModelConfig.{name}={value!r} is not a token id of the vocabulary "
-                                 f"[0, vocab_size={self.vocab_size})")
-        for name in ("norm_topk_prob", "tie_word_embeddings", "rope_interleave", "attention_bias", "seq_aux",
-                     "use_cache"):
+                raise ValueError(
+                    f"ModelConfig.{name}={value!r} is not a token id of the vocabulary "
+                    f"[0, vocab_size={self.vocab_size})"
+                )
+        for name in (
+            "norm_topk_prob",
+            "tie_word_embeddings",
+            "rope_interleave",
+            "attention_bias",
+            "seq_aux",
+            "use_cache",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.hidden_act != "silu":
             raise ValueError(f"ModelConfig.hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
         if self.topk_method != "noaux_tc":
-            raise ValueError(f"ModelConfig.topk_method must be 'noaux_tc' (DeepSeek-V3's bias-corrected group-limited "
-                             f"routing), got {self.topk_method!r}")
+            raise ValueError(
+                f"ModelConfig.topk_method must be 'noaux_tc' (DeepSeek-V3's bias-corrected group-limited "
+                f"routing), got {self.topk_method!r}"
+            )
         if self.torch_dtype not in TORCH_DTYPES:
             raise ValueError(f"ModelConfig.torch_dtype must be one of {TORCH_DTYPES}, got {self.torch_dtype!r}")
         _check_quantization(self.quantization_config)
         if self.scoring_func != "sigmoid":
             raise ValueError(f"ModelConfig.scoring_func must be 'sigmoid' (DeepSeek-V3), got {self.scoring_func!r}")
         if self.first_k_dense_replace > self.num_hidden_layers:
-            raise ValueError(f"ModelConfig.first_k_dense_replace={self.first_k_dense_replace} exceeds "
-                             f"num_hidden_layers={self.num_hidden_layers}")
+            raise ValueError(
+                f"ModelConfig.first_k_dense_replace={self.first_k_dense_replace} exceeds "
+                f"num_hidden_layers={self.num_hidden_layers}"
+            )
         if self.n_routed_experts > 0:
             if self.num_experts_per_tok > self.n_routed_experts:
-                raise ValueError(f"ModelConfig.num_experts_per_tok={self.num_experts_per_tok} exceeds "
-                                 f"n_routed_experts={self.n_routed_experts}")
+                raise ValueError(
+                    f"ModelConfig.num_experts_per_tok={self.num_experts_per_tok} exceeds "
+                    f"n_routed_experts={self.n_routed_experts}"
+                )
             if self.n_routed_experts % self.n_group:
-                raise ValueError(f"ModelConfig.n_routed_experts={self.n_routed_experts} is not divisible by "
-                                 f"n_group={self.n_group}")
+                raise ValueError(
+                    f"ModelConfig.n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}"
+                )
             if self.topk_group > self.n_group:
                 raise ValueError(f"ModelConfig.topk_group={self.topk_group} exceeds n_group={self.n_group}")
             if self.num_experts_per_tok % self.topk_group:
-                raise ValueError(f"ModelConfig.num_experts_per_tok={self.num_experts_per_tok} is not divisible by "
-                                 f"topk_group={self.topk_group} (a group's score is the sum of its top "
-                                 f"num_experts_per_tok/topk_group affinities)")
+                raise ValueError(
+                    f"ModelConfig.num_experts_per_tok={self.num_experts_per_tok} is not divisible by "
+                    f"topk_group={self.topk_group} (a group's score is the sum of its top "
+                    f"num_experts_per_tok/topk_group affinities)"
+                )
             if self.topk_group * self.experts_per_group < self.num_experts_per_tok:  # a group holds < K_r/M experts
-                raise ValueError(f"ModelConfig: topk_group={self.topk_group} groups of {self.experts_per_group} experts "
-                                 f"hold fewer than num_experts_per_tok={self.num_experts_per_tok} experts (each group "
-                                 f"must hold at least num_experts_per_tok/topk_group = "
-                                 f"{self.num_experts_per_tok // self.topk_group})")
+                raise ValueError(
+                    f"ModelConfig: topk_group={self.topk_group} groups of {self.experts_per_group} experts "
+                    f"hold fewer than num_experts_per_tok={self.num_experts_per_tok} experts (each group "
+                    f"must hold at least num_experts_per_tok/topk_group = "
+                    f"{self.num_experts_per_tok // self.topk_group})"
+                )
         if self.routed_scaling_factor <= 0:
             raise ValueError(f"ModelConfig.routed_scaling_factor must be > 0, got {self.routed_scaling_factor!r}")
         rs = self.rope_scaling
@@ -241,8 +360,10 @@ class ModelConfig:
             typos = {k: difflib.get_close_matches(k, _ROPE_KEYS, n=1, cutoff=0.8) for k in rs if k not in _ROPE_KEYS}
             typos = {k: m[0] for k, m in typos.items() if m}
             if typos:
-                raise ValueError("ModelConfig.rope_scaling has unknown keys " + ", ".join(
-                    f"{k!r} (did you mean {v!r}?)" for k, v in typos.items()))
+                raise ValueError(
+                    "ModelConfig.rope_scaling has unknown keys "
+                    + ", ".join(f"{k!r} (did you mean {v!r}?)" for k, v in typos.items())
+                )
             if rs["type"] not in ("yarn", "default"):
                 raise ValueError(f"ModelConfig.rope_scaling.type must be 'yarn' (or 'default'), got {rs['type']!r}")
             if rs["type"] == "yarn":
@@ -254,19 +375,21 @@ class ModelConfig:
                     if rs[key] <= 0:
                         raise ValueError(f"ModelConfig.rope_scaling.{key} must be > 0, got {rs[key]!r}")
                 if not float(rs["original_max_position_embeddings"]).is_integer():
-                    raise ValueError(f"ModelConfig.rope_scaling.original_max_position_embeddings must be an integer, "
-                                     f"got {rs['original_max_position_embeddings']!r}")
+                    raise ValueError(
+                        f"ModelConfig.rope_scaling.original_max_position_embeddings must be an integer, "
+                        f"got {rs['original_max_position_embeddings']!r}"
+                    )
                 for key in ("mscale", "mscale_all_dim"):
                     if rs[key] < 0:
                         raise ValueError(f"ModelConfig.rope_scaling.{key} must be >= 0, got {rs[key]!r}")
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
     # ---------------------------------------------------------------- Hugging Face I/O
     @classmethod
-    def from_hf(cls, path_or_dict: str | Path | dict) -> "ModelConfig":
+    def from_hf(cls, path_or_dict: str | Path | dict) -> ModelConfig:
         """Read a released or transformers-written ``config.json`` (file, directory or dict).
 
         Both spellings of the RoPE settings are accepted: the release's ``rope_theta`` + ``rope_scaling`` and
@@ -290,8 +413,10 @@ class ModelConfig:
                 raise ValueError(f"{p}: key {e.args[0]!r} appears more than once") from None
             where = str(p)
         if not isinstance(raw, dict):
-            raise ValueError(f"{where}: a config must be a JSON object of field: value, got "
-                             f"{type(raw).__name__ if raw is not None else 'null'}")
+            raise ValueError(
+                f"{where}: a config must be a JSON object of field: value, got "
+                f"{type(raw).__name__ if raw is not None else 'null'}"
+            )
         if raw.get("model_type", "deepseek_v3") not in ("deepseek_v3",):
             raise ValueError(f"{where}: model_type is {raw.get('model_type')!r}, expected 'deepseek_v3'")
         _check_keys(raw, where, {f.name for f in dataclasses.fields(cls)})
@@ -302,11 +427,15 @@ class ModelConfig:
         if isinstance(kwargs.get("eos_token_id"), list):  # transformers allows several; we stop at the first
             eos = kwargs["eos_token_id"]
             vocab = raw.get("vocab_size")
-            bad = [t for t in eos if isinstance(t, bool) or not isinstance(t, int) or not isinstance(vocab, int)
-                   or not 0 <= t < vocab]
+            bad = [
+                t
+                for t in eos
+                if isinstance(t, bool) or not isinstance(t, int) or not isinstance(vocab, int) or not 0 <= t < vocab
+            ]
             if not eos or bad:
-                raise ValueError(f"{where}: eos_token_id={eos!r} must list token ids of the vocabulary "
-                                 f"[0, vocab_size={vocab})")
+                raise ValueError(
+                    f"{where}: eos_token_id={eos!r} must list token ids of the vocabulary [0, vocab_size={vocab})"
+                )
             kwargs["eos_token_id"] = eos[0]
         if "dtype" in raw and "torch_dtype" not in raw:
             kwargs["torch_dtype"] = str(raw["dtype"]).replace("torch.", "")
@@ -390,8 +519,10 @@ def _check_quantization(q: Any) -> None:
     if not isinstance(q, dict):
         raise ValueError(f"ModelConfig.quantization_config must be an object or null, got {q!r}")
     if q.get("quant_method") != "fp8":
-        raise ValueError(f"ModelConfig.quantization_config.quant_method must be 'fp8' (128x128 block scales), got "
-                         f"{q.get('quant_method')!r}")
+        raise ValueError(
+            f"ModelConfig.quantization_config.quant_method must be 'fp8' (128x128 block scales), got "
+            f"{q.get('quant_method')!r}"
+        )
     block = q.get("weight_block_size", [128, 128])
     if not isinstance(block, (list, tuple)) or list(block) != [128, 128]:
         raise ValueError(f"ModelConfig.quantization_config.weight_block_size must be [128, 128], got {block!r}")

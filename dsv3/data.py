@@ -22,9 +22,9 @@ import math
 import operator
 import os
 import random
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -43,6 +43,7 @@ VAL_FRACTION = 0.1  # the last 10% of every domain, cut at a blank line or line 
 # ---------------------------------------------------------------------------------------------------------------
 # Where the files are
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def data_dir() -> Path:
     """The folder holding the corpus and tokenizer.
@@ -68,8 +69,9 @@ def _resolve(directory: str | os.PathLike | None) -> Path:
 def _read_text(path: Path) -> str:
     """A whole UTF-8 file, byte for byte (no newline translation); one clear error if missing or empty."""
     if not path.is_file():
-        raise FileNotFoundError(f"corpus file {str(path)!r} does not exist (set DSV3_DATA, or run "
-                                f"dsv3.data.build_data_files())")
+        raise FileNotFoundError(
+            f"corpus file {str(path)!r} does not exist (set DSV3_DATA, or run dsv3.data.build_data_files())"
+        )
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -178,13 +180,59 @@ def make_arithmetic(n_lines: int = ARITHMETIC_LINES, seed: int = ARITHMETIC_SEED
     return "".join(_arithmetic_line(rng) + "\n" for _ in range(n_lines))
 
 
-_NOUNS = (("items", "item"), ("values", "value"), ("scores", "score"), ("prices", "price"), ("counts", "count"),
-          ("sizes", "size"), ("ages", "age"), ("weights", "weight"), ("points", "point"), ("levels", "level"),
-          ("nums", "n"), ("xs", "x"), ("data", "d"), ("marks", "mark"), ("steps", "step"))
-_WORDS = ("apple", "river", "stone", "cloud", "tiger", "maple", "ember", "frost", "lemon", "piano", "coral", "orbit",
-          "pixel", "raven", "sugar", "tulip", "violet", "walnut", "yarn", "zebra", "amber", "cedar", "delta", "eagle")
-_CLASSES = (("Counter", "counter"), ("Account", "account"), ("Meter", "meter"), ("Tank", "tank"),
-            ("Score", "score"), ("Budget", "budget"), ("Timer", "timer"), ("Stack", "stack"))
+_NOUNS = (
+    ("items", "item"),
+    ("values", "value"),
+    ("scores", "score"),
+    ("prices", "price"),
+    ("counts", "count"),
+    ("sizes", "size"),
+    ("ages", "age"),
+    ("weights", "weight"),
+    ("points", "point"),
+    ("levels", "level"),
+    ("nums", "n"),
+    ("xs", "x"),
+    ("data", "d"),
+    ("marks", "mark"),
+    ("steps", "step"),
+)
+_WORDS = (
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "maple",
+    "ember",
+    "frost",
+    "lemon",
+    "piano",
+    "coral",
+    "orbit",
+    "pixel",
+    "raven",
+    "sugar",
+    "tulip",
+    "violet",
+    "walnut",
+    "yarn",
+    "zebra",
+    "amber",
+    "cedar",
+    "delta",
+    "eagle",
+)
+_CLASSES = (
+    ("Counter", "counter"),
+    ("Account", "account"),
+    ("Meter", "meter"),
+    ("Tank", "tank"),
+    ("Score", "score"),
+    ("Budget", "budget"),
+    ("Timer", "timer"),
+    ("Stack", "stack"),
+)
 
 
 def _ints(rng: random.Random, lo: int = 0, hi: int = 50) -> list[int]:
@@ -202,72 +250,108 @@ def _code_snippet(rng: random.Random) -> str:
     if kind == 0:
         acc, vals = rng.choice(("total", "acc", "result", "s")), _ints(rng)
         fn = rng.choice((f"sum_{xs}", f"total_{xs}", "add_all"))
-        body = (f"def {fn}({xs}):\n    {acc} = 0\n    for {x} in {xs}:\n        {acc} += {x}\n    return {acc}\n",
-                f"{fn}({vals})", sum(vals))
+        body = (
+            f"def {fn}({xs}):\n    {acc} = 0\n    for {x} in {xs}:\n        {acc} += {x}\n    return {acc}\n",
+            f"{fn}({vals})",
+            sum(vals),
+        )
     elif kind == 1:
-        op, name = rng.choice(((">", "above"), ("<", "below"), (">=", "at_least"), ("<=", "at_most"),
-                               ("==", "equal_to")))
+        op, name = rng.choice(
+            ((">", "above"), ("<", "below"), (">=", "at_least"), ("<=", "at_most"), ("==", "equal_to"))
+        )
         vals, limit = _ints(rng, 0, 20), rng.randint(0, 20)
         test = {">": operator.gt, "<": operator.lt, ">=": operator.ge, "<=": operator.le, "==": operator.eq}[op]
-        body = (f"def count_{name}({xs}, limit):\n    hits = 0\n    for {x} in {xs}:\n        if {x} {op} limit:\n"
-                f"            hits += 1\n    return hits\n", f"count_{name}({vals}, {limit})",
-                sum(test(v, limit) for v in vals))
+        body = (
+            f"def count_{name}({xs}, limit):\n    hits = 0\n    for {x} in {xs}:\n        if {x} {op} limit:\n"
+            f"            hits += 1\n    return hits\n",
+            f"count_{name}({vals}, {limit})",
+            sum(test(v, limit) for v in vals),
+        )
     elif kind == 2:
         fn, op, pick = rng.choice((("largest", ">", max), ("smallest", "<", min)))
         vals = _ints(rng, -30, 90)
-        body = (f"def {fn}({xs}):\n    best = {xs}[0]\n    for {x} in {xs}[1:]:\n        if {x} {op} best:\n"
-                f"            best = {x}\n    return best\n", f"{fn}({vals})", pick(vals))
+        body = (
+            f"def {fn}({xs}):\n    best = {xs}[0]\n    for {x} in {xs}[1:]:\n        if {x} {op} best:\n"
+            f"            best = {x}\n    return best\n",
+            f"{fn}({vals})",
+            pick(vals),
+        )
     elif kind == 3:
         k, m, vals = rng.randint(2, 9), rng.randint(2, 5), _ints(rng, 0, 30)
         fn = rng.choice((f"scale_{xs}", "pick_and_scale", f"select_{xs}"))
-        body = (f"def {fn}({xs}):\n    return [{x} * {k} for {x} in {xs} if {x} % {m} == 0]\n",
-                f"{fn}({vals})", [v * k for v in vals if v % m == 0])
+        body = (
+            f"def {fn}({xs}):\n    return [{x} * {k} for {x} in {xs} if {x} % {m} == 0]\n",
+            f"{fn}({vals})",
+            [v * k for v in vals if v % m == 0],
+        )
     elif kind == 4:
         n0 = rng.randint(2, 40)
         n, count = n0, 0
         while n != 1:
             n, count = (n // 2 if n % 2 == 0 else 3 * n + 1), count + 1
         var = rng.choice(("n", "k", "value"))
-        body = (f"def steps_to_one({var}):\n    count = 0\n    while {var} != 1:\n        if {var} % 2 == 0:\n"
-                f"            {var} = {var} // 2\n        else:\n            {var} = 3 * {var} + 1\n"
-                f"        count += 1\n    return count\n", f"steps_to_one({n0})", count)
+        body = (
+            f"def steps_to_one({var}):\n    count = 0\n    while {var} != 1:\n        if {var} % 2 == 0:\n"
+            f"            {var} = {var} // 2\n        else:\n            {var} = 3 * {var} + 1\n"
+            f"        count += 1\n    return count\n",
+            f"steps_to_one({n0})",
+            count,
+        )
     elif kind == 5:
         word, k = rng.choice(_WORDS), rng.randint(1, 4)
         method, out = rng.choice((("upper()", word.upper()), ("title()", word.title()), ("lower()", word)))
         fn = rng.choice(("shout", "emphasize", "exclaim"))
-        body = (f"def {fn}(word):\n    return word.{method} + \"!\" * {k}\n", f"{fn}(\"{word}\")", out + "!" * k)
+        body = (f'def {fn}(word):\n    return word.{method} + "!" * {k}\n', f'{fn}("{word}")', out + "!" * k)
     elif kind == 6:
-        words = [rng.choice(_WORDS[:rng.randint(2, 6)]) for _ in range(rng.randint(3, 7))]
+        words = [rng.choice(_WORDS[: rng.randint(2, 6)]) for _ in range(rng.randint(3, 7))]
         counts: dict[str, int] = {}
         for w in words:
             counts[w] = counts.get(w, 0) + 1
-        body = (f"def tally(words):\n    counts = {{}}\n    for w in words:\n        counts[w] = counts.get(w, 0) + 1\n"
-                f"    return counts\n", f"tally({words})", counts)
+        body = (
+            "def tally(words):\n    counts = {}\n    for w in words:\n        counts[w] = counts.get(w, 0) + 1\n"
+            "    return counts\n",
+            f"tally({words})",
+            counts,
+        )
     elif kind == 7:
         cls, obj = rng.choice(_CLASSES)
         op, meth = rng.choice((("+", "add"), ("-", "take"), ("*", "scale")))
         start, b, c = rng.randint(0, 50), rng.randint(1, 9), rng.randint(1, 9)
         value = _APPLY[op](_APPLY[op](start, b), c)
-        return (f"class {cls}:\n    def __init__(self, start):\n        self.value = start\n\n"
-                f"    def {meth}(self, k):\n        self.value {op}= k\n        return self.value\n\n\n"
-                f"{obj} = {cls}({start})\n{obj}.{meth}({b})\nprint({obj}.{meth}({c}))  # -> {value}\n")
+        return (
+            f"class {cls}:\n    def __init__(self, start):\n        self.value = start\n\n"
+            f"    def {meth}(self, k):\n        self.value {op}= k\n        return self.value\n\n\n"
+            f"{obj} = {cls}({start})\n{obj}.{meth}({b})\nprint({obj}.{meth}({c}))  # -> {value}\n"
+        )
     elif kind == 8:
         n = rng.randint(0, 10)
-        body = ("def factorial(n):\n    if n <= 1:\n        return 1\n    return n * factorial(n - 1)\n",
-                f"factorial({n})", math.factorial(n))
+        body = (
+            "def factorial(n):\n    if n <= 1:\n        return 1\n    return n * factorial(n - 1)\n",
+            f"factorial({n})",
+            math.factorial(n),
+        )
     elif kind == 9:
         k, vals = rng.randint(1, 3), _ints(rng)
-        body = (f"def top_{k}({xs}):\n    return sorted({xs}, reverse=True)[:{k}]\n", f"top_{k}({vals})",
-                sorted(vals, reverse=True)[:k])
+        body = (
+            f"def top_{k}({xs}):\n    return sorted({xs}, reverse=True)[:{k}]\n",
+            f"top_{k}({vals})",
+            sorted(vals, reverse=True)[:k],
+        )
     elif kind == 10:
         a = _ints(rng, -9, 9)
         b = [rng.randint(-9, 9) for _ in a]
-        body = ("def dot(a, b):\n    return sum(x * y for x, y in zip(a, b))\n", f"dot({a}, {b})",
-                sum(p * q for p, q in zip(a, b)))
+        body = (
+            "def dot(a, b):\n    return sum(x * y for x, y in zip(a, b))\n",
+            f"dot({a}, {b})",
+            sum(p * q for p, q in zip(a, b)),
+        )
     else:
         words = rng.sample(_WORDS, rng.randint(2, 5))
-        body = ("def initials(words):\n    return \"\".join(w[0].upper() for w in words)\n", f"initials({words})",
-                "".join(w[0].upper() for w in words))
+        body = (
+            'def initials(words):\n    return "".join(w[0].upper() for w in words)\n',
+            f"initials({words})",
+            "".join(w[0].upper() for w in words),
+        )
     definition, call, value = body
     return f"{definition}\n\nprint({call})  # -> {value}\n"
 
@@ -293,25 +377,32 @@ def generate_domain(domain: str) -> str:
 # Tokenizer
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def train_tokenizer(texts: Sequence[str], vocab_size: int = VOCAB_SIZE) -> str:
     """Train a byte-level BPE (GPT-2 style pre-tokenizer, all 256 bytes in the base alphabet) on ``texts`` and
     return the ``tokenizer.json`` text. Ids 0 and 1 are ``<|bos|>`` and ``<|eos|>``; the rest are merges.
 
     Deterministic: the trainer breaks count ties by the pair itself, so threads and runs give identical files.
     """
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     _positive_int("vocab_size", vocab_size)
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials), "
-                         f"got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials), got {vocab_size}"
+        )
     if not any(t.strip() for t in texts):
         raise ValueError("train_tokenizer got no text")
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(list(texts), trainer)
     if tok.get_vocab_size() != vocab_size:
         raise ValueError(f"the corpus only supports {tok.get_vocab_size()} tokens, fewer than vocab_size={vocab_size}")
@@ -336,8 +427,9 @@ class Tokenizer:
         self.backend.encode_special_tokens = True  # "<|eos|>" inside raw text stays text
         ids = [self.backend.token_to_id(t) for t in SPECIAL_TOKENS]
         if ids != [0, 1]:
-            raise ValueError(f"tokenizer {source!r} must have {SPECIAL_TOKENS[0]}=0 and {SPECIAL_TOKENS[1]}=1, "
-                             f"got ids {ids}")
+            raise ValueError(
+                f"tokenizer {source!r} must have {SPECIAL_TOKENS[0]}=0 and {SPECIAL_TOKENS[1]}=1, got ids {ids}"
+            )
         self.bos_id, self.eos_id = ids
         self.vocab_size = self.backend.get_vocab_size()
         self.fingerprint = hashlib.sha1(json_text.encode()).hexdigest()  # keys the token cache
@@ -358,8 +450,10 @@ class Tokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
-                f"source={self.source!r})")
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
+            f"source={self.source!r})"
+        )
 
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
@@ -374,8 +468,9 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     return Tokenizer(text, source=str(path))
 
 
-def build_data_files(directory: str | os.PathLike | None = None,
-                     shakespeare: str | os.PathLike | None = None) -> dict[str, Path]:
+def build_data_files(
+    directory: str | os.PathLike | None = None, shakespeare: str | os.PathLike | None = None
+) -> dict[str, Path]:
     """(Re)write the bundled files: the generated domains from their seeds and the tokenizer trained on all domains.
 
     ``tinyshakespeare.txt`` must already be in ``directory`` (default ``data_dir()``), or is copied from
@@ -398,6 +493,7 @@ def build_data_files(directory: str | os.PathLike | None = None,
 # ---------------------------------------------------------------------------------------------------------------
 # Corpus
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def split_text(text: str, val_fraction: float = VAL_FRACTION, name: str = "text") -> tuple[str, str]:
     """Contiguous train/val split: val is the last ``val_fraction`` of the characters, moved back to start after a
@@ -425,9 +521,12 @@ def _domain_tokens(domain: str, tokenizer: Tokenizer, directory: Path, val_fract
     key = (str(path.resolve()), stat and (stat.st_size, stat.st_mtime_ns), tokenizer.fingerprint, val_fraction)
     if key not in _TOKEN_CACHE:
         train_text, val_text = split_text(_read_text(path), val_fraction, name=f"corpus file {str(path)!r}")
-        _TOKEN_CACHE[key] = (torch.tensor(tokenizer.encode(train_text), dtype=torch.long),  # (N_train,)
-                             torch.tensor(tokenizer.encode(val_text), dtype=torch.long),  # (N_val,)
-                             len(train_text), len(val_text))
+        _TOKEN_CACHE[key] = (
+            torch.tensor(tokenizer.encode(train_text), dtype=torch.long),  # (N_train,)
+            torch.tensor(tokenizer.encode(val_text), dtype=torch.long),  # (N_val,)
+            len(train_text),
+            len(val_text),
+        )
     return _TOKEN_CACHE[key]
 
 
@@ -449,7 +548,7 @@ class Batch:
         """The domain name of every row."""
         return [self.domain_names[i] for i in self.domain_ids.tolist()]
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(self.input_ids.to(device), self.labels.to(device), self.domain_ids.to(device), self.domain_names)
 
 
@@ -491,8 +590,14 @@ class BatchIterator:
     have produced.
     """
 
-    def __init__(self, tokens: torch.Tensor | Mapping[str, torch.Tensor], batch_size: int, seq_len: int,
-                 seed: int = 0, weights: Mapping[str, float] | None = None):
+    def __init__(
+        self,
+        tokens: torch.Tensor | Mapping[str, torch.Tensor],
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        weights: Mapping[str, float] | None = None,
+    ):
         self.batch_size = _positive_int("batch_size", batch_size)
         self.seq_len = _positive_int("seq_len", seq_len)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -537,9 +642,15 @@ class BatchIterator:
 
     def state_dict(self) -> dict:
         """The exact position: the step counter and the seed, with the settings a resumed iterator must share."""
-        return {"seed": self.seed, "step": self.step, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "domains": list(self.domain_names), "lengths": list(self.lengths),
-                "weights": [round(w, 12) for w in self.weights.tolist()]}
+        return {
+            "seed": self.seed,
+            "step": self.step,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "domains": list(self.domain_names),
+            "lengths": list(self.lengths),
+            "weights": [round(w, 12) for w in self.weights.tolist()],
+        }
 
     def load_state_dict(self, state: Mapping) -> None:
         mine = self.state_dict()
@@ -550,8 +661,10 @@ class BatchIterator:
             if key not in state:
                 raise ValueError(f"batch iterator state has no {key!r}")
             if _normalize(state[key]) != _normalize(mine[key]):
-                raise ValueError(f"batch iterator state was saved with {key}={state[key]!r}, but this iterator has "
-                                 f"{key}={mine[key]!r}")
+                raise ValueError(
+                    f"batch iterator state was saved with {key}={state[key]!r}, but this iterator has "
+                    f"{key}={mine[key]!r}"
+                )
         self.seed, self.step = state["seed"], state["step"]
 
 
@@ -559,8 +672,9 @@ def _normalize(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def val_batches(tokens: torch.Tensor | Mapping[str, torch.Tensor], batch_size: int, seq_len: int,
-                max_batches: int | None = None) -> list[Batch]:
+def val_batches(
+    tokens: torch.Tensor | Mapping[str, torch.Tensor], batch_size: int, seq_len: int, max_batches: int | None = None
+) -> list[Batch]:
     """Fixed, non-overlapping windows (inputs at ``0, T, 2T, ...``) of every stream, taken round-robin across
     domains so each batch mixes them, in batches of ``batch_size`` (an incomplete last batch is dropped).
     The same arguments always give the same batches: validation losses are comparable across runs."""
@@ -575,15 +689,16 @@ def val_batches(tokens: torch.Tensor | Mapping[str, torch.Tensor], batch_size: i
     order = _interleave(per_domain)  # [(domain index, start), ...]
     n_batches = len(order) // batch_size
     if n_batches == 0:
-        raise ValueError(f"validation split has {len(order)} windows of seq_len={seq_len}, fewer than "
-                         f"batch_size={batch_size}")
+        raise ValueError(
+            f"validation split has {len(order)} windows of seq_len={seq_len}, fewer than batch_size={batch_size}"
+        )
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     flat = list(streams.values())
     batches = []
     for b in range(n_batches):
-        chosen = order[b * batch_size:(b + 1) * batch_size]
-        window = torch.stack([flat[d][s:s + seq_len + 1] for d, s in chosen])  # (B, T + 1)
+        chosen = order[b * batch_size : (b + 1) * batch_size]
+        window = torch.stack([flat[d][s : s + seq_len + 1] for d, s in chosen])  # (B, T + 1)
         rows = torch.tensor([d for d, _ in chosen])  # (B,)
         batches.append(Batch(window[:, :-1], window[:, 1:], rows, names))
     return batches
@@ -626,16 +741,23 @@ class Corpus:
         parts = [p for d in self.domains for p in (streams[d], eos)][:-1]
         return torch.cat(parts)  # (N,)
 
-    def batches(self, batch_size: int, seq_len: int, seed: int = 0, split: str = "train",
-                weights: Mapping[str, float] | None = None) -> BatchIterator:
+    def batches(
+        self,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        split: str = "train",
+        weights: Mapping[str, float] | None = None,
+    ) -> BatchIterator:
         """Endless random batches over all domains of ``split`` (see ``BatchIterator``)."""
         streams = self._split(split)
         _positive_int("batch_size", batch_size)
         _check_length(streams, _positive_int("seq_len", seq_len), split=split)
         return BatchIterator(streams, batch_size, seq_len, seed=seed, weights=weights)
 
-    def val_batches(self, batch_size: int, seq_len: int, max_batches: int | None = None,
-                    domain: str | None = None) -> list[Batch]:
+    def val_batches(
+        self, batch_size: int, seq_len: int, max_batches: int | None = None, domain: str | None = None
+    ) -> list[Batch]:
         """Fixed validation batches (see ``val_batches``), over all domains or one."""
         streams = self.val if domain is None else {self._domain(domain): self.val[domain]}
         return val_batches(streams, batch_size, seq_len, max_batches)
@@ -644,16 +766,25 @@ class Corpus:
         """Characters and tokens of every domain and split, and characters per token."""
         out = {}
         for d in self.domains:
-            row = {"train_chars": self.chars[d]["train"], "val_chars": self.chars[d]["val"],
-                   "train_tokens": self.train[d].numel(), "val_tokens": self.val[d].numel()}
-            row["chars_per_token"] = round((row["train_chars"] + row["val_chars"]) /
-                                           (row["train_tokens"] + row["val_tokens"]), 3)
+            row = {
+                "train_chars": self.chars[d]["train"],
+                "val_chars": self.chars[d]["val"],
+                "train_tokens": self.train[d].numel(),
+                "val_tokens": self.val[d].numel(),
+            }
+            row["chars_per_token"] = round(
+                (row["train_chars"] + row["val_chars"]) / (row["train_tokens"] + row["val_tokens"]), 3
+            )
             out[d] = row
         return out
 
 
-def load_corpus(domains: Sequence[str] | str = ("shakespeare",), tokenizer: Tokenizer | None = None,
-                val_fraction: float = VAL_FRACTION, directory: str | os.PathLike | None = None) -> Corpus:
+def load_corpus(
+    domains: Sequence[str] | str = ("shakespeare",),
+    tokenizer: Tokenizer | None = None,
+    val_fraction: float = VAL_FRACTION,
+    directory: str | os.PathLike | None = None,
+) -> Corpus:
     """Tokenize the named domains (cached per process) and split each into train and val.
 
     ``domains`` is a name or a sequence of names from ``DOMAINS``; ``tokenizer`` defaults to ``load_tokenizer()``
@@ -675,7 +806,8 @@ def load_corpus(domains: Sequence[str] | str = ("shakespeare",), tokenizer: Toke
     return Corpus(tok, names, train, val, chars)
 
 
-def corpus_stats(domains: Sequence[str] = DOMAINS, tokenizer: Tokenizer | None = None,
-                 directory: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
+def corpus_stats(
+    domains: Sequence[str] = DOMAINS, tokenizer: Tokenizer | None = None, directory: str | os.PathLike | None = None
+) -> dict[str, dict[str, float]]:
     """Characters and tokens per domain and split of the bundled corpus (the table the training chapter prints)."""
     return load_corpus(domains, tokenizer, directory=directory).stats()

@@ -63,9 +63,11 @@ class FP8Linear(nn.Linear):
         if self.weight.dtype == FP8_DTYPE:
             return kernels.fp8_linear(x, self.weight, self.weight_scale_inv, self.bias)  # (..., out)
         if getattr(self, "weight_scale_inv", None) is not None:
-            raise RuntimeError(f"FP8Linear({self.in_features}, {self.out_features}): the weight was cast from e4m3 to "
-                               f"{self.weight.dtype} without its weight_scale_inv; do not call .to(dtype) on a "
-                               f"model loaded with keep_fp8=True")
+            raise RuntimeError(
+                f"FP8Linear({self.in_features}, {self.out_features}): the weight was cast from e4m3 to "
+                f"{self.weight.dtype} without its weight_scale_inv; do not call .to(dtype) on a "
+                f"model loaded with keep_fp8=True"
+            )
         return kernels.fp8_training_linear(x, self.weight, self.bias)  # (..., out)
 
     def store_fp8(self) -> None:
@@ -100,8 +102,7 @@ class FP8Experts(Experts):
                 return kernels.fp8_linear(rows, views[e], getattr(self, name + "_scale_inv")[e])
             return kernels.fp8_training_linear(rows, views[e])
 
-        return kernels.moe_experts_torch(x, self.gate_proj, self.up_proj, self.down_proj, weights, ids,
-                                         linear=linear)
+        return kernels.moe_experts_torch(x, self.gate_proj, self.up_proj, self.down_proj, weights, ids, linear=linear)
 
     def store_fp8(self) -> None:
         """Keep the three stacked weights as e4m3 with per-expert 128 x 128 block scales (inference only)."""
@@ -159,8 +160,11 @@ def keep_fp8_storage(model: nn.Module, weight_names: set[str], device: torch.dev
                 if f"{name}.{proj}" not in weight_names:
                     continue
                 E, out_f, in_f = getattr(new, proj).shape
-                setattr(new, proj, nn.Parameter(torch.empty(E, out_f, in_f, dtype=FP8_DTYPE, device=device),
-                                                requires_grad=False))
+                setattr(
+                    new,
+                    proj,
+                    nn.Parameter(torch.empty(E, out_f, in_f, dtype=FP8_DTYPE, device=device), requires_grad=False),
+                )
                 new.register_buffer(proj + "_scale_inv", torch.empty(E, *_scale_shape(out_f, in_f), device=device))
             setattr(model.get_submodule(parent), child, new)
 
@@ -179,8 +183,15 @@ class AdamW(torch.optim.Optimizer):
     values for the parameter update and stores them back rounded to ``moment_dtype``. The arithmetic follows
     ``torch.optim.AdamW`` step by step, so ``moment_dtype=torch.float32`` reproduces it."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, moment_dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        moment_dtype: torch.dtype = torch.bfloat16,
+    ):
         if not lr > 0 or not eps >= 0 or not weight_decay >= 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"AdamW: invalid lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
         if not moment_dtype.is_floating_point:
@@ -210,7 +221,7 @@ class AdamW(torch.optim.Optimizer):
                 p.mul_(1 - lr * wd)
                 m = state["exp_avg"].float().lerp_(g, 1 - beta1)  # fp32 update of the stored moment
                 v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
+                bias1, bias2 = 1 - beta1**step, 1 - beta2**step
                 denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
                 p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-lr / bias1)
                 state["exp_avg"] = m.to(self.moment_dtype)  # a new tensor: a resumed fp32 copy returns to bf16

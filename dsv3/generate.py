@@ -21,18 +21,18 @@ from __future__ import annotations
 import math
 import numbers
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
 from .config import ModelConfig
 from .layers.mla import CACHE_KINDS, KVCache
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """The distribution a token is drawn from: softmax(logits / temperature) restricted to the ``top_k`` most likely
@@ -66,8 +66,9 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, r / mass.clamp(min=torch.finfo(r.dtype).tiny), p)
 
 
-def speculative_verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def speculative_verify(
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling: which drafts the target accepts and the token that follows them.
 
     p (B, k+1, V): target probabilities at the k draft positions plus one more; q (B, k, V): the draft
@@ -105,6 +106,7 @@ def greedy_verify(target_logits: torch.Tensor, drafts: torch.Tensor) -> tuple[to
 # ---------------------------------------------------------------------------------------------------------------
 # What generate returns
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class GenerationStats:
@@ -156,19 +158,28 @@ class GenerationStats:
 
     def as_dict(self) -> dict:
         out = asdict(self)
-        for name in ("tokens_per_forward", "decode_tokens_per_s", "acceptance_rate", "acceptance_per_position",
-                     "mean_accepted_length"):
+        for name in (
+            "tokens_per_forward",
+            "decode_tokens_per_s",
+            "acceptance_rate",
+            "acceptance_per_position",
+            "mean_accepted_length",
+        ):
             out[name] = getattr(self, name)
         return out
 
     def __str__(self) -> str:
-        s = (f"{self.new_tokens} tokens in {self.wall_s:.2f}s (prefill {self.prefill_s:.3f}s, "
-             f"decode {self.decode_tokens_per_s:.1f} tok/s), {self.main_forwards} main forwards, "
-             f"{self.tokens_per_forward:.2f} tokens/forward, {self.cache_kind} cache {self.cache_bytes:,} bytes")
+        s = (
+            f"{self.new_tokens} tokens in {self.wall_s:.2f}s (prefill {self.prefill_s:.3f}s, "
+            f"decode {self.decode_tokens_per_s:.1f} tok/s), {self.main_forwards} main forwards, "
+            f"{self.tokens_per_forward:.2f} tokens/forward, {self.cache_kind} cache {self.cache_bytes:,} bytes"
+        )
         if self.speculative:
             per_pos = ", ".join(f"{a:.2f}" for a in self.acceptance_per_position)
-            s += (f"; drafted {self.drafted}, accepted {self.accepted} ({self.acceptance_rate:.1%}), "
-                  f"per position [{per_pos}], mean accepted length {self.mean_accepted_length:.2f}")
+            s += (
+                f"; drafted {self.drafted}, accepted {self.accepted} ({self.acceptance_rate:.1%}), "
+                f"per position [{per_pos}], mean accepted length {self.mean_accepted_length:.2f}"
+            )
         return s
 
 
@@ -196,6 +207,7 @@ class Generation:
 # Input checks
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _as_prompts(input_ids, attention_mask) -> list[torch.Tensor]:
     """One 1-D int64 tensor per prompt, from a 1-D/2-D tensor (with an optional mask marking real tokens), a list of
     ids, or a list of such lists/tensors of different lengths."""
@@ -213,8 +225,10 @@ def _as_prompts(input_ids, attention_mask) -> list[torch.Tensor]:
             return [row.long() for row in input_ids]
         attention_mask = torch.as_tensor(attention_mask)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
-                             f"{tuple(input_ids.shape)} like input_ids")
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                f"{tuple(input_ids.shape)} like input_ids"
+            )
         if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
             bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
             raise ValueError(f"attention_mask must hold only 1 (token) and 0 (padding), got {bad!r}")
@@ -232,7 +246,7 @@ def _as_prompts(input_ids, attention_mask) -> list[torch.Tensor]:
         if isinstance(row, torch.Tensor):
             prompts.append(row.reshape(-1).long())
         elif isinstance(row, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in row):
-            huge = [t for t in row if not -2**63 <= t < 2**63]
+            huge = [t for t in row if not -(2**63) <= t < 2**63]
             if huge:
                 raise ValueError(f"prompt {b} holds token id {huge[0]}, outside the vocabulary")
             prompts.append(torch.tensor(list(row), dtype=torch.long))
@@ -255,15 +269,28 @@ def _stop_set(stop_tokens, config) -> set[int]:
     return {int(t) for t in ids}
 
 
-def _check(model, prompts: list[torch.Tensor], max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-           cache_kind: str, speculative: bool, num_draft: int, seed: int | None = None) -> None:
+def _check(
+    model,
+    prompts: list[torch.Tensor],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    cache_kind: str,
+    speculative: bool,
+    num_draft: int,
+    seed: int | None = None,
+) -> None:
     config = model.config
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
         raise ValueError(f"seed must be None or an integer in [0, 2**64), got {seed!r}")
     for b, p in enumerate(prompts):
         if p.numel() == 0:
-            raise ValueError(f"the prompt is empty (prompt {b} has no tokens)" if len(prompts) > 1
-                             else "the prompt is empty: generation needs at least one token to start from")
+            raise ValueError(
+                f"the prompt is empty (prompt {b} has no tokens)"
+                if len(prompts) > 1
+                else "the prompt is empty: generation needs at least one token to start from"
+            )
         lo, hi = int(p.min()), int(p.max())
         if lo < 0 or hi >= config.vocab_size:
             bad = lo if lo < 0 else hi
@@ -272,10 +299,16 @@ def _check(model, prompts: list[torch.Tensor], max_new_tokens: int, temperature:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     longest = max(p.numel() for p in prompts)
     if longest + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} = {longest + max_new_tokens} "
-                         f"exceeds max_position_embeddings={config.max_position_embeddings}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
-            or temperature < 0:
+        raise ValueError(
+            f"prompt length {longest} + max_new_tokens {max_new_tokens} = {longest + max_new_tokens} "
+            f"exceeds max_position_embeddings={config.max_position_embeddings}"
+        )
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
         raise ValueError(f"temperature must be >= 0 (0 = greedy) and finite, got {temperature!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
@@ -285,8 +318,10 @@ def _check(model, prompts: list[torch.Tensor], max_new_tokens: int, temperature:
         raise ValueError(f"cache_kind must be one of {CACHE_KINDS}, got {cache_kind!r}")
     if speculative:
         if len(model.mtp) == 0:
-            raise ValueError("speculative decoding drafts with the MTP modules, but this model has none "
-                             "(config.num_nextn_predict_layers=0)")
+            raise ValueError(
+                "speculative decoding drafts with the MTP modules, but this model has none "
+                "(config.num_nextn_predict_layers=0)"
+            )
         if not isinstance(num_draft, int) or isinstance(num_draft, bool) or num_draft < 1:
             raise ValueError(f"num_draft must be a positive integer, got {num_draft!r}")
 
@@ -295,12 +330,25 @@ def _check(model, prompts: list[torch.Tensor], max_new_tokens: int, temperature:
 # generate
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             stop_tokens: Sequence[int] | int | None = None, cache_kind: str = "latent",
-             speculative: bool = False, num_draft: int = 1, pad_token_id: int | None = None,
-             callback: Callable[[int, list[int]], None] | None = None) -> Generation:
+def generate(
+    model,
+    input_ids,
+    max_new_tokens: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_tokens: Sequence[int] | int | None = None,
+    cache_kind: str = "latent",
+    speculative: bool = False,
+    num_draft: int = 1,
+    pad_token_id: int | None = None,
+    callback: Callable[[int, list[int]], None] | None = None,
+) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
     ``input_ids``: a 1-D tensor or list of ids (one prompt), a (B, T) tensor (with ``attention_mask`` (B, T)
@@ -336,7 +384,7 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Ten
     S = P + N  # every slot the cache will ever hold
     seq = torch.zeros(B, S, dtype=torch.long, device=device)  # (B, S) token at each slot
     for b, p in enumerate(prompts):
-        seq[b, P - p.numel():P] = p.to(device)
+        seq[b, P - p.numel() : P] = p.to(device)
     slots = torch.arange(S, device=device)  # (S,)
     positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # (B, S) RoPE position of each slot
     mask = slots[None, :P] >= pad[:, None]  # (B, P) True = real token
@@ -344,12 +392,19 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Ten
     if speculative:  # a round never drafts past the token budget, so larger requests change nothing
         num_draft = min(num_draft, max(N - 1, 1))
     D = len(model.mtp) if speculative else 0
-    cache = KVCache(config, B, S, cache_kind, dtype=model.dtype, device=device,
-                    num_layers=config.num_hidden_layers + D)
+    cache = KVCache(config, B, S, cache_kind, dtype=model.dtype, device=device, num_layers=config.num_hidden_layers + D)
     k = num_draft if speculative else 0
-    stats = GenerationStats(batch_size=B, prompt_tokens=int(lens.sum()), cache_kind=cache_kind, cache_len=S,
-                            cache_bytes=cache.nbytes, speculative=speculative, num_draft=k,
-                            drafted_per_position=[0] * k, accepted_per_position=[0] * k)
+    stats = GenerationStats(
+        batch_size=B,
+        prompt_tokens=int(lens.sum()),
+        cache_kind=cache_kind,
+        cache_len=S,
+        cache_bytes=cache.nbytes,
+        speculative=speculative,
+        num_draft=k,
+        drafted_per_position=[0] * k,
+        accepted_per_position=[0] * k,
+    )
     rows = _Rows(B, N, stop_tokens, callback, stats)
 
     def choose(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -363,12 +418,15 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Ten
     # it, so they stay ordinary tensors that the caller may go on using with autograd or in place
     with torch.inference_mode():
         # -- prefill --
-        out = model(seq[:, :P], attention_mask=mask, position_ids=positions[:, :P], cache=cache,
-                    check_ids=False)  # _check read every prompt id once
+        out = model(
+            seq[:, :P], attention_mask=mask, position_ids=positions[:, :P], cache=cache, check_ids=False
+        )  # _check read every prompt id once
         stats.main_forwards += 1
         if not bool(torch.isfinite(out.logits[:, -1]).all()):  # argmax of NaN is token 0: garbage, not an error
-            raise ValueError("the model's logits after the prompt are not finite (NaN or Inf): its weights hold "
-                             "NaN/Inf or overflow in its dtype")
+            raise ValueError(
+                "the model's logits after the prompt are not finite (NaN or Inf): its weights hold "
+                "NaN/Inf or overflow in its dtype"
+            )
         tok, _ = choose(out.logits[:, -1])  # (B,)
         seq[:, P] = tok
         rows.commit(tok[:, None])
@@ -378,8 +436,9 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Ten
         if not speculative:
             n = P  # slots filled in the cache
             while not rows.all_done:
-                out = model(seq[:, n:n + 1], position_ids=positions[:, n:n + 1], cache=cache,
-                            check_ids=False)  # logits (B, 1, V); ids of its own choosing
+                out = model(
+                    seq[:, n : n + 1], position_ids=positions[:, n : n + 1], cache=cache, check_ids=False
+                )  # logits (B, 1, V); ids of its own choosing
                 stats.main_forwards += 1
                 n += 1
                 tok, _ = choose(out.logits[:, -1])  # (B,)
@@ -387,17 +446,34 @@ def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Ten
                 rows.commit(tok[:, None])
             mtp_lengths: list[int] = []
         else:
-            mtp_lengths = _speculative_loop(model, seq, positions, cache, out.hidden, P, num_draft, temperature == 0,
-                                            choose, lambda lg: sampling_probs(lg, temperature, top_k, top_p),
-                                            generator, rows, stats)
+            mtp_lengths = _speculative_loop(
+                model,
+                seq,
+                positions,
+                cache,
+                out.hidden,
+                P,
+                num_draft,
+                temperature == 0,
+                choose,
+                lambda lg: sampling_probs(lg, temperature, top_k, top_p),
+                generator,
+                rows,
+                stats,
+            )
     stats.decode_s = time.perf_counter() - t_decode
     stats.wall_s = time.perf_counter() - t_start
     lengths = [len(r) for r in rows.tokens]
     tokens = torch.full((B, max(lengths)), pad_token_id, dtype=torch.long)  # (B, longest row)
     for b, r in enumerate(rows.tokens):
         tokens[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return Generation(tokens=tokens.to(device), lengths=torch.tensor(lengths, device=device), stats=stats,
-                      cache=cache, mtp_lengths=mtp_lengths)
+    return Generation(
+        tokens=tokens.to(device),
+        lengths=torch.tensor(lengths, device=device),
+        stats=stats,
+        cache=cache,
+        mtp_lengths=mtp_lengths,
+    )
 
 
 class _Rows:
@@ -439,8 +515,9 @@ class _Rows:
                 self.callback(b, kept)
 
 
-def _speculative_loop(model, seq, positions, cache, prefill_hidden, P, num_draft, greedy, choose, target_probs,
-                      generator, rows, stats) -> list[int]:
+def _speculative_loop(
+    model, seq, positions, cache, prefill_hidden, P, num_draft, greedy, choose, target_probs, generator, rows, stats
+) -> list[int]:
     """Draft with the MTP modules, verify with the main model, keep the accepted prefix; repeat.
 
     Invariant at the start of a round: slots [0, n) are in the main cache, seq[:, n] is the newest committed token
@@ -451,8 +528,9 @@ def _speculative_loop(model, seq, positions, cache, prefill_hidden, P, num_draft
     """
     B, S = seq.shape
     D = len(model.mtp)
-    hidden = [torch.zeros(B, S, model.config.hidden_size, dtype=model.dtype, device=seq.device)
-              for _ in range(D + 1)]  # hidden[k][:, i] = h^k_i (k = 0: the main model's final normalized state)
+    hidden = [
+        torch.zeros(B, S, model.config.hidden_size, dtype=model.dtype, device=seq.device) for _ in range(D + 1)
+    ]  # hidden[k][:, i] = h^k_i (k = 0: the main model's final normalized state)
     hidden[0][:, :P] = prefill_hidden
     valid = [0] * (D + 1)  # valid[k]: leading positions of module k's layer that are correct (index 0 unused)
     computed = [0] * (D + 1)  # computed[k]: positions module k has run through
@@ -466,7 +544,7 @@ def _speculative_loop(model, seq, positions, cache, prefill_hidden, P, num_draft
         h_last = None
         for depth in range(1, min(D, k) + 1):
             v = valid[depth]
-            tokens = seq[:, v + depth: n + depth]  # (B, T): t_{i+depth} for i in [v, n); beyond n they are drafts
+            tokens = seq[:, v + depth : n + depth]  # (B, T): t_{i+depth} for i in [v, n); beyond n they are drafts
             h, logits = model.mtp_step(depth, hidden[depth - 1][:, v:n], tokens, positions[:, v:n], cache, start=v)
             hidden[depth][:, v:n] = h  # (B, T, D)
             computed[depth] = n
@@ -477,19 +555,21 @@ def _speculative_loop(model, seq, positions, cache, prefill_hidden, P, num_draft
             h_last = h[:, -1:]  # (B, 1, D)
         for step in range(D + 1, k + 1):  # reuse the last module on its own output, one position further
             i = n - 1 + step - D  # its position; its token is the previous draft t_{i+D}
-            h_last, logits = model.mtp_step(D, h_last, seq[:, i + D: i + D + 1], positions[:, i:i + 1], cache,
-                                            start=i)
+            h_last, logits = model.mtp_step(
+                D, h_last, seq[:, i + D : i + D + 1], positions[:, i : i + 1], cache, start=i
+            )
             d, probs = choose(logits[:, -1])  # (B,) predicts t_{n+step}
             seq[:, n + step] = d
             drafts.append(d)
             q.append(probs)
 
         # -- verify: the newest committed token and the k drafts in one forward --
-        out = model(seq[:, n:n + k + 1], position_ids=positions[:, n:n + k + 1], cache=cache,
-                    check_ids=False)  # logits (B, k+1, V); ids checked by _check or chosen here
+        out = model(
+            seq[:, n : n + k + 1], position_ids=positions[:, n : n + k + 1], cache=cache, check_ids=False
+        )  # logits (B, k+1, V); ids checked by _check or chosen here
         stats.main_forwards += 1
         stats.rounds += 1
-        hidden[0][:, n:n + k + 1] = out.hidden
+        hidden[0][:, n : n + k + 1] = out.hidden
         draft_ids = torch.stack(drafts, dim=1) if drafts else seq[:, :0]  # (B, k)
         if greedy:
             n_acc, nxt = greedy_verify(out.logits, draft_ids)  # (B,), (B,)
@@ -510,11 +590,10 @@ def _speculative_loop(model, seq, positions, cache, prefill_hidden, P, num_draft
             stats.accepted_per_position[j] += sum(x > j for x in live)
         stats.drafted += len(live) * k
         stats.accepted += sum(live)
-        seq[:, n + 1: n + a + 2] = new
+        seq[:, n + 1 : n + a + 2] = new
         rows.commit(new)
         n += a + 1
         cache.truncate(n)  # forget the rejected drafts' keys and values
         for depth in range(1, D + 1):  # entries whose token index reaches the new last token are stale
             valid[depth] = max(0, min(computed[depth], n - depth))
     return valid[1:]
-

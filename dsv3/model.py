@@ -19,7 +19,7 @@ from . import kernels
 from .config import ModelConfig
 from .layers.block import Block
 from .layers.mla import KVCache
-from .layers.moe import DeepSeekMoE, Experts, Routing, Router
+from .layers.moe import DeepSeekMoE, Experts, Router, Routing
 from .layers.mtp import MTPModule
 from .layers.norm import RMSNorm
 from .layers.rope import RotaryEmbedding
@@ -149,10 +149,18 @@ class DeepSeekV3(nn.Module):
         return KVCache(self.config, batch_size, max_len, kind, dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, mtp_weight: float = 0.3, return_mtp: bool | None = None,
-                absorbed: bool | None = None, check_ids: bool = True) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        mtp_weight: float = 0.3,
+        return_mtp: bool | None = None,
+        absorbed: bool | None = None,
+        check_ids: bool = True,
+    ) -> ModelOutput:
         """Run the model.
 
         input_ids (B, T). ``labels`` (B, T) are the next tokens, already aligned (labels[:, t] follows
@@ -169,8 +177,10 @@ class DeepSeekV3(nn.Module):
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         if cache is not None and absorbed is not None and absorbed != (cache.kind == "latent"):
-            raise ValueError(f"absorbed={absorbed} contradicts the {cache.kind!r} cache, whose kind picks the "
-                             f"attention (leave absorbed unset with a cache)")
+            raise ValueError(
+                f"absorbed={absorbed} contradicts the {cache.kind!r} cache, whose kind picks the "
+                f"attention (leave absorbed unset with a cache)"
+            )
         latent = bool(absorbed)
         if labels is not None and labels.dtype != torch.int64:
             labels = labels.long()  # int32 labels, as input_ids may be (cross_entropy wants int64)
@@ -207,8 +217,10 @@ class DeepSeekV3(nn.Module):
             out.main_loss = self._head_loss(hidden, out._logits, labels)
             out.loss = out.main_loss
             if out.mtp_hidden:
-                out.mtp_losses = [self._head_loss(h, out._mtp_logits[k - 1] if not fused else None, labels[:, k:])
-                                  for k, h in enumerate(out.mtp_hidden, 1)]
+                out.mtp_losses = [
+                    self._head_loss(h, out._mtp_logits[k - 1] if not fused else None, labels[:, k:])
+                    for k, h in enumerate(out.mtp_hidden, 1)
+                ]
                 out.mtp_loss = torch.stack(out.mtp_losses).mean()
                 out.loss = out.main_loss + mtp_weight * out.mtp_loss
         return out
@@ -226,8 +238,9 @@ class DeepSeekV3(nn.Module):
         kernels, chosen by ``_fused_loss``; the labels were checked once in ``forward``)."""
         if logits is None:
             D = hidden.shape[-1]
-            return kernels.linear_cross_entropy_triton(hidden.reshape(-1, D), self.lm_head.weight,
-                                                       labels.reshape(-1), IGNORE_INDEX)
+            return kernels.linear_cross_entropy_triton(
+                hidden.reshape(-1, D), self.lm_head.weight, labels.reshape(-1), IGNORE_INDEX
+            )
         return _cross_entropy(logits, labels)
 
     def _run_mtp(self, out: ModelOutput, input_ids, position_ids, starts, latent) -> None:
@@ -245,9 +258,16 @@ class DeepSeekV3(nn.Module):
             if r is not None:
                 out.mtp_routing.append(r)
 
-    def mtp_step(self, depth: int, prev_hidden: torch.Tensor, tokens: torch.Tensor, position_ids: torch.Tensor,
-                 cache: KVCache | None = None, start: int = 0,
-                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_step(
+        self,
+        depth: int,
+        prev_hidden: torch.Tensor,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One MTP module on its own (for drafting): h^{depth-1} (B, T, D) and tokens t_{i+depth} (B, T) at positions
         (B, T) -> (normalized h^depth (B, T, D), logits (B, T, V)). With a cache, its layer gets positions
         [start, start + T)."""
@@ -267,11 +287,13 @@ class DeepSeekV3(nn.Module):
                 return None
             return cache.starts
         if not isinstance(attention_mask, torch.Tensor):
-            raise ValueError(f"attention_mask must be a tensor of 1 (token) and 0 (padding), got "
-                             f"{type(attention_mask).__name__}")
+            raise ValueError(
+                f"attention_mask must be a tensor of 1 (token) and 0 (padding), got {type(attention_mask).__name__}"
+            )
         if attention_mask.shape != (B, S):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
-                             f"(cached + new positions)")
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} (cached + new positions)"
+            )
         if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
             bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
             raise ValueError(f"attention_mask must hold only 1 (token) and 0 (padding), got {bad!r}")
@@ -281,39 +303,53 @@ class DeepSeekV3(nn.Module):
         ragged, ok = (bool(v) for v in torch.stack([starts.any(), left_padded.all()]))  # one sync for both
         if not ok:
             row = int((~left_padded).any(dim=1).nonzero()[0])
-            raise ValueError(f"attention_mask row {row} is not left padding (zeros, then ones): padding is carried as "
-                             f"per-row start offsets; left-pad the rows (dsv3.generate does this for ragged prompts)")
+            raise ValueError(
+                f"attention_mask row {row} is not left padding (zeros, then ones): padding is carried as "
+                f"per-row start offsets; left-pad the rows (dsv3.generate does this for ragged prompts)"
+            )
         if cache is not None and update_cache:
             cache.starts.copy_(starts)
             cache.ragged = ragged
         return starts if ragged else None
 
     def _check_positions(self, position_ids, B: int, T: int, check_values: bool = True) -> None:
-        if (not isinstance(position_ids, torch.Tensor) or position_ids.shape != (B, T)
-                or position_ids.is_floating_point()):
-            raise ValueError(f"position_ids must be an integer tensor of shape {(B, T)} like input_ids, got "
-                             f"{getattr(position_ids, 'dtype', type(position_ids).__name__)} "
-                             f"{tuple(getattr(position_ids, 'shape', ()))}")
+        if (
+            not isinstance(position_ids, torch.Tensor)
+            or position_ids.shape != (B, T)
+            or position_ids.is_floating_point()
+        ):
+            raise ValueError(
+                f"position_ids must be an integer tensor of shape {(B, T)} like input_ids, got "
+                f"{getattr(position_ids, 'dtype', type(position_ids).__name__)} "
+                f"{tuple(getattr(position_ids, 'shape', ()))}"
+            )
         if not check_values:  # a loop that made the positions itself (generation) skips the read to the host
             return
         lo, hi = (int(v) for v in torch.aminmax(position_ids))
         if lo < 0 or hi >= self.config.max_position_embeddings:
-            raise ValueError(f"position_ids holds position {lo if lo < 0 else hi}, outside [0, "
-                             f"max_position_embeddings={self.config.max_position_embeddings})")
+            raise ValueError(
+                f"position_ids holds position {lo if lo < 0 else hi}, outside [0, "
+                f"max_position_embeddings={self.config.max_position_embeddings})"
+            )
 
     def _check_inputs(self, input_ids, labels, cache, check_ids: bool = True) -> None:
         if not isinstance(input_ids, torch.Tensor):
-            raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq), got "
-                             f"{type(input_ids).__name__}")
+            raise ValueError(
+                f"input_ids must be an integer tensor of shape (batch, seq), got {type(input_ids).__name__}"
+            )
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq), got "
-                             f"{input_ids.dtype} {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must be an integer tensor of shape (batch, seq), got "
+                f"{input_ids.dtype} {tuple(input_ids.shape)}"
+            )
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty")
         if labels is not None:
             if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"labels must be an integer tensor like input_ids, got "
-                                 f"{getattr(labels, 'dtype', type(labels).__name__)}")
+                raise ValueError(
+                    f"labels must be an integer tensor like input_ids, got "
+                    f"{getattr(labels, 'dtype', type(labels).__name__)}"
+                )
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
         if check_ids:  # ids and labels in one read (labels: ignored positions count as 0)
@@ -326,18 +362,20 @@ class DeepSeekV3(nn.Module):
                 if lo < 0 or hi >= self.config.vocab_size:
                     bad = lo if lo < 0 else hi
                     ignore = f" (and not the ignore index {IGNORE_INDEX})" if name == "labels" else ""
-                    raise ValueError(f"{name} holds token id {bad}, outside the vocabulary "
-                                     f"[0, {self.config.vocab_size}){ignore}")
+                    raise ValueError(
+                        f"{name} holds token id {bad}, outside the vocabulary [0, {self.config.vocab_size}){ignore}"
+                    )
             if labels is not None and read[4]:
-                raise ValueError(f"labels are all the ignore index {IGNORE_INDEX}: there is no target to compute a "
-                                 f"loss on")
+                raise ValueError(
+                    f"labels are all the ignore index {IGNORE_INDEX}: there is no target to compute a loss on"
+                )
         end = (cache.length if cache is not None else 0) + input_ids.shape[1]
         if end > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {end} exceeds max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
+            raise ValueError(
+                f"sequence length {end} exceeds max_position_embeddings={self.config.max_position_embeddings}"
+            )
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over labels that are not IGNORE_INDEX, in fp32."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)

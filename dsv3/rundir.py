@@ -35,8 +35,15 @@ LOCK_FILE = ".lock"
 TRAINER_JSON, TRAINER_TENSORS = "trainer.json", "trainer.safetensors"
 FORMAT = "dsv3-train-v1"
 # what trainer.json must hold, with the JSON type of each entry
-_STATE_ENTRIES = {"format": str, "step": int, "train_config": dict, "data": dict, "optimizer": dict,
-                  "moe_layers": list, "history": list}
+_STATE_ENTRIES = {
+    "format": str,
+    "step": int,
+    "train_config": dict,
+    "data": dict,
+    "optimizer": dict,
+    "moe_layers": list,
+    "history": list,
+}
 
 
 class RunDirectoryError(ValueError):
@@ -56,7 +63,7 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self._fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         import fcntl
 
         lock = self.run_dir / LOCK_FILE
@@ -65,15 +72,18 @@ class RunLock:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as e:
-                raise RunDirectoryError(f"out_dir {str(self.run_dir)!r} cannot be created or written: "
-                                        f"{e.strerror or e}") from None
+                raise RunDirectoryError(
+                    f"out_dir {str(self.run_dir)!r} cannot be created or written: {e.strerror or e}"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
                 os.close(fd)
-                raise RunDirectoryError(f"out_dir {str(self.run_dir)!r} is in use by another training run "
-                                        f"({holder}); wait for it to finish or choose another out_dir") from None
+                raise RunDirectoryError(
+                    f"out_dir {str(self.run_dir)!r} is in use by another training run "
+                    f"({holder}); wait for it to finish or choose another out_dir"
+                ) from None
             try:  # the holder before us removes the file when it ends: make sure we locked the file that is there
                 same = os.path.samestat(os.fstat(fd), os.stat(lock))
             except FileNotFoundError:
@@ -95,7 +105,7 @@ class RunLock:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -131,12 +141,15 @@ def find_checkpoint(path: str | Path) -> Path | None:
         except (OSError, UnicodeDecodeError) as e:
             raise RunDirectoryError(f"{latest}: cannot be read ({e})") from None
         if not _CHECKPOINT_NAME.match(name):
-            raise RunDirectoryError(f"{latest} names {name!r}, which is not a checkpoint of this run "
-                                    f"(expected {CHECKPOINT_PREFIX}NNNNNN inside {path})")
+            raise RunDirectoryError(
+                f"{latest} names {name!r}, which is not a checkpoint of this run "
+                f"(expected {CHECKPOINT_PREFIX}NNNNNN inside {path})"
+            )
         ckpt = path / name
         if not (ckpt / TRAINER_JSON).is_file():
-            raise RunDirectoryError(f"{latest} names {name}, which is not a complete checkpoint "
-                                    f"(no {ckpt / TRAINER_JSON})")
+            raise RunDirectoryError(
+                f"{latest} names {name}, which is not a complete checkpoint (no {ckpt / TRAINER_JSON})"
+            )
         return ckpt
     if latest.exists() or latest.is_symlink():
         raise RunDirectoryError(f"{latest} is not a file (it should hold the name of the newest checkpoint)")
@@ -167,9 +180,17 @@ def load_history(path: str | Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- writing
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    data_state: dict, history: list[dict], train_config: dict, moe_layers: list[str],
-                    keep: int = 1) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_state: dict,
+    history: list[dict],
+    train_config: dict,
+    moe_layers: list[str],
+    keep: int = 1,
+) -> Path:
     """Write ``run_dir/checkpoint-{step}`` (see the module docstring), point ``latest`` at it, and remove older
     checkpoints beyond the newest ``keep``. Safetensors + JSON only."""
     run_dir = Path(run_dir)
@@ -185,8 +206,15 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng.cuda.{i}"] = s
         atomic_save_file(tensors, tmp / TRAINER_TENSORS, metadata={"format": FORMAT})
-        state = {"format": FORMAT, "step": step, "train_config": train_config, "data": data_state,
-                 "optimizer": opt_meta, "moe_layers": moe_layers, "history": history}
+        state = {
+            "format": FORMAT,
+            "step": step,
+            "train_config": train_config,
+            "data": data_state,
+            "optimizer": opt_meta,
+            "moe_layers": moe_layers,
+            "history": history,
+        }
         atomic_write_text(tmp / TRAINER_JSON, json.dumps(state) + "\n")
         fsync_dir(tmp)
         if final.exists():  # left by an earlier attempt that never became `latest`: replace it
@@ -212,8 +240,10 @@ def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"optimizer state {key!r} of {names[id(p)]} is not a tensor")
             tensors[f"optimizer.{names[id(p)]}.{key}"] = value.detach().cpu()
-    return tensors, {"type": type(optimizer).__name__,
-                     "param_groups": [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]}
+    return tensors, {
+        "type": type(optimizer).__name__,
+        "param_groups": [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups],
+    }
 
 
 # ---------------------------------------------------------------------- reading
@@ -234,8 +264,9 @@ def read_state(ckpt: Path) -> dict:
         if key not in state:
             raise RunDirectoryError(f"{where}: entry {key!r} is missing")
         if not isinstance(state[key], kind) or isinstance(state[key], bool):
-            raise RunDirectoryError(f"{where}: entry {key!r} must be a {kind.__name__}, got "
-                                    f"{type(state[key]).__name__}")
+            raise RunDirectoryError(
+                f"{where}: entry {key!r} must be a {kind.__name__}, got {type(state[key]).__name__}"
+            )
     if state["step"] < 0:
         raise RunDirectoryError(f"{where}: entry 'step' must be >= 0, got {state['step']}")
     groups = state["optimizer"].get("param_groups")
@@ -261,8 +292,9 @@ def read_checkpoint(ckpt: Path) -> tuple[dict, dict]:
     return state, tensors
 
 
-def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict,
-                   where: Path) -> None:
+def load_optimizer(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict, where: Path
+) -> None:
     """Restore AdamW's state saved by ``optimizer_tensors``; every parameter's entries must be there."""
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
@@ -275,16 +307,20 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ten
     for g in groups:
         for n in g:
             prefix = f"optimizer.{n}."
-            keys = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+            keys = {
+                k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix) :]
+            }
             if any_state:
                 for entry in ("exp_avg", "exp_avg_sq", "step"):
                     if entry not in keys:
                         raise RunDirectoryError(f"{where / TRAINER_TENSORS}: entry {prefix}{entry} is missing")
                 for entry in ("exp_avg", "exp_avg_sq"):
                     if tuple(keys[entry].shape) != tuple(params[n].shape):
-                        raise RunDirectoryError(f"{where / TRAINER_TENSORS}: entry {prefix}{entry} has shape "
-                                                f"{tuple(keys[entry].shape)}, the parameter has "
-                                                f"{tuple(params[n].shape)}")
+                        raise RunDirectoryError(
+                            f"{where / TRAINER_TENSORS}: entry {prefix}{entry} has shape "
+                            f"{tuple(keys[entry].shape)}, the parameter has "
+                            f"{tuple(params[n].shape)}"
+                        )
             if keys:
                 state[index] = keys
             index += 1

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 
-def median_time(fn: Callable[[], object], reps: int = 20, warmup: int = 3, device: str | torch.device = "cpu",
-                clock: Callable[[], float] = time.perf_counter, graph: bool = False, inner: int = 20) -> float:
+def median_time(
+    fn: Callable[[], object],
+    reps: int = 20,
+    warmup: int = 3,
+    device: str | torch.device = "cpu",
+    clock: Callable[[], float] = time.perf_counter,
+    graph: bool = False,
+    inner: int = 20,
+) -> float:
     """Median seconds per call of `fn` on `device` ("cuda": CUDA events, or a CUDA graph with `graph=True`)."""
     if reps < 1:
         raise ValueError(f"median_time: reps must be >= 1, got {reps}")

@@ -43,8 +43,17 @@ from .rundir import CHECKPOINT_PREFIX, RunLock, find_checkpoint
 
 DTYPES = ("auto", "float32", "bfloat16")
 # TrainConfig fields a resumed run may change; every other field must equal the checkpoint's
-RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "progress", "out_dir",
-                     "data_dir", "device")
+RESUMABLE_CHANGES = (
+    "steps",
+    "eval_every",
+    "eval_batches",
+    "save_every",
+    "keep_checkpoints",
+    "progress",
+    "out_dir",
+    "data_dir",
+    "device",
+)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -106,6 +115,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field whose value cannot drive a training run."""
+
         def integer(name: str, lo: int) -> None:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -114,8 +124,13 @@ class TrainConfig:
 
         def number(name: str, lo: float, strict: bool = False, hi: float | None = None) -> None:
             v = getattr(self, name)
-            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                  and (v > lo if strict else v >= lo) and (hi is None or v <= hi))
+            ok = (
+                isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and math.isfinite(v)
+                and (v > lo if strict else v >= lo)
+                and (hi is None or v <= hi)
+            )
             if not ok:
                 bound = f"> {lo}" if strict else f">= {lo}"
                 bound += f" and <= {hi}" if hi is not None else ""
@@ -133,8 +148,9 @@ class TrainConfig:
         if not isinstance(self.progress, bool):
             raise ValueError(f"TrainConfig.progress must be true or false, got {self.progress!r}")
         if self.batch_size % self.grad_accum:
-            raise ValueError(f"TrainConfig.batch_size={self.batch_size} is not divisible by "
-                             f"grad_accum={self.grad_accum}")
+            raise ValueError(
+                f"TrainConfig.batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}"
+            )
         number("lr", 0.0, strict=True)
         number("min_lr_ratio", 0.0, hi=1.0)
         number("weight_decay", 0.0)
@@ -155,13 +171,13 @@ class TrainConfig:
         if not isinstance(self.fp8, bool):
             raise ValueError(f"TrainConfig.fp8 must be True or False, got {self.fp8!r}")
         if self.moment_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"TrainConfig.moment_dtype must be 'auto', 'float32' or 'bfloat16', got "
-                             f"{self.moment_dtype!r}")
+            raise ValueError(
+                f"TrainConfig.moment_dtype must be 'auto', 'float32' or 'bfloat16', got {self.moment_dtype!r}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not isinstance(self.device, str) or not self.device:
-            raise ValueError(f"TrainConfig.device must be a device string such as 'auto' or 'cpu', got "
-                             f"{self.device!r}")
+            raise ValueError(f"TrainConfig.device must be a device string such as 'auto' or 'cpu', got {self.device!r}")
         _domain_weights(self.domains)
 
     def to_dict(self) -> dict:
@@ -170,14 +186,14 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "TrainConfig":
+    def from_dict(cls, d: Mapping) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {unknown}")
         return cls(**d)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -247,8 +263,10 @@ def make_data(cfg: TrainConfig, model_config: ModelConfig | None = None):
     names, weights = _domain_weights(cfg.domains)
     corpus = load_corpus(names, directory=cfg.data_dir)
     if model_config is not None and corpus.tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(f"the tokenizer has {corpus.tokenizer.vocab_size} tokens, more than the model's "
-                         f"vocab_size={model_config.vocab_size}")
+        raise ValueError(
+            f"the tokenizer has {corpus.tokenizer.vocab_size} tokens, more than the model's "
+            f"vocab_size={model_config.vocab_size}"
+        )
     iterator = corpus.batches(cfg.batch_size // cfg.grad_accum, cfg.seq_len, seed=cfg.seed, weights=weights)
     val = corpus.val_batches(cfg.batch_size, cfg.seq_len, max_batches=cfg.eval_batches) if cfg.eval_every else []
     return corpus, iterator, val
@@ -258,7 +276,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     """AdamW with weight decay on matrices, embeddings and stacked experts, none on norms and biases; its moments
     in bf16 (``dsv3.fp8.AdamW``) when ``cfg.moment_dtype`` says so ("auto": with fp8, as the paper does)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -299,16 +317,20 @@ def _check_compatible(ckpt: Path, state: dict, model_config: ModelConfig, cfg: T
     a, b = saved_model.to_hf(), model_config.to_hf()
     for key in sorted(set(a) | set(b)):
         if key not in ("torch_dtype", "quantization_config") and a.get(key) != b.get(key):
-            raise ValueError(f"{ckpt} holds another run: its model has {key}={a.get(key)!r}, this run asks for "
-                             f"{key}={b.get(key)!r}; choose another out_dir")
+            raise ValueError(
+                f"{ckpt} holds another run: its model has {key}={a.get(key)!r}, this run asks for "
+                f"{key}={b.get(key)!r}; choose another out_dir"
+            )
     saved = state["train_config"]
     mine = cfg.to_dict()
     for key in mine:
         if key in RESUMABLE_CHANGES:
             continue
         if saved.get(key, getattr(TrainConfig, key, None)) != mine[key]:  # a field newer than the run: its default
-            raise ValueError(f"{ckpt} holds another run: it was trained with TrainConfig.{key}={saved.get(key)!r}, "
-                             f"this run asks for {key}={mine[key]!r}; choose another out_dir")
+            raise ValueError(
+                f"{ckpt} holds another run: it was trained with TrainConfig.{key}={saved.get(key)!r}, "
+                f"this run asks for {key}={mine[key]!r}; choose another out_dir"
+            )
 
 
 # ---------------------------------------------------------------------- the loop
@@ -349,8 +371,13 @@ class TrainResult:
         return None
 
 
-def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *, resume: bool = False,
-          callback: Callable[[dict, DeepSeekV3], bool | None] | None = None) -> TrainResult:
+def train(
+    model_config: ModelConfig,
+    train_config: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    callback: Callable[[dict, DeepSeekV3], bool | None] | None = None,
+) -> TrainResult:
     """Train a DeepSeek-V3 model (see the module docstring).
 
     Every setting is checked before any compute: the configs, the corpus, the model's context length, and -- when
@@ -366,12 +393,16 @@ def train(model_config: ModelConfig, train_config: TrainConfig | None = None, *,
         raise ValueError(f"train_config must be a dsv3.TrainConfig, got {type(cfg).__name__}")
     cfg.validate()
     if cfg.seq_len > model_config.max_position_embeddings:
-        raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
-                         f"{model_config.max_position_embeddings}")
+        raise ValueError(
+            f"TrainConfig.seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="
+            f"{model_config.max_position_embeddings}"
+        )
     if cfg.seq_len <= model_config.num_nextn_predict_layers:
-        raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} leaves no positions for "
-                         f"{model_config.num_nextn_predict_layers} MTP depths; use seq_len > "
-                         f"{model_config.num_nextn_predict_layers}")
+        raise ValueError(
+            f"TrainConfig.seq_len={cfg.seq_len} leaves no positions for "
+            f"{model_config.num_nextn_predict_layers} MTP depths; use seq_len > "
+            f"{model_config.num_nextn_predict_layers}"
+        )
     device = resolve_device(cfg.device)
     _check_fits(model_config, device)
 
@@ -396,17 +427,22 @@ def _check_fits(model_config: ModelConfig, device: torch.device) -> None:
         except (ValueError, OSError, AttributeError):  # not on this platform: let the allocator decide
             return
     if need > have:
-        raise ValueError(f"the model has {count_parameters(model_config)['total_with_mtp']:,} parameters: training "
-                         f"it needs about {need / 2**30:,.0f} GiB (fp32 weights, gradients and AdamW moments), "
-                         f"more than the {have / 2**30:,.0f} GiB of {device}")
+        raise ValueError(
+            f"the model has {count_parameters(model_config)['total_with_mtp']:,} parameters: training "
+            f"it needs about {need / 2**30:,.0f} GiB (fp32 weights, gradients and AdamW moments), "
+            f"more than the {have / 2**30:,.0f} GiB of {device}"
+        )
 
 
-def _train(model_config: ModelConfig, cfg: TrainConfig, device: torch.device, run_dir: Path | None, resume: bool,
-           callback) -> TrainResult:
+def _train(
+    model_config: ModelConfig, cfg: TrainConfig, device: torch.device, run_dir: Path | None, resume: bool, callback
+) -> TrainResult:
     ckpt = find_checkpoint(run_dir) if run_dir is not None else None
     if ckpt is not None and not resume:
-        raise ValueError(f"out_dir {str(run_dir)!r} already holds a training run ({ckpt.name}); resume it "
-                         f"(resume=True / --resume) or choose another out_dir")
+        raise ValueError(
+            f"out_dir {str(run_dir)!r} already holds a training run ({ckpt.name}); resume it "
+            f"(resume=True / --resume) or choose another out_dir"
+        )
     if resume and ckpt is None:
         raise ValueError(f"nothing to resume: out_dir {cfg.out_dir!r} holds no checkpoint")
     state = tensors = None
@@ -426,8 +462,9 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, device: torch.device, ru
         try:
             batches.load_state_dict(state["data"])
         except (ValueError, KeyError, TypeError) as e:
-            raise rundir.RunDirectoryError(f"{ckpt / rundir.TRAINER_JSON}: entry 'data' (the data position) is "
-                                           f"damaged: {e}") from None
+            raise rundir.RunDirectoryError(
+                f"{ckpt / rundir.TRAINER_JSON}: entry 'data' (the data position) is damaged: {e}"
+            ) from None
     else:
         model = init_model(model_config, cfg.seed)
         step, history = 0, []
@@ -460,8 +497,9 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, device: torch.device, ru
     last_saved = step if ckpt is not None else None
 
     def save(at: int) -> int:
-        result.checkpoint = rundir.save_checkpoint(run_dir, at, model, optimizer, batches.state_dict(), history,
-                                                   cfg.to_dict(), names, cfg.keep_checkpoints)
+        result.checkpoint = rundir.save_checkpoint(
+            run_dir, at, model, optimizer, batches.state_dict(), history, cfg.to_dict(), names, cfg.keep_checkpoints
+        )
         return at
 
     try:
@@ -483,25 +521,37 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, device: torch.device, ru
                     # make_data checked the tokenizer against the vocabulary once: no per-forward id check
                     out = model(ids, labels=labels, mtp_weight=lam, check_ids=False)
                     routings = out.routing + out.mtp_routing
-                    balance_term = bal.balance_loss(routings, cfg.balance, cfg.seq_aux_alpha,
-                                                    cfg.aux_alpha).to(out.loss.device)
+                    balance_term = bal.balance_loss(routings, cfg.balance, cfg.seq_aux_alpha, cfg.aux_alpha).to(
+                        out.loss.device
+                    )
                     total = out.loss + balance_term
                 (total / cfg.grad_accum).backward()
                 mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros((), device=out.loss.device)
-                micro.append(torch.stack([t.detach().double() for t in (total, out.loss, out.main_loss, mtp,
-                                                                          balance_term)]))
+                micro.append(
+                    torch.stack([t.detach().double() for t in (total, out.loss, out.main_loss, mtp, balance_term)])
+                )
                 loads += bal.expert_loads(routings)
                 groups += bal.mean_groups_per_token(routings, model_config.n_group) / cfg.grad_accum
-                dropped += torch.stack([torch.as_tensor(r.dropped, dtype=torch.float64, device=device)
-                                        for r in routings]).float() / cfg.grad_accum
+                dropped += (
+                    torch.stack(
+                        [torch.as_tensor(r.dropped, dtype=torch.float64, device=device) for r in routings]
+                    ).float()
+                    / cfg.grad_accum
+                )
             if cfg.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:
                 grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
             vio = bal.max_vio(loads)  # (L,)
-            read = _read_once(micro=torch.stack(micro), grad_norm=grad_norm,
-                              max_vio=vio[:n_main].mean() if n_main else torch.zeros(()), max_vio_layers=vio,
-                              loads=loads, groups_per_token=groups, dropped=dropped)
+            read = _read_once(
+                micro=torch.stack(micro),
+                grad_norm=grad_norm,
+                max_vio=vio[:n_main].mean() if n_main else torch.zeros(()),
+                max_vio_layers=vio,
+                loads=loads,
+                groups_per_token=groups,
+                dropped=dropped,
+            )
             grad_norm = read["grad_norm"]
             sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
             for value, *parts in read["micro"]:
@@ -510,8 +560,9 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, device: torch.device, ru
                 for key, v in zip(sums, parts):
                     sums[key] += v / cfg.grad_accum
             if not math.isfinite(grad_norm):
-                raise TrainingDivergedError(_diverged_message("gradient norm", grad_norm, step + 1, run_dir,
-                                                              last_saved))
+                raise TrainingDivergedError(
+                    _diverged_message("gradient norm", grad_norm, step + 1, run_dir, last_saved)
+                )
             optimizer.step()
             if gamma > 0:  # aux-loss-free balancing: after the step, outside the gradient, on the step's loads
                 bal.update_biases(layers, loads, gamma)
@@ -519,12 +570,21 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, device: torch.device, ru
             train_time += time.perf_counter() - t0
             tokens_this_call += micro_tokens * cfg.grad_accum
 
-            entry = {"step": step, "tokens": step * cfg.batch_size * cfg.seq_len, **sums, "lr": lr,
-                     "mtp_weight": lam, "bias_update_speed": gamma, "grad_norm": grad_norm,
-                     "max_vio": read["max_vio"], "max_vio_layers": read["max_vio_layers"], "loads": read["loads"],
-                     # after the bias update: the step's second read
-                     "biases": torch.stack([layer.gate.e_score_correction_bias.detach() for layer in layers]).tolist(),
-                     "groups_per_token": read["groups_per_token"]}
+            entry = {
+                "step": step,
+                "tokens": step * cfg.batch_size * cfg.seq_len,
+                **sums,
+                "lr": lr,
+                "mtp_weight": lam,
+                "bias_update_speed": gamma,
+                "grad_norm": grad_norm,
+                "max_vio": read["max_vio"],
+                "max_vio_layers": read["max_vio_layers"],
+                "loads": read["loads"],
+                # after the bias update: the step's second read
+                "biases": torch.stack([layer.gate.e_score_correction_bias.detach() for layer in layers]).tolist(),
+                "groups_per_token": read["groups_per_token"],
+            }
             if cfg.capacity_factor is not None:
                 entry["dropped"] = read["dropped"]
             if val and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -537,8 +597,11 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, device: torch.device, ru
             if stop and run_dir is not None and last_saved != step:
                 last_saved = save(step)
             bar.update(1)
-            post = {"loss": f"{entry['main_loss']:.3f}", "maxvio": f"{entry['max_vio']:.2f}",
-                    "tok/s": f"{tokens_this_call / max(train_time, 1e-9):,.0f}"}
+            post = {
+                "loss": f"{entry['main_loss']:.3f}",
+                "maxvio": f"{entry['max_vio']:.2f}",
+                "tok/s": f"{tokens_this_call / max(train_time, 1e-9):,.0f}",
+            }
             last_val = result.last("val_loss")
             if last_val is not None:
                 post["val"] = f"{last_val:.3f}"
@@ -557,16 +620,17 @@ def _read_once(**tensors: torch.Tensor) -> dict:
     """Read device tensors back to the host in one transfer (one synchronization instead of one per value): each
     comes back as ``tolist()`` returns it (a number for a 0-dim tensor, nested lists otherwise, ints for integer
     tensors). Values travel as fp64, which holds fp32/bf16 values and integers below 2**53 exactly."""
-    flat = torch.cat([t.detach().reshape(-1).double().to(next(iter(tensors.values())).device)
-                      for t in tensors.values()]).tolist()
+    flat = torch.cat(
+        [t.detach().reshape(-1).double().to(next(iter(tensors.values())).device) for t in tensors.values()]
+    ).tolist()
     out, i = {}, 0
     for name, t in tensors.items():
-        values = flat[i:i + t.numel()]
+        values = flat[i : i + t.numel()]
         i += t.numel()
         if not (t.is_floating_point() or t.is_complex()):
             values = [int(v) for v in values]
         for size in reversed(t.shape[1:]):
-            values = [values[j:j + size] for j in range(0, len(values), size)]
+            values = [values[j : j + size] for j in range(0, len(values), size)]
         out[name] = values[0] if t.dim() == 0 else values
     return out
 
@@ -581,8 +645,14 @@ def _diverged_message(what: str, value: float, step: int, run_dir: Path | None, 
 
 
 @torch.no_grad()
-def evaluate(model: DeepSeekV3, batches, device: torch.device | str = "cpu", dtype: str = "auto",
-             mtp_weight: float = 0.3, n_main: int | None = None) -> dict:
+def evaluate(
+    model: DeepSeekV3,
+    batches,
+    device: torch.device | str = "cpu",
+    dtype: str = "auto",
+    mtp_weight: float = 0.3,
+    n_main: int | None = None,
+) -> dict:
     """Validation: mean next-token loss and MTP loss over fixed batches, and the global MaxVio -- loads summed over
     the whole validation set, per MoE layer (``val_max_vio`` averages the ``n_main`` main-model layers).
 
@@ -603,12 +673,20 @@ def evaluate(model: DeepSeekV3, batches, device: torch.device | str = "cpu", dty
     model.train(was_training)
     vio = bal.max_vio(loads)  # (L,)
     n_main = len(out.routing) if n_main is None else n_main
-    read = _read_once(losses=torch.stack(losses), max_vio=vio[:n_main].mean() if n_main else torch.zeros(()),
-                      max_vio_layers=vio, loads=loads)  # one host synchronization for the whole validation
+    read = _read_once(
+        losses=torch.stack(losses),
+        max_vio=vio[:n_main].mean() if n_main else torch.zeros(()),
+        max_vio_layers=vio,
+        loads=loads,
+    )  # one host synchronization for the whole validation
     main = mtp = 0.0
     for main_b, mtp_b in read["losses"]:  # the same float arithmetic, in the same order, as one read per batch
         main += main_b / len(batches)
         mtp += mtp_b / len(batches)
-    return {"val_loss": main, "val_mtp_loss": mtp, "val_max_vio": read["max_vio"],
-            "val_max_vio_layers": read["max_vio_layers"], "val_loads": read["loads"]}
-
+    return {
+        "val_loss": main,
+        "val_mtp_loss": mtp,
+        "val_max_vio": read["max_vio"],
+        "val_max_vio_layers": read["max_vio_layers"],
+        "val_loads": read["loads"],
+    }

@@ -32,21 +32,31 @@ def logits(model, ids):
 
 
 # ---------------------------------------------------------------------- config values
-@pytest.mark.parametrize("field, value", [("rms_norm_eps", float("nan")), ("routed_scaling_factor", float("inf")),
-                                          ("initializer_range", float("nan")), ("rope_theta", float("inf")),
-                                          ("aux_loss_alpha", float("-inf"))])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("rms_norm_eps", float("nan")),
+        ("routed_scaling_factor", float("inf")),
+        ("initializer_range", float("nan")),
+        ("rope_theta", float("inf")),
+        ("aux_loss_alpha", float("-inf")),
+    ],
+)
 def test_non_finite_config_floats_are_refused(field, value):
     with pytest.raises(ValueError, match=rf"ModelConfig\.{field} must be a finite number"):
         small_config(**{field: value})
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("factor", float("nan"), r"rope_scaling\.factor must be a finite number"),
-    ("mscale", float("inf"), r"rope_scaling\.mscale must be a finite number"),
-    ("mscale_all_dim", float("nan"), r"rope_scaling\.mscale_all_dim must be a finite number"),
-    ("factor", 0, r"rope_scaling\.factor must be > 0, got 0"),  # was silently turned into 1
-    ("factor", -2.0, r"rope_scaling\.factor must be > 0"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("factor", float("nan"), r"rope_scaling\.factor must be a finite number"),
+        ("mscale", float("inf"), r"rope_scaling\.mscale must be a finite number"),
+        ("mscale_all_dim", float("nan"), r"rope_scaling\.mscale_all_dim must be a finite number"),
+        ("factor", 0, r"rope_scaling\.factor must be > 0, got 0"),  # was silently turned into 1
+        ("factor", -2.0, r"rope_scaling\.factor must be > 0"),
+    ],
+)
 def test_bad_yarn_values_are_refused(key, value, message):
     rs = dict(small_config().rope_scaling, **{key: value})
     with pytest.raises(ValueError, match=message):
@@ -66,8 +76,11 @@ def test_from_hf_names_missing_and_misspelt_keys(tmp_path):
     hf["num_hidden_layer"] = hf.pop("num_hidden_layers")
     path = tmp_path / "config.json"
     path.write_text(json.dumps(hf))
-    with pytest.raises(ValueError, match=r"config\.json: missing required keys \['num_hidden_layers'\]; unknown keys "
-                                         r"'num_hidden_layer' \(did you mean 'num_hidden_layers'\?\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"config\.json: missing required keys \['num_hidden_layers'\]; unknown keys "
+        r"'num_hidden_layer' \(did you mean 'num_hidden_layers'\?\)",
+    ):
         ModelConfig.from_hf(path)
     hf = small_config().to_hf()
     hf["n_routed_expert"] = 4  # a typo next to the real key is still a typo
@@ -102,8 +115,11 @@ def test_block_scale_next_to_a_non_fp8_weight_is_refused(tmp_path):
         t[WEIGHT] = t[WEIGHT].view(torch.int8)  # the same bytes, loaded raw they were 100-1000x too large
 
     _rewrite(tmp_path, int8)
-    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor {WEIGHT} has a {WEIGHT}_scale_inv but "
-                                              r"dtype torch\.int8"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"model\.safetensors: tensor {WEIGHT} has a {WEIGHT}_scale_inv but "
+        r"dtype torch\.int8",
+    ):
         load_pretrained(tmp_path)
 
 
@@ -113,8 +129,12 @@ def test_e5m2_weights_with_block_scales_are_dequantized(tmp_path):
     scales = {}
 
     def e5m2(t):
-        w = t[WEIGHT].float() * t[WEIGHT + "_scale_inv"].repeat_interleave(128, 0).repeat_interleave(128, 1)[
-            : t[WEIGHT].shape[0], : t[WEIGHT].shape[1]]
+        w = (
+            t[WEIGHT].float()
+            * t[WEIGHT + "_scale_inv"]
+            .repeat_interleave(128, 0)
+            .repeat_interleave(128, 1)[: t[WEIGHT].shape[0], : t[WEIGHT].shape[1]]
+        )
         scale = w.abs().amax() / 57344.0  # e5m2's largest finite value, one block here
         t[WEIGHT] = (w / scale).to(torch.float8_e5m2)
         t[WEIGHT + "_scale_inv"] = torch.full_like(t[WEIGHT + "_scale_inv"], float(scale))
@@ -128,15 +148,24 @@ def test_e5m2_weights_with_block_scales_are_dequantized(tmp_path):
 def test_orphan_scale_is_refused_under_strict(tmp_path):
     save_pretrained(random_model(small_config()), tmp_path)
     _rewrite(tmp_path, lambda t: t.update({"model.layers.0.mlp.gate_proj_scale_inv": torch.ones(1, 1)}))
-    with pytest.raises(CheckpointError, match=r"scale model\.layers\.0\.mlp\.gate_proj_scale_inv has no "
-                                              r"weight model\.layers\.0\.mlp\.gate_proj in the same file"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"scale model\.layers\.0\.mlp\.gate_proj_scale_inv has no "
+        r"weight model\.layers\.0\.mlp\.gate_proj in the same file",
+    ):
         load_pretrained(tmp_path)
     load_pretrained(tmp_path, strict=False)
 
 
-@pytest.mark.parametrize("fp8, target, value", [(False, WEIGHT, float("nan")), (False, "lm_head.weight", float("inf")),
-                                                (True, WEIGHT + "_scale_inv", float("inf")),
-                                                (True, WEIGHT + "_scale_inv", float("nan"))])
+@pytest.mark.parametrize(
+    "fp8, target, value",
+    [
+        (False, WEIGHT, float("nan")),
+        (False, "lm_head.weight", float("inf")),
+        (True, WEIGHT + "_scale_inv", float("inf")),
+        (True, WEIGHT + "_scale_inv", float("nan")),
+    ],
+)
 def test_non_finite_weights_or_scales_are_refused_on_load(tmp_path, fp8, target, value):
     save_pretrained(random_model(small_config()), tmp_path, fp8=fp8)
 
@@ -262,10 +291,14 @@ def test_a_huge_num_draft_is_clamped_to_what_can_be_drafted():
     assert torch.equal(gen.tokens, generate(model, [5, 6, 7], 6).tokens)  # greedy speculative == greedy
 
 
-@pytest.mark.parametrize("kw, message", [({"temperature": float("nan")},
-                                          r"temperature must be >= 0 \(0 = greedy\) and finite"),
-                                         ({"temperature": float("inf")}, "and finite, got inf"),
-                                         ({"top_p": float("nan")}, r"top_p must be in \(0, 1\]")])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"temperature": float("nan")}, r"temperature must be >= 0 \(0 = greedy\) and finite"),
+        ({"temperature": float("inf")}, "and finite, got inf"),
+        ({"top_p": float("nan")}, r"top_p must be in \(0, 1\]"),
+    ],
+)
 def test_non_finite_sampling_settings_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
         generate(random_model(small_config()), [1, 2], 2, **kw)
@@ -286,8 +319,17 @@ def data(tmp_path_factory):
 
 
 def run_config(data, out, **kw):
-    base = dict(steps=2, batch_size=2, seq_len=16, warmup_steps=1, eval_every=0, save_every=1, data_dir=str(data),
-                out_dir=str(out), progress=False)
+    base = dict(
+        steps=2,
+        batch_size=2,
+        seq_len=16,
+        warmup_steps=1,
+        eval_every=0,
+        save_every=1,
+        data_dir=str(data),
+        out_dir=str(out),
+        progress=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -308,6 +350,7 @@ def copy_run(src, dst):
 
 def no_compute(monkeypatch):
     """Make any model construction fail loudly: errors must come before compute."""
+
     def boom(*a, **k):
         raise AssertionError("compute started before the error")
 
@@ -319,16 +362,21 @@ def test_a_second_run_into_a_locked_directory_is_refused_naming_the_holder(data,
     out = tmp_path / "run"
     with RunLock(out):
         no_compute(monkeypatch)
-        with pytest.raises(RunDirectoryError, match=rf"out_dir '{out}' is in use by another training run "
-                                                    rf"\(pid {os.getpid()} on "):
+        with pytest.raises(
+            RunDirectoryError,
+            match=rf"out_dir '{out}' is in use by another training run "
+            rf"\(pid {os.getpid()} on ",
+        ):
             train(RUN_MODEL, run_config(data, out))
     assert not (out / ".lock").exists()  # released
 
 
 def test_a_second_cli_run_exits_2_naming_the_other_process(data, tmp_path, capsys):
     out = tmp_path / "run"
-    code = ("import sys, time; from dsv3.rundir import RunLock; RunLock(sys.argv[1]).acquire(); print('held', "
-            "flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from dsv3.rundir import RunLock; RunLock(sys.argv[1]).acquire(); print('held', "
+        "flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -348,8 +396,9 @@ def test_an_unwritable_out_is_refused_before_any_compute(data, tmp_path, monkeyp
         train(RUN_MODEL, run_config(data, blocker / "run"))
 
 
-@pytest.mark.parametrize("pointer", ["../other/checkpoint-000002", "/tmp/checkpoint-000002", "checkpoint-2/../x",
-                                     "model"])
+@pytest.mark.parametrize(
+    "pointer", ["../other/checkpoint-000002", "/tmp/checkpoint-000002", "checkpoint-2/../x", "model"]
+)
 def test_a_latest_pointer_outside_the_run_is_refused(finished_run, tmp_path, pointer):
     run = copy_run(finished_run, tmp_path / "run")
     (run / "latest").write_text(pointer + "\n")
@@ -366,12 +415,15 @@ def _damage_json(run, edit):
     return ckpt
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda s: s.pop("data"), r"trainer\.json: entry 'data' is missing"),
-    (lambda s: s.pop("history"), r"trainer\.json: entry 'history' is missing"),
-    (lambda s: s.update(step="two"), r"trainer\.json: entry 'step' must be a int"),
-    (lambda s: s.update(data={"step": "x"}), r"trainer\.json: entry 'data' \(the data position\) is damaged"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.pop("data"), r"trainer\.json: entry 'data' is missing"),
+        (lambda s: s.pop("history"), r"trainer\.json: entry 'history' is missing"),
+        (lambda s: s.update(step="two"), r"trainer\.json: entry 'step' must be a int"),
+        (lambda s: s.update(data={"step": "x"}), r"trainer\.json: entry 'data' \(the data position\) is damaged"),
+    ],
+)
 def test_damaged_trainer_json_is_named_before_any_compute(data, finished_run, tmp_path, monkeypatch, edit, message):
     run = copy_run(finished_run, tmp_path / "run")
     _damage_json(run, edit)
@@ -381,9 +433,13 @@ def test_damaged_trainer_json_is_named_before_any_compute(data, finished_run, tm
         train(RUN_MODEL, run_config(data, run, steps=3), resume=True)
 
 
-@pytest.mark.parametrize("drop, message", [("rng.torch", r"entry 'rng\.torch' \(the RNG state\) is missing"),
-                                           ("optimizer.lm_head.weight.exp_avg_sq",
-                                            r"entry optimizer\.lm_head\.weight\.exp_avg_sq is missing")])
+@pytest.mark.parametrize(
+    "drop, message",
+    [
+        ("rng.torch", r"entry 'rng\.torch' \(the RNG state\) is missing"),
+        ("optimizer.lm_head.weight.exp_avg_sq", r"entry optimizer\.lm_head\.weight\.exp_avg_sq is missing"),
+    ],
+)
 def test_damaged_trainer_tensors_are_named(data, finished_run, tmp_path, drop, message):
     run = copy_run(finished_run, tmp_path / "run")
     ckpt = find_checkpoint(run)
@@ -406,8 +462,11 @@ def test_checkpoints_are_ordered_by_step_number_and_temporaries_cleaned(data, fi
     run = copy_run(finished_run, tmp_path / "run")
     for name in ("checkpoint-1000000", "checkpoint-999999", "checkpoint-000010", "notes"):
         (run / name).mkdir()
-    assert [p.name for p in list_checkpoints(run)][-3:] == ["checkpoint-000010", "checkpoint-999999",
-                                                            "checkpoint-1000000"]
+    assert [p.name for p in list_checkpoints(run)][-3:] == [
+        "checkpoint-000010",
+        "checkpoint-999999",
+        "checkpoint-1000000",
+    ]
     stale = atomic.temp_dir_beside(run / "checkpoint-000003")
     with RunLock(run):
         assert not stale.exists()
@@ -416,10 +475,8 @@ def test_checkpoints_are_ordered_by_step_number_and_temporaries_cleaned(data, fi
 def test_latest_moves_only_after_the_checkpoint_is_on_disk(data, tmp_path, monkeypatch):
     events = []
     real_fsync, real_write = rundir.fsync_dir, rundir.atomic_write_text
-    monkeypatch.setattr(rundir, "fsync_dir", lambda p: (events.append(("fsync", os.path.basename(p))),
-                                                        real_fsync(p)))
-    monkeypatch.setattr(rundir, "atomic_write_text", lambda p, t: (events.append(("write", p.name)),
-                                                                   real_write(p, t)))
+    monkeypatch.setattr(rundir, "fsync_dir", lambda p: (events.append(("fsync", os.path.basename(p))), real_fsync(p)))
+    monkeypatch.setattr(rundir, "atomic_write_text", lambda p, t: (events.append(("write", p.name)), real_write(p, t)))
     out = tmp_path / "run"
     train(RUN_MODEL, run_config(data, out, steps=1))
     latest = events.index(("write", "latest"))
@@ -432,13 +489,39 @@ def test_kill_9_then_resume_is_exact(data, tmp_path):
     was never interrupted (also: the killed run's lock does not block the resume)."""
     cfg = small_config(vocab_size=2048)
     cfg.save(tmp_path / "model")
-    flags = ["--config", str(tmp_path / "model"), "--steps", "8", "--batch-size", "2", "--seq-len", "16",
-             "--save-every", "1", "--eval-every", "0", "--data-dir", str(data), "--no-progress", "--threads", "1"]
+    flags = [
+        "--config",
+        str(tmp_path / "model"),
+        "--steps",
+        "8",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--save-every",
+        "1",
+        "--eval-every",
+        "0",
+        "--data-dir",
+        str(data),
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "dsv3", "train", "--out", str(tmp_path / "full"), *flags], check=True,
-                   env=env, timeout=600, capture_output=True)
-    victim = subprocess.Popen([sys.executable, "-m", "dsv3", "train", "--out", str(tmp_path / "cut"), *flags],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "dsv3", "train", "--out", str(tmp_path / "full"), *flags],
+        check=True,
+        env=env,
+        timeout=600,
+        capture_output=True,
+    )
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "dsv3", "train", "--out", str(tmp_path / "cut"), *flags],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         ckpt = find_checkpoint(tmp_path / "cut") if (tmp_path / "cut" / "latest").exists() else None
@@ -448,15 +531,35 @@ def test_kill_9_then_resume_is_exact(data, tmp_path):
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
     assert victim.returncode == -signal.SIGKILL
-    subprocess.run([sys.executable, "-m", "dsv3", "train", "--out", str(tmp_path / "cut"), "--resume", "--steps", "8",
-                    "--no-progress", "--threads", "1"], check=True, env=env, timeout=600, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsv3",
+            "train",
+            "--out",
+            str(tmp_path / "cut"),
+            "--resume",
+            "--steps",
+            "8",
+            "--no-progress",
+            "--threads",
+            "1",
+        ],
+        check=True,
+        env=env,
+        timeout=600,
+        capture_output=True,
+    )
     a, b = find_checkpoint(tmp_path / "full"), find_checkpoint(tmp_path / "cut")
     assert a.name == b.name == "checkpoint-000008"
     for name in ("model.safetensors", "trainer.safetensors"):
         ta, tb = load_file(str(a / name)), load_file(str(b / name))
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
-    assert json.loads((a / "trainer.json").read_text())["history"] == json.loads((b / "trainer.json").read_text())[
-        "history"]
+    assert (
+        json.loads((a / "trainer.json").read_text())["history"]
+        == json.loads((b / "trainer.json").read_text())["history"]
+    )
 
 
 # ---------------------------------------------------------------------- the command line
@@ -467,22 +570,28 @@ def model_dir(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "--threads", "-1", "--prompt-ids", "1"], "argument --threads: must be a positive integer, got '-1'"),
-    (["sample", "--threads", "0"], "argument --threads: must be a positive integer, got '0'"),
-    (["train", "--threads", "-1", "--out", "x"], "argument --threads: must be a positive integer, got '-1'"),
-    (["generate", "--temperature", "nan", "--prompt-ids", "1"], "argument --temperature: must be a finite number"),
-    (["sample", "--temperature", "-1"], "argument --temperature: must be >= 0"),
-    (["generate", "--top-p", "1.5", "--prompt-ids", "1"], r"argument --top-p: must be in (0, 1]"),
-    (["generate", "--device", "bogus", "--prompt-ids", "1"], "TrainConfig.device 'bogus' is not a device"),
-    (["generate", "--device", "cuda", "--prompt-ids", "1"], "CUDA is not available"),
-    (["generate", "--prompt-ids=-5"], "--prompt-ids holds token id -5; token ids are >= 0"),
-    (["generate", "--prompt-ids", "1 x"], "--prompt-ids must be integers"),
-    (["generate", "--prompt", "caf\udce9"], "--prompt is not valid UTF-8 text"),
-    (["sample", "--prompt", "\udcff"], "--prompt is not valid UTF-8 text"),
-    (["generate", "--num-draft", "0", "--prompt-ids", "1"], "argument --num-draft: must be a positive integer"),
-    (["bogus"], "invalid choice: 'bogus'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["generate", "--threads", "-1", "--prompt-ids", "1"],
+            "argument --threads: must be a positive integer, got '-1'",
+        ),
+        (["sample", "--threads", "0"], "argument --threads: must be a positive integer, got '0'"),
+        (["train", "--threads", "-1", "--out", "x"], "argument --threads: must be a positive integer, got '-1'"),
+        (["generate", "--temperature", "nan", "--prompt-ids", "1"], "argument --temperature: must be a finite number"),
+        (["sample", "--temperature", "-1"], "argument --temperature: must be >= 0"),
+        (["generate", "--top-p", "1.5", "--prompt-ids", "1"], r"argument --top-p: must be in (0, 1]"),
+        (["generate", "--device", "bogus", "--prompt-ids", "1"], "TrainConfig.device 'bogus' is not a device"),
+        (["generate", "--device", "cuda", "--prompt-ids", "1"], "CUDA is not available"),
+        (["generate", "--prompt-ids=-5"], "--prompt-ids holds token id -5; token ids are >= 0"),
+        (["generate", "--prompt-ids", "1 x"], "--prompt-ids must be integers"),
+        (["generate", "--prompt", "caf\udce9"], "--prompt is not valid UTF-8 text"),
+        (["sample", "--prompt", "\udcff"], "--prompt is not valid UTF-8 text"),
+        (["generate", "--num-draft", "0", "--prompt-ids", "1"], "argument --num-draft: must be a positive integer"),
+        (["bogus"], "invalid choice: 'bogus'"),
+    ],
+)
 def test_cli_errors_are_one_line_and_exit_2(model_dir, capsys, argv, message):
     if torch.cuda.is_available() and "cuda" in argv:
         pytest.skip("a GPU is present")
@@ -503,15 +612,32 @@ def test_cli_config_that_is_not_an_object_names_the_file(tmp_path, capsys, text,
 
 
 def test_cli_generate_with_a_huge_num_draft_works(model_dir, capsys):
-    assert main(["generate", "--checkpoint", str(model_dir), "--prompt-ids", "1 2 3", "--max-new-tokens", "4",
-                 "--speculative", "--num-draft", str(10**9), "--no-stop"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(model_dir),
+                "--prompt-ids",
+                "1 2 3",
+                "--max-new-tokens",
+                "4",
+                "--speculative",
+                "--num-draft",
+                str(10**9),
+                "--no-stop",
+            ]
+        )
+        == 0
+    )
     assert "4 tokens in" in capsys.readouterr().out  # the stats line: the run did not die allocating 10**9 drafts
 
 
 @pytest.mark.parametrize("command", ["info", "train", "sample", "generate"])
 def test_every_subcommand_shows_defaults_and_threads_in_help(command):
-    out = subprocess.run([sys.executable, "-m", "dsv3", command, "--help"], capture_output=True, text=True,
-                         check=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "dsv3", command, "--help"], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
     assert "(default:" in out
     if command != "info":
         assert "--threads" in out
@@ -522,37 +648,59 @@ def test_every_subcommand_shows_defaults_and_threads_in_help(command):
 def test_threads_flag_sets_torch_threads(model_dir, capsys):
     before = torch.get_num_threads()
     try:
-        assert main(["generate", "--checkpoint", str(model_dir), "--prompt-ids", "1", "--max-new-tokens", "1",
-                     "--threads", "1"]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--checkpoint",
+                    str(model_dir),
+                    "--prompt-ids",
+                    "1",
+                    "--max-new-tokens",
+                    "1",
+                    "--threads",
+                    "1",
+                ]
+            )
+            == 0
+        )
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------- a second probe (hostile user, round 2)
-@pytest.mark.parametrize("overrides, message", [
-    ({"num_nextn_predict_layers": True}, r"ModelConfig\.num_nextn_predict_layers must be a non-negative integer"),
-    ({"topk_method": "greedy"}, r"ModelConfig\.topk_method must be 'noaux_tc'"),  # once built noaux_tc routing
-    ({"torch_dtype": "float99"}, r"ModelConfig\.torch_dtype must be one of"),  # once loaded as bfloat16
-    ({"torch_dtype": "int8"}, r"ModelConfig\.torch_dtype must be one of"),
-    ({"num_key_value_heads": 3}, r"ModelConfig\.num_key_value_heads=3 must equal num_attention_heads=4"),
-    ({"aux_loss_alpha": -1.0}, r"ModelConfig\.aux_loss_alpha must be >= 0"),
-    ({"quantization_config": "fp8"}, r"ModelConfig\.quantization_config must be an object or null"),
-    ({"quantization_config": {"quant_method": "int4"}}, r"quantization_config\.quant_method must be 'fp8'"),
-    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}},
-     r"quantization_config\.weight_block_size must be \[128, 128\]"),
-    ({"rope_scaling": []}, r"ModelConfig\.rope_scaling must be an object of YaRN settings or null"),  # was no RoPE
-    ({"rope_scaling": "yarn"}, r"ModelConfig\.rope_scaling must be an object"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_nextn_predict_layers": True}, r"ModelConfig\.num_nextn_predict_layers must be a non-negative integer"),
+        ({"topk_method": "greedy"}, r"ModelConfig\.topk_method must be 'noaux_tc'"),  # once built noaux_tc routing
+        ({"torch_dtype": "float99"}, r"ModelConfig\.torch_dtype must be one of"),  # once loaded as bfloat16
+        ({"torch_dtype": "int8"}, r"ModelConfig\.torch_dtype must be one of"),
+        ({"num_key_value_heads": 3}, r"ModelConfig\.num_key_value_heads=3 must equal num_attention_heads=4"),
+        ({"aux_loss_alpha": -1.0}, r"ModelConfig\.aux_loss_alpha must be >= 0"),
+        ({"quantization_config": "fp8"}, r"ModelConfig\.quantization_config must be an object or null"),
+        ({"quantization_config": {"quant_method": "int4"}}, r"quantization_config\.quant_method must be 'fp8'"),
+        (
+            {"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}},
+            r"quantization_config\.weight_block_size must be \[128, 128\]",
+        ),
+        ({"rope_scaling": []}, r"ModelConfig\.rope_scaling must be an object of YaRN settings or null"),  # was no RoPE
+        ({"rope_scaling": "yarn"}, r"ModelConfig\.rope_scaling must be an object"),
+    ],
+)
 def test_config_values_that_once_passed_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         small_config(**overrides)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("original_max_position_embeddings", 1.5, r"rope_scaling\.original_max_position_embeddings must be an integer"),
-    ("fatcor", 3.0, r"rope_scaling has unknown keys 'fatcor' \(did you mean 'factor'\?\)"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("original_max_position_embeddings", 1.5, r"rope_scaling\.original_max_position_embeddings must be an integer"),
+        ("fatcor", 3.0, r"rope_scaling has unknown keys 'fatcor' \(did you mean 'factor'\?\)"),
+    ],
+)
 def test_rope_scaling_typos_and_fractions_are_refused(key, value, message):
     with pytest.raises(ValueError, match=message):
         small_config(rope_scaling=dict(small_config().rope_scaling, **{key: value}))
@@ -578,14 +726,17 @@ def test_from_hf_refuses_duplicate_keys_bad_eos_lists_and_rope_types(tmp_path):
         ModelConfig.from_hf(dict(hf, rope_scaling=5))
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda c: dsv3.kv_cache_bytes(c, 1.5), r"seq_len must be an integer >= 0, got 1\.5"),  # returned 360.0
-    (lambda c: dsv3.kv_cache_bytes(c, float("nan")), r"seq_len must be an integer >= 0, got nan"),
-    (lambda c: dsv3.kv_cache_bytes(c, 10, batch=2.5), r"batch must be a positive integer, got 2\.5"),
-    (lambda c: dsv3.kv_cache_bytes(c, 10, dtype="bf16"), r"dtype must be a torch\.dtype"),
-    (lambda c: dsv3.kv_cache_bytes(c.to_hf(), 10), r"config must be a dsv3\.ModelConfig .* got dict"),
-    (lambda c: dsv3.count_parameters(None), r"config must be a dsv3\.ModelConfig .* got NoneType"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda c: dsv3.kv_cache_bytes(c, 1.5), r"seq_len must be an integer >= 0, got 1\.5"),  # returned 360.0
+        (lambda c: dsv3.kv_cache_bytes(c, float("nan")), r"seq_len must be an integer >= 0, got nan"),
+        (lambda c: dsv3.kv_cache_bytes(c, 10, batch=2.5), r"batch must be a positive integer, got 2\.5"),
+        (lambda c: dsv3.kv_cache_bytes(c, 10, dtype="bf16"), r"dtype must be a torch\.dtype"),
+        (lambda c: dsv3.kv_cache_bytes(c.to_hf(), 10), r"config must be a dsv3\.ModelConfig .* got dict"),
+        (lambda c: dsv3.count_parameters(None), r"config must be a dsv3\.ModelConfig .* got NoneType"),
+    ],
+)
 def test_accounting_refuses_non_integer_sizes_and_non_configs(call, message):
     with pytest.raises(ValueError, match=message):
         call(small_config())
@@ -596,8 +747,11 @@ def test_accounting_refuses_non_integer_sizes_and_non_configs(call, message):
 def test_a_non_float_weight_is_refused_not_cast(tmp_path, dtype):
     save_pretrained(random_model(small_config()), tmp_path)
     _rewrite(tmp_path, lambda t: t.update({WEIGHT: t[WEIGHT].to(dtype)}))  # int64 truncated every weight to 0
-    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor {WEIGHT} has dtype {dtype}; a "
-                                              r"floating-point weight is expected"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"model\.safetensors: tensor {WEIGHT} has dtype {dtype}; a "
+        r"floating-point weight is expected",
+    ):
         load_pretrained(tmp_path)
 
 
@@ -624,18 +778,24 @@ def test_an_index_entry_for_a_tensor_its_shard_lacks_is_refused(tmp_path):
     shard = index["weight_map"][WEIGHT]
     index["weight_map"]["model.ghost.weight"] = shard  # was ignored
     (tmp_path / INDEX_NAME).write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=rf"{INDEX_NAME} maps tensor model\.ghost\.weight to .*{shard}, which "
-                                              r"does not hold it"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{INDEX_NAME} maps tensor model\.ghost\.weight to .*{shard}, which "
+        r"does not hold it",
+    ):
         load_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"dtype": "float32"}, r"load_pretrained: dtype must be None or one of"),  # was 'Invalid device string'
-    ({"dtype": torch.int8}, r"load_pretrained: dtype must be None or one of"),
-    ({"dtype": torch.float8_e4m3fn}, r"load_pretrained: dtype must be None or one of"),  # loaded as FP8
-    ({"device": "bogus"}, r"load_pretrained: device 'bogus' is not a device"),
-    ({"device": "meta"}, r"load_pretrained: device 'meta' holds no weights"),  # returned a model without weights
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"dtype": "float32"}, r"load_pretrained: dtype must be None or one of"),  # was 'Invalid device string'
+        ({"dtype": torch.int8}, r"load_pretrained: dtype must be None or one of"),
+        ({"dtype": torch.float8_e4m3fn}, r"load_pretrained: dtype must be None or one of"),  # loaded as FP8
+        ({"device": "bogus"}, r"load_pretrained: device 'bogus' is not a device"),
+        ({"device": "meta"}, r"load_pretrained: device 'meta' holds no weights"),  # returned a model without weights
+    ],
+)
 def test_load_pretrained_refuses_bad_dtype_and_device(tmp_path, kw, message):
     save_pretrained(random_model(small_config()), tmp_path)
     with pytest.raises(ValueError, match=message):
@@ -644,12 +804,15 @@ def test_load_pretrained_refuses_bad_dtype_and_device(tmp_path, kw, message):
         load_pretrained(None)
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"max_shard_bytes": -1}, r"max_shard_bytes must be a positive integer \(bytes\) or None, got -1"),
-    ({"max_shard_bytes": "1GB"}, r"max_shard_bytes must be a positive integer"),
-    ({"dtype": torch.int8}, r"save_pretrained: dtype must be None or one of"),  # wrote truncated integers
-    ({"dtype": "bf16"}, r"save_pretrained: dtype must be None or one of"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"max_shard_bytes": -1}, r"max_shard_bytes must be a positive integer \(bytes\) or None, got -1"),
+        ({"max_shard_bytes": "1GB"}, r"max_shard_bytes must be a positive integer"),
+        ({"dtype": torch.int8}, r"save_pretrained: dtype must be None or one of"),  # wrote truncated integers
+        ({"dtype": "bf16"}, r"save_pretrained: dtype must be None or one of"),
+    ],
+)
 def test_save_pretrained_refuses_bad_sizes_and_dtypes(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         save_pretrained(random_model(small_config()), tmp_path / "m", **kw)
@@ -667,26 +830,38 @@ def test_tied_embeddings_save_load_and_a_differing_head_is_refused(tmp_path):
     ids = torch.randint(0, 320, (1, 6))
     assert torch.equal(logits(loaded, ids), logits(model, ids))
     _rewrite(tmp_path, lambda t: t.update({"lm_head.weight": torch.zeros(320, 64)}))  # was silently dropped
-    with pytest.raises(CheckpointError, match=r"tie_word_embeddings=true\), but tensor lm_head\.weight differs from "
-                                              r"model\.embed_tokens\.weight"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tie_word_embeddings=true\), but tensor lm_head\.weight differs from "
+        r"model\.embed_tokens\.weight",
+    ):
         load_pretrained(tmp_path)
 
 
 # the model's forward
-@pytest.mark.parametrize("kw, message", [
-    ({"input_ids": [[1, 2]]}, r"input_ids must be an integer tensor of shape \(batch, seq\), got list"),
-    ({"labels": torch.full((2, 8), 320)}, r"labels holds token id 320, outside the vocabulary \[0, 320\)"),
-    ({"labels": torch.full((2, 8), -5)}, r"labels holds token id -5"),  # was torch's IndexError
-    ({"labels": torch.full((2, 8), -100)}, r"labels are all the ignore index -100"),  # was a NaN loss
-    ({"labels": torch.ones(2, 8)}, r"labels must be an integer tensor like input_ids, got torch\.float32"),
-    ({"attention_mask": torch.full((2, 8), 0.5)}, r"attention_mask must hold only 1 \(token\) and 0 \(padding\), "
-                                                  r"got 0\.5"),  # was read as 1
-    ({"attention_mask": [[1] * 8] * 2}, r"attention_mask must be a tensor"),
-    ({"position_ids": torch.arange(3)}, r"position_ids must be an integer tensor of shape \(2, 8\)"),
-    ({"position_ids": torch.full((2, 8), 10**6)}, r"position_ids holds position 1000000, outside \[0, "
-                                                  r"max_position_embeddings=512\)"),
-    ({"labels": torch.ones(2, 8, dtype=torch.long), "mtp_weight": float("nan")}, r"mtp_weight must be a finite"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"input_ids": [[1, 2]]}, r"input_ids must be an integer tensor of shape \(batch, seq\), got list"),
+        ({"labels": torch.full((2, 8), 320)}, r"labels holds token id 320, outside the vocabulary \[0, 320\)"),
+        ({"labels": torch.full((2, 8), -5)}, r"labels holds token id -5"),  # was torch's IndexError
+        ({"labels": torch.full((2, 8), -100)}, r"labels are all the ignore index -100"),  # was a NaN loss
+        ({"labels": torch.ones(2, 8)}, r"labels must be an integer tensor like input_ids, got torch\.float32"),
+        (
+            {"attention_mask": torch.full((2, 8), 0.5)},
+            r"attention_mask must hold only 1 \(token\) and 0 \(padding\), "
+            r"got 0\.5",
+        ),  # was read as 1
+        ({"attention_mask": [[1] * 8] * 2}, r"attention_mask must be a tensor"),
+        ({"position_ids": torch.arange(3)}, r"position_ids must be an integer tensor of shape \(2, 8\)"),
+        (
+            {"position_ids": torch.full((2, 8), 10**6)},
+            r"position_ids holds position 1000000, outside \[0, "
+            r"max_position_embeddings=512\)",
+        ),
+        ({"labels": torch.ones(2, 8, dtype=torch.long), "mtp_weight": float("nan")}, r"mtp_weight must be a finite"),
+    ],
+)
 def test_forward_refuses_bad_labels_masks_and_positions(kw, message):
     model = random_model(small_config())
     kw = {"input_ids": torch.randint(0, 320, (2, 8)), **kw}
@@ -702,16 +877,21 @@ def test_int32_labels_give_the_int64_loss():
 
 
 # generation
-@pytest.mark.parametrize("kw, message", [
-    ({"seed": -1, "temperature": 1.0}, r"seed must be None or an integer in \[0, 2\*\*64\), got -1"),
-    ({"seed": 1.5, "temperature": 1.0}, r"seed must be None or an integer"),  # was torch's RuntimeError
-    ({"seed": 2**70, "temperature": 1.0}, r"seed must be None or an integer"),
-    ({"stop_tokens": [999]}, r"stop_tokens holds 999, not a token id of the vocabulary \[0, 320\)"),
-    ({"stop_tokens": "1"}, r"stop_tokens must be a token id or a list of token ids, got '1'"),  # was ignored
-    ({"attention_mask": torch.full((1, 2), 0.5), "input_ids": torch.tensor([[1, 2]])},
-     r"attention_mask must hold only 1 \(token\) and 0 \(padding\), got 0\.5"),
-    ({"input_ids": [1, 10**30]}, r"prompt 0 holds token id 10{30}, outside the vocabulary"),  # was OverflowError
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"seed": -1, "temperature": 1.0}, r"seed must be None or an integer in \[0, 2\*\*64\), got -1"),
+        ({"seed": 1.5, "temperature": 1.0}, r"seed must be None or an integer"),  # was torch's RuntimeError
+        ({"seed": 2**70, "temperature": 1.0}, r"seed must be None or an integer"),
+        ({"stop_tokens": [999]}, r"stop_tokens holds 999, not a token id of the vocabulary \[0, 320\)"),
+        ({"stop_tokens": "1"}, r"stop_tokens must be a token id or a list of token ids, got '1'"),  # was ignored
+        (
+            {"attention_mask": torch.full((1, 2), 0.5), "input_ids": torch.tensor([[1, 2]])},
+            r"attention_mask must hold only 1 \(token\) and 0 \(padding\), got 0\.5",
+        ),
+        ({"input_ids": [1, 10**30]}, r"prompt 0 holds token id 10{30}, outside the vocabulary"),  # was OverflowError
+    ],
+)
 def test_generate_refuses_bad_seeds_stop_tokens_and_masks(kw, message):
     kw = {"input_ids": [1, 2], **kw}
     with pytest.raises(ValueError, match=message):
@@ -729,12 +909,15 @@ def test_generate_refuses_a_model_with_nan_logits_and_non_models():
 
 
 # training and data
-@pytest.mark.parametrize("kw, message", [
-    ({"progress": "no"}, r"TrainConfig\.progress must be true or false"),  # showed the bar
-    ({"seed": 2**70}, r"TrainConfig\.seed must be below 2\*\*63"),
-    ({"data_dir": ""}, r"TrainConfig\.data_dir is an empty path"),  # read the current directory
-    ({"out_dir": ""}, r"TrainConfig\.out_dir is an empty path"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"progress": "no"}, r"TrainConfig\.progress must be true or false"),  # showed the bar
+        ({"seed": 2**70}, r"TrainConfig\.seed must be below 2\*\*63"),
+        ({"data_dir": ""}, r"TrainConfig\.data_dir is an empty path"),  # read the current directory
+        ({"out_dir": ""}, r"TrainConfig\.out_dir is an empty path"),
+    ],
+)
 def test_train_config_values_that_once_passed_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kw)
@@ -742,8 +925,11 @@ def test_train_config_values_that_once_passed_are_refused(kw, message):
 
 def test_a_model_too_big_for_the_machine_is_refused_before_allocating(data, tmp_path, monkeypatch):
     no_compute(monkeypatch)
-    with pytest.raises(ValueError, match=r"the model has [\d,]+ parameters: training it needs about [\d,]+ GiB .* "
-                                         r"more than the [\d,]+ GiB of cpu"):
+    with pytest.raises(
+        ValueError,
+        match=r"the model has [\d,]+ parameters: training it needs about [\d,]+ GiB .* "
+        r"more than the [\d,]+ GiB of cpu",
+    ):
         train(ModelConfig.deepseek_v3(), run_config(data, tmp_path / "run", device="cpu"))  # began allocating 671B
 
 
@@ -760,8 +946,11 @@ def test_a_latest_that_is_a_directory_or_names_an_incomplete_checkpoint_is_named
     run = copy_run(finished_run, tmp_path / "run")
     ckpt = find_checkpoint(run)
     (ckpt / "trainer.json").unlink()
-    with pytest.raises(RunDirectoryError, match=rf"names {ckpt.name}, which is not a complete checkpoint \(no "
-                                                rf"{ckpt / 'trainer.json'}\)"):
+    with pytest.raises(
+        RunDirectoryError,
+        match=rf"names {ckpt.name}, which is not a complete checkpoint \(no "
+        rf"{ckpt / 'trainer.json'}\)",
+    ):
         find_checkpoint(run)
     (run / "latest").unlink()
     (run / "latest").mkdir()  # was "nothing to resume: holds no checkpoint"
@@ -770,14 +959,23 @@ def test_a_latest_that_is_a_directory_or_names_an_incomplete_checkpoint_is_named
 
 
 # the command line
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "--threads", "100000", "--prompt-ids", "1"], "argument --threads: must be at most 1024"),  # segfault
-    (["sample", "--threads", "5000"], "argument --threads: must be at most 1024"),
-    (["generate", "--prompt", ""], "--prompt encodes to no tokens"),
-    (["generate", "--prompt-ids", str(10**30)], "--prompt-ids holds token id 1" + "0" * 30 + ", outside the vocabulary"),
-    (["generate", "--device", "meta", "--prompt-ids", "1"], "device 'meta' holds no weights"),  # was a traceback
-    (["train", "--out", "x", "--domains", "shakespeare=1,shakespeare=2"], "--domains names 'shakespeare' twice"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["generate", "--threads", "100000", "--prompt-ids", "1"],
+            "argument --threads: must be at most 1024",
+        ),  # segfault
+        (["sample", "--threads", "5000"], "argument --threads: must be at most 1024"),
+        (["generate", "--prompt", ""], "--prompt encodes to no tokens"),
+        (
+            ["generate", "--prompt-ids", str(10**30)],
+            "--prompt-ids holds token id 1" + "0" * 30 + ", outside the vocabulary",
+        ),
+        (["generate", "--device", "meta", "--prompt-ids", "1"], "device 'meta' holds no weights"),  # was a traceback
+        (["train", "--out", "x", "--domains", "shakespeare=1,shakespeare=2"], "--domains names 'shakespeare' twice"),
+    ],
+)
 def test_cli_errors_of_the_second_probe_are_one_line(model_dir, capsys, argv, message):
     if argv[0] in ("generate", "sample"):
         argv = [*argv, "--checkpoint", str(model_dir)]

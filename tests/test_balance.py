@@ -148,7 +148,7 @@ def test_capacity_dropping_is_off_by_default_and_reports_a_fraction():
     moe.set_capacity(0.5)
     y2, r2 = moe(x)
     capacity = math.ceil(0.5 * N * K / E)
-    kept = (r2.topk_weights != 0)  # dropped pairs have their gating weight zeroed
+    kept = r2.topk_weights != 0  # dropped pairs have their gating weight zeroed
     per_expert = torch.bincount(r2.topk_ids[kept], minlength=E)
     assert (per_expert <= capacity).all()
     assert math.isclose(r2.dropped, 1 - kept.float().mean().item(), abs_tol=1e-6)

@@ -30,9 +30,17 @@ def test_released_names(tmp_path):
     L = cfg.num_hidden_layers
     assert "model.layers.1.mlp.experts.7.down_proj.weight" in keys
     assert "model.layers.1.mlp.gate.e_score_correction_bias" in keys
-    assert {f"model.layers.{L}.{n}" for n in ("enorm.weight", "hnorm.weight", "eh_proj.weight",
-                                              "shared_head.norm.weight", "shared_head.head.weight",
-                                              "embed_tokens.weight")} <= keys
+    assert {
+        f"model.layers.{L}.{n}"
+        for n in (
+            "enorm.weight",
+            "hnorm.weight",
+            "eh_proj.weight",
+            "shared_head.norm.weight",
+            "shared_head.head.weight",
+            "embed_tokens.weight",
+        )
+    } <= keys
     assert "lm_head.weight" in keys and "model.norm.weight" in keys
 
 

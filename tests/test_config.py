@@ -9,10 +9,22 @@ def test_deepseek_v3_preset_is_the_release():
     c = ModelConfig.deepseek_v3()
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.vocab_size) == (7168, 61, 128, 129280)
     assert (c.n_routed_experts, c.num_experts_per_tok, c.n_group, c.topk_group) == (256, 8, 8, 4)
-    assert (c.kv_lora_rank, c.q_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim) == (512, 1536, 64,
-                                                                                                      128, 128)
-    assert c.rope_scaling == {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
-                              "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    assert (c.kv_lora_rank, c.q_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim) == (
+        512,
+        1536,
+        64,
+        128,
+        128,
+    )
+    assert c.rope_scaling == {
+        "type": "yarn",
+        "factor": 40.0,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
     assert c.num_nextn_predict_layers == 1 and c.first_k_dense_replace == 3
     assert c.quantization_config["weight_block_size"] == [128, 128]
 
@@ -23,16 +35,19 @@ def test_tiny_preset_shape():
     assert c.n_routed_experts >= 8 and c.n_group >= 2 and c.num_nextn_predict_layers == 1
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("num_experts_per_tok", 17, "num_experts_per_tok=17 exceeds n_routed_experts=16"),
-    ("n_group", 3, "not divisible by n_group=3"),
-    ("topk_group", 5, "topk_group=5 exceeds n_group=4"),
-    ("hidden_size", 0, "hidden_size must be a positive integer"),
-    ("kv_lora_rank", -4, "kv_lora_rank must be a positive integer"),
-    ("qk_rope_head_dim", 7, "qk_rope_head_dim must be even"),
-    ("q_lora_rank", 0, "q_lora_rank must be a positive integer or None"),
-    ("scoring_func", "softmax", "scoring_func must be 'sigmoid'"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("num_experts_per_tok", 17, "num_experts_per_tok=17 exceeds n_routed_experts=16"),
+        ("n_group", 3, "not divisible by n_group=3"),
+        ("topk_group", 5, "topk_group=5 exceeds n_group=4"),
+        ("hidden_size", 0, "hidden_size must be a positive integer"),
+        ("kv_lora_rank", -4, "kv_lora_rank must be a positive integer"),
+        ("qk_rope_head_dim", 7, "qk_rope_head_dim must be even"),
+        ("q_lora_rank", 0, "q_lora_rank must be a positive integer or None"),
+        ("scoring_func", "softmax", "scoring_func must be 'sigmoid'"),
+    ],
+)
 def test_validation_names_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig.tiny(**{field: value})

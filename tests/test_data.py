@@ -56,6 +56,7 @@ def _copy_data(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
+
 def test_committed_tokenizer_has_2048_tokens_and_deepseek_special_ids(tok):
     assert tok.vocab_size == len(tok) == 2048
     assert (tok.bos_id, tok.eos_id) == (0, 1)
@@ -81,9 +82,19 @@ def test_committed_files_are_what_build_data_files_produces(tmp_path):
         assert path.read_bytes() == committed.read_bytes(), f"{name}: {committed} differs from a fresh build"
 
 
-@pytest.mark.parametrize("text", ["", "hello world", "  leading and trailing  \n\n", "héllo wörld 日本語 🙂",
-                                  "tabs\tand\r\nCRLF\x00nul", "<|eos|> is just text here <|bos|>",
-                                  "def f(x):\n    return x * 2\n", "12 * (3 + 4) = 12 * 7 = 84"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "hello world",
+        "  leading and trailing  \n\n",
+        "héllo wörld 日本語 🙂",
+        "tabs\tand\r\nCRLF\x00nul",
+        "<|eos|> is just text here <|bos|>",
+        "def f(x):\n    return x * 2\n",
+        "12 * (3 + 4) = 12 * 7 = 84",
+    ],
+)
 def test_round_trip(tok, text):
     ids = tok.encode(text)
     assert tok.decode(ids) == text
@@ -105,6 +116,7 @@ def test_bpe_compresses_shakespeare(corpus):
 
 
 # ---------------------------------------------------------------------------------------------- generated domains
+
 
 def test_generated_domains_are_deterministic_per_seed():
     assert make_arithmetic(300, seed=7) != make_arithmetic(300, seed=8)
@@ -166,6 +178,7 @@ def test_domains_are_sized_as_designed():
 
 # ---------------------------------------------------------------------------------------------------- corpus
 
+
 def test_split_is_contiguous_at_a_line_boundary():
     for d in DOMAINS:
         text = load_text(d)
@@ -200,6 +213,7 @@ def test_data_dir_override_with_env(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------- batching
+
 
 def test_batch_shapes_and_label_shift():
     tokens = torch.arange(1000)  # a token's value is its position, so windows are easy to read
@@ -254,8 +268,9 @@ def test_exact_resume():
         assert torch.equal(want.input_ids, got.input_ids) and torch.equal(want.domain_ids, got.domain_ids)
     fresh = BatchIterator(streams, batch_size=4, seq_len=16, seed=11)
     assert not torch.equal(next(fresh).input_ids, expected[0].input_ids)  # the position matters
-    assert not torch.equal(next(BatchIterator(streams, 4, 16, seed=12)).input_ids,
-                           next(BatchIterator(streams, 4, 16, seed=11)).input_ids)
+    assert not torch.equal(
+        next(BatchIterator(streams, 4, 16, seed=12)).input_ids, next(BatchIterator(streams, 4, 16, seed=11)).input_ids
+    )
 
 
 def test_val_batches_are_fixed_non_overlapping_windows():
@@ -282,6 +297,7 @@ def test_corpus_val_batches(corpus):
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
+
 
 def test_missing_and_empty_files(tmp_path, tok):
     _copy_data(tmp_path)
@@ -319,9 +335,16 @@ def test_unknown_domain_and_bad_split(corpus):
         split_text("a\nb\n", val_fraction=1.5)
 
 
-@pytest.mark.parametrize("field,kwargs", [("batch_size", dict(batch_size=0)), ("batch_size", dict(batch_size=-2)),
-                                          ("seq_len", dict(seq_len=0)), ("seq_len", dict(seq_len=2.5)),
-                                          ("batch_size", dict(batch_size=True))])
+@pytest.mark.parametrize(
+    "field,kwargs",
+    [
+        ("batch_size", dict(batch_size=0)),
+        ("batch_size", dict(batch_size=-2)),
+        ("seq_len", dict(seq_len=0)),
+        ("seq_len", dict(seq_len=2.5)),
+        ("batch_size", dict(batch_size=True)),
+    ],
+)
 def test_bad_batch_settings(field, kwargs):
     args = dict(batch_size=2, seq_len=4) | kwargs
     with pytest.raises(ValueError, match=f"{field} must be a positive integer, got {kwargs[field]!r}"):
@@ -360,8 +383,7 @@ def test_resume_with_different_settings_is_refused():
     with pytest.raises(ValueError, match="lengths"):
         BatchIterator(torch.arange(101), 2, 4, seed=0).load_state_dict(state)
     with pytest.raises(ValueError, match="'step'"):
-        BatchIterator(torch.arange(100), 2, 4, seed=0).load_state_dict({k: v for k, v in state.items()
-                                                                        if k != "step"})
+        BatchIterator(torch.arange(100), 2, 4, seed=0).load_state_dict({k: v for k, v in state.items() if k != "step"})
 
 
 def test_generators_reject_bad_sizes():
@@ -377,6 +399,7 @@ def test_generators_reject_bad_sizes():
 
 # ---------------------------------------------------------------------------------------------------- packaging
 
+
 @pytest.mark.slow
 def test_wheel_ships_the_data_files_and_finds_them(tmp_path):
     """``pip install git+...`` on Colab builds a wheel: it must carry data/ (as dsv3/_data) and every module."""
@@ -388,8 +411,22 @@ def test_wheel_ships_the_data_files_and_finds_them(tmp_path):
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         if (repo / name).exists():
             shutil.copy(repo / name, src / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "dist")], check=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(src),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        check=True,
+        timeout=600,
+    )
     wheel = next((tmp_path / "dist").glob("dsv3-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in [*data.DOMAIN_FILES.values(), data.TOKENIZER_FILE]:
@@ -398,12 +435,15 @@ def test_wheel_ships_the_data_files_and_finds_them(tmp_path):
         assert module.relative_to(repo).as_posix() in names, f"the wheel lacks {module.relative_to(repo)}"
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)  # what pip does with a pure-Python wheel
-    probe = ("import json, dsv3, dsv3.data as d; print(json.dumps([dsv3.__file__, str(d.data_dir()), "
-             "d.load_tokenizer().vocab_size, d.load_text('code')]))")
+    probe = (
+        "import json, dsv3, dsv3.data as d; print(json.dumps([dsv3.__file__, str(d.data_dir()), "
+        "d.load_tokenizer().vocab_size, d.load_text('code')]))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "DSV3_DATA"}
     env["PYTHONPATH"] = str(site)  # the installed copy, ahead of this checkout
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path,
-                         timeout=300, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=True
+    ).stdout
     where, found, vocab, code = json.loads(out)
     assert Path(where) == site / "dsv3" / "__init__.py"
     assert Path(found) == site / "dsv3" / "_data"

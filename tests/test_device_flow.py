@@ -16,8 +16,9 @@ import torch
 from dsv3 import DeepSeekV3, ModelConfig
 from dsv3.kernels.backend import use_backend
 
-pytestmark = pytest.mark.skipif(torch.version.cuda is None,
-                                reason="fake CUDA tensors need a CUDA build of torch (no GPU needed)")
+pytestmark = pytest.mark.skipif(
+    torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch (no GPU needed)"
+)
 
 fake_tensor = pytest.importorskip("torch._subclasses.fake_tensor")
 STOPS = (fake_tensor.DataDependentOutputException, fake_tensor.DynamicOutputShapeException)
@@ -34,15 +35,17 @@ def fake_cuda():
         for module in model.modules():
             for name, p in list(module._parameters.items()):
                 if p is not None:
-                    module._parameters[name] = torch.nn.Parameter(mode.from_tensor(p).to("cuda"),
-                                                                  requires_grad=p.requires_grad)
+                    module._parameters[name] = torch.nn.Parameter(
+                        mode.from_tensor(p).to("cuda"), requires_grad=p.requires_grad
+                    )
             for name, b in list(module._buffers.items()):
                 if b is not None:
                     module._buffers[name] = mode.from_tensor(b).to("cuda")
     model._check_inputs = lambda *args, **kwargs: None  # its int() of the ids would end the fake run at once
     seen = []  # the device of the token ids each forward of the model receives
-    model.register_forward_pre_hook(lambda mod, args, kwargs: seen.append(
-        (args[0] if args else kwargs["input_ids"]).device.type), with_kwargs=True)
+    model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[0] if args else kwargs["input_ids"]).device.type), with_kwargs=True
+    )
     assert model.device.type == "cuda"
     return mode, model, seen
 

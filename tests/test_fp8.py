@@ -1,20 +1,21 @@
 """FP8 training and inference (paper Sec. 3.3): the FP8 linear against a quantise-dequantise reference written here
 with torch's own e4m3 cast (exact) and against fp32 (within what the scaling predicts); the recipe applied to a
 model; the low-precision AdamW; FP8 training runs; released FP8 weights kept in FP8."""
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
-from helpers import random_model, small_config
 
 import dsv3.kernels as K
 from dsv3 import DeepSeekV3, ModelConfig, load_pretrained, save_pretrained
 from dsv3.fp8 import AdamW, FP8Experts, FP8Linear, apply_fp8, cached_input_bytes, fp8_modules
 from dsv3.kernels import fp8
+from helpers import random_model, small_config
 
-U = 2.0 ** -4  # e4m3 keeps 3 mantissa bits: a rounding moves a normal value by at most 1/16 of itself
+U = 2.0**-4  # e4m3 keeps 3 mantissa bits: a rounding moves a normal value by at most 1/16 of itself
 
 
 def qdq(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -22,10 +23,10 @@ def qdq(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     out = torch.empty_like(t, dtype=torch.float32)
     for i in range(0, t.shape[0], rows):
         for j in range(0, t.shape[1], cols):
-            tile = t[i:i + rows, j:j + cols].float()
+            tile = t[i : i + rows, j : j + cols].float()
             amax = tile.abs().max()
             scale = amax / 448.0 if amax > 0 else torch.tensor(1.0)
-            out[i:i + rows, j:j + cols] = (tile / scale).to(torch.float8_e4m3fn).float() * scale
+            out[i : i + rows, j : j + cols] = (tile / scale).to(torch.float8_e4m3fn).float() * scale
     return out
 
 
@@ -76,7 +77,7 @@ def test_fp8_linear_error_against_fp32_is_what_the_scaling_predicts():
     n = torch.linalg.norm
     assert n(y - y32) <= (2 * U + U * U) * n(x) * n(w)
     assert n(dx - x32.grad) <= (2 * U + U * U) * n(dy) * n(w)
-    assert n(dw - w32.grad) <= (3 * U + 3 * U * U + U ** 3) * n(dy) * n(x)
+    assert n(dw - w32.grad) <= (3 * U + 3 * U * U + U**3) * n(dy) * n(x)
     torch.testing.assert_close(db, dy.sum(0))  # the bias gradient stays in high precision
     for got, exact in ((y, y32), (dx, x32.grad), (dw, w32.grad)):
         rel = (n(got - exact) / n(exact)).item()
@@ -129,6 +130,7 @@ def test_quantize_dequantize_tiles():
 
 # ------------------------------------------------------------------------------------------- the recipe
 
+
 def test_apply_fp8_swaps_linears_and_experts_and_keeps_the_rest():
     model = random_model(small_config(hidden_size=128, num_hidden_layers=2, num_nextn_predict_layers=1))
     before = dict(model.state_dict())
@@ -170,8 +172,9 @@ def test_fp8_experts_match_per_expert_fp8_linears():
     for n in range(N):
         for k in range(topk):
             e = ids[n, k].item()
-            h = torch.nn.functional.silu(K.fp8_training_linear(x[n:n + 1], base.gate_proj[e])) * \
-                K.fp8_training_linear(x[n:n + 1], base.up_proj[e])
+            h = torch.nn.functional.silu(
+                K.fp8_training_linear(x[n : n + 1], base.gate_proj[e])
+            ) * K.fp8_training_linear(x[n : n + 1], base.up_proj[e])
             expect[n] += weights[n, k] * K.fp8_training_linear(h, base.down_proj[e])[0]
     # per-token vs per-expert tiles: the 1 x 128 tiles are per row, so each row quantizes the same way
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-6)
@@ -204,6 +207,7 @@ def test_adamw_moments_in_bf16():
 
 # ------------------------------------------------------------------------------------------- released FP8 weights
 
+
 def test_keep_fp8_runs_released_fp8_weights_in_fp8(tmp_path):
     cfg = small_config(hidden_size=200, q_lora_rank=136)  # partial 128 x 128 blocks in every matrix
     model = random_model(cfg)
@@ -216,8 +220,10 @@ def test_keep_fp8_runs_released_fp8_weights_in_fp8(tmp_path):
     ex = kept.layers[1].mlp.experts
     assert ex.up_proj.dtype == torch.float8_e4m3fn and ex.up_proj_scale_inv.shape == (cfg.n_routed_experts, 1, 2)
     assert kept.lm_head.weight.dtype == torch.float32 and kept.layers[1].mlp.gate.weight.dtype == torch.float32
-    assert torch.equal(fp8.weight_dequant(attn.q_a_proj.weight, attn.q_a_proj.weight_scale_inv,
-                                          dtype=torch.float32), deq.layers[0].self_attn.q_a_proj.weight)
+    assert torch.equal(
+        fp8.weight_dequant(attn.q_a_proj.weight, attn.q_a_proj.weight_scale_inv, dtype=torch.float32),
+        deq.layers[0].self_attn.q_a_proj.weight,
+    )
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     a, b = kept(ids).logits, deq(ids).logits
     rel = ((a - b).norm() / b.norm()).item()
@@ -253,12 +259,25 @@ def test_store_fp8_in_memory_matches_a_saved_fp8_checkpoint(tmp_path):
 
 # ------------------------------------------------------------------------------------------- training
 
+
 def fp8_run_config(**kw) -> ModelConfig:
     """Small enough for 150 CPU steps in seconds, wide enough (hidden 128) for whole 1 x 128 tiles."""
-    return ModelConfig.tiny(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, n_group=1, topk_group=1,
-                            num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=64, num_nextn_predict_layers=0,
-                            **kw)
+    return ModelConfig.tiny(
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        n_routed_experts=4,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=2,
+        kv_lora_rank=32,
+        q_lora_rank=64,
+        num_nextn_predict_layers=0,
+        **kw,
+    )
 
 
 @pytest.mark.slow
@@ -267,8 +286,7 @@ def test_fp8_training_tracks_fp32():
     and not a no-op (its losses differ from fp32's)."""
     from dsv3.train import TrainConfig, train
 
-    common = dict(steps=150, batch_size=8, seq_len=32, eval_every=150, eval_batches=4, warmup_steps=10,
-                  progress=False)
+    common = dict(steps=150, batch_size=8, seq_len=32, eval_every=150, eval_batches=4, warmup_steps=10, progress=False)
     torch.set_num_threads(2)
     ref = train(fp8_run_config(), TrainConfig(**common))
     run = train(fp8_run_config(), TrainConfig(fp8=True, **common))
@@ -302,8 +320,28 @@ def test_cli_train_fp8(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps(fp8_run_config().to_hf()))
     out = str(tmp_path / "run")
-    assert main(["train", "--config", str(tmp_path / "config.json"), "--fp8", "--steps", "1", "--batch-size", "2",
-                 "--seq-len", "16", "--eval-every", "0", "--no-progress", "--out", out]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(tmp_path / "config.json"),
+                "--fp8",
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "16",
+                "--eval-every",
+                "0",
+                "--no-progress",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     state = json.loads((find_checkpoint(out) / TRAINER_JSON).read_text())
     assert state["train_config"]["fp8"] is True
     assert state["optimizer"]["type"] == "AdamW"  # dsv3.fp8.AdamW, bf16 moments

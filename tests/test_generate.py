@@ -46,6 +46,7 @@ def tv(a, b):
 
 # ---------------------------------------------------------------------------------------------- plain decoding
 
+
 def test_greedy_equals_uncached_argmax_loop():
     """The cached decode gives the tokens a cache-free loop of full forwards gives."""
     model = random_model(small_config())
@@ -91,13 +92,15 @@ def test_cache_bytes_equal_the_formula():
         stats = generate(model, prompts, 9, cache_kind=kind).stats
         assert stats.cache_len == 12 + 9  # allocated once: longest prompt + max_new_tokens
         assert stats.cache_bytes == kv_cache_bytes(cfg, 21, batch=3, dtype=torch.float32, attention=attention)
-    spec = generate(random_model(small_config(num_nextn_predict_layers=2)), prompts, 9, speculative=True,
-                    num_draft=2).stats  # the MTP layers' entries are not part of the main-model figure
+    spec = generate(
+        random_model(small_config(num_nextn_predict_layers=2)), prompts, 9, speculative=True, num_draft=2
+    ).stats  # the MTP layers' entries are not part of the main-model figure
     assert spec.cache_bytes == kv_cache_bytes(cfg, 21, batch=3, dtype=torch.float32)
     latent = kv_cache_bytes(cfg, 1, dtype=torch.float32)
     naive = kv_cache_bytes(cfg, 1, dtype=torch.float32, attention="mha")
-    assert latent * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) == \
-        naive * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    assert latent * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) == naive * (
+        cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    )
 
 
 def test_batch_equals_per_row_and_rows_stop_on_their_own():
@@ -115,7 +118,7 @@ def test_batch_equals_per_row_and_rows_stop_on_their_own():
         assert batch.sequences()[b] == ref
         hits = [i for i, t in enumerate(alone[b].tolist()) if t == stop]
         assert len(ref) == (hits[0] + 1 if hits else 12)
-        assert (batch.tokens[b, len(ref):] == -1).all()
+        assert (batch.tokens[b, len(ref) :] == -1).all()
     assert batch.lengths[1] <= 4
 
 
@@ -137,6 +140,7 @@ def test_streaming_callback_sees_every_token():
 
 
 # ---------------------------------------------------------------------------------------------- sampling
+
 
 def test_sampling_probs_by_hand():
     logits = torch.log(torch.tensor([[0.1, 0.4, 0.2, 0.3]]))
@@ -202,12 +206,13 @@ def test_speculative_verify_preserves_a_markov_chain():
     expect = torch.minimum(P1, Q1)[:, None] * P2  # P(x1 accepted) * p_2(x2 | x1)
     assert tv(joint, expect) < 0.01
     two = n_acc == 2  # both accepted: the bonus token is drawn from p_3(. | x1, x2)
-    triple = torch.bincount((d1[two] * V + d2[two]) * V + nxt[two], minlength=V ** 3).view(V, V, V) / B
+    triple = torch.bincount((d1[two] * V + d2[two]) * V + nxt[two], minlength=V**3).view(V, V, V) / B
     expect = torch.minimum(P1, Q1)[:, None, None] * torch.minimum(P2, Q2)[:, :, None] * P3
     assert tv(triple, expect) < 0.015
 
 
 # ---------------------------------------------------------------------------------------------- speculative
+
 
 @pytest.mark.parametrize("n_mtp", [1, 2])
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -311,20 +316,27 @@ def test_speculative_sampling_keeps_the_distribution():
 
 # ---------------------------------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("make,kwargs,message", [
-    (lambda c: torch.zeros(1, 0, dtype=torch.long), {}, "prompt is empty"),
-    (lambda c: [], {}, "prompt is empty"),
-    (lambda c: [[3, 4], []], {}, "prompt 1 has no tokens"),
-    (lambda c: torch.tensor([[5, c.vocab_size]]), {}, "token id 320, outside the vocabulary \\[0, 320\\)"),
-    (lambda c: [[1, 2], [-1]], {}, "prompt 1 holds token id -1"),
-    (lambda c: torch.zeros(1, 500, dtype=torch.long), {}, "prompt length 500 \\+ max_new_tokens 20 = 520 exceeds "
-                                                           "max_position_embeddings=512"),
-    (lambda c: [1, 2], {"speculative": True}, "MTP modules, but this model has none"),
-    (lambda c: [1, 2], {"temperature": -1.0}, "temperature must be >= 0"),
-    (lambda c: [1, 2], {"top_p": 0.0}, "top_p must be in \\(0, 1\\]"),
-    (lambda c: [1, 2], {"cache_kind": "paged"}, "cache_kind must be one of"),
-    (lambda c: torch.zeros(2, 3), {}, "integer token ids"),
-])
+
+@pytest.mark.parametrize(
+    "make,kwargs,message",
+    [
+        (lambda c: torch.zeros(1, 0, dtype=torch.long), {}, "prompt is empty"),
+        (lambda c: [], {}, "prompt is empty"),
+        (lambda c: [[3, 4], []], {}, "prompt 1 has no tokens"),
+        (lambda c: torch.tensor([[5, c.vocab_size]]), {}, "token id 320, outside the vocabulary \\[0, 320\\)"),
+        (lambda c: [[1, 2], [-1]], {}, "prompt 1 holds token id -1"),
+        (
+            lambda c: torch.zeros(1, 500, dtype=torch.long),
+            {},
+            "prompt length 500 \\+ max_new_tokens 20 = 520 exceeds max_position_embeddings=512",
+        ),
+        (lambda c: [1, 2], {"speculative": True}, "MTP modules, but this model has none"),
+        (lambda c: [1, 2], {"temperature": -1.0}, "temperature must be >= 0"),
+        (lambda c: [1, 2], {"top_p": 0.0}, "top_p must be in \\(0, 1\\]"),
+        (lambda c: [1, 2], {"cache_kind": "paged"}, "cache_kind must be one of"),
+        (lambda c: torch.zeros(2, 3), {}, "integer token ids"),
+    ],
+)
 def test_bad_inputs(make, kwargs, message):
     cfg = small_config(num_nextn_predict_layers=0)
     model = random_model(cfg)
@@ -342,14 +354,31 @@ def test_bad_generation_settings():
 
 # ---------------------------------------------------------------------------------------------- command line
 
+
 def test_cli_streams_ids_and_stats(tmp_path, capsys):
     from dsv3.cli import main
 
     model = random_model(small_config(num_nextn_predict_layers=1))
     save_pretrained(model, tmp_path)
     ref = generate(model, [5, 6, 7], 6).sequences()[0]
-    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt-ids", "5 6 7", "--max-new-tokens", "6",
-                 "--no-stop", "--speculative", "--num-draft", "2"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(tmp_path),
+                "--prompt-ids",
+                "5 6 7",
+                "--max-new-tokens",
+                "6",
+                "--no-stop",
+                "--speculative",
+                "--num-draft",
+                "2",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split() == [str(t) for t in [5, 6, 7] + ref]
     assert "tokens/forward" in lines[1] and "accepted" in lines[1]

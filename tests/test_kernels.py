@@ -3,6 +3,7 @@
 
 The Triton kernels are compared with these references in tests/test_kernels_triton.py.
 """
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (see test_kernels_triton.py)
@@ -23,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------------- backend switch
+
 
 def test_set_backend_validates_and_context_restores():
     start = K.get_backend()
@@ -97,6 +99,7 @@ def test_import_and_torch_path_without_triton():
 
 # ------------------------------------------------------------------------------------------- RMSNorm
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_rms_norm_reference_matches_transformers(dtype):
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
@@ -114,6 +117,7 @@ def test_rms_norm_reference_matches_transformers(dtype):
 
 # ------------------------------------------------------------------------------------------- RoPE
 
+
 def test_rope_reference_matches_transformers_interleave():
     """transformers rotates the same pairs but writes evens then odds (a fixed permutation of ours)."""
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
@@ -124,11 +128,12 @@ def test_rope_reference_matches_transformers_interleave():
     k = torch.randn(B, T, 1, R)
     ang = torch.randn(B, T, R // 2)
     cos, sin = ang.cos(), ang.sin()
-    hf_q, hf_k = apply_rotary_pos_emb_interleave(q, k, torch.cat([cos, cos], -1), torch.cat([sin, sin], -1),
-                                                 unsqueeze_dim=2)
+    hf_q, hf_k = apply_rotary_pos_emb_interleave(
+        q, k, torch.cat([cos, cos], -1), torch.cat([sin, sin], -1), unsqueeze_dim=2
+    )
     for ours, theirs in ((K.apply_rope_torch(q, cos, sin), hf_q), (K.apply_rope_torch(k, cos, sin), hf_k)):
         torch.testing.assert_close(ours[..., 0::2], theirs[..., : R // 2])
-        torch.testing.assert_close(ours[..., 1::2], theirs[..., R // 2:])
+        torch.testing.assert_close(ours[..., 1::2], theirs[..., R // 2 :])
 
 
 def test_rope_rejects_bad_shapes():
@@ -138,13 +143,21 @@ def test_rope_rejects_bad_shapes():
 
 # ------------------------------------------------------------------------------------------- router
 
+
 def test_router_reference_matches_transformers():
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 
     torch.manual_seed(0)
-    cfg = DeepseekV3Config(hidden_size=16, n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2,
-                           routed_scaling_factor=2.5, norm_topk_prob=True)
+    cfg = DeepseekV3Config(
+        hidden_size=16,
+        n_routed_experts=32,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+    )
     router = DeepseekV3TopkRouter(cfg)
     with torch.no_grad():
         router.weight.normal_()
@@ -180,7 +193,7 @@ def test_router_reference_matches_a_by_hand_loop_for_k_over_m_3():
     for n in range(N):
         s = [1 / (1 + math.exp(-u)) for u in logits[n].tolist()]
         c = [si + bi for si, bi in zip(s, bias.tolist())]
-        group_score = [sum(sorted(c[g * 6:(g + 1) * 6], reverse=True)[:K_r // M]) for g in range(G)]
+        group_score = [sum(sorted(c[g * 6 : (g + 1) * 6], reverse=True)[: K_r // M]) for g in range(G)]
         kept = sorted(range(G), key=lambda g: -group_score[g])[:M]
         candidates = [e for e in range(E) if e // 6 in kept]
         chosen = sorted(candidates, key=lambda e: -c[e])[:K_r]
@@ -221,12 +234,13 @@ def test_router_reference_is_differentiable_and_validates():
 
 # ------------------------------------------------------------------------------------------- MoE
 
+
 def _moe_inputs(N, D, I, E, K_, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(N, D, generator=g).to(dtype)
-    wg = (torch.randn(E, I, D, generator=g) / D ** 0.5).to(dtype)
-    wu = (torch.randn(E, I, D, generator=g) / D ** 0.5).to(dtype)
-    wd = (torch.randn(E, D, I, generator=g) / I ** 0.5).to(dtype)
+    wg = (torch.randn(E, I, D, generator=g) / D**0.5).to(dtype)
+    wu = (torch.randn(E, I, D, generator=g) / D**0.5).to(dtype)
+    wd = (torch.randn(E, D, I, generator=g) / I**0.5).to(dtype)
     ids = torch.stack([torch.randperm(E, generator=g)[:K_] for _ in range(N)])
     tw = torch.rand(N, K_, generator=g)
     return x, wg, wu, wd, tw, ids
@@ -303,6 +317,7 @@ def test_expert_counts():
 
 # ------------------------------------------------------------------------------------------- MLA decode
 
+
 def _mla_oracle(q_latent, q_rope, ckv, kr, seq_lens, scale):
     """Absorbed MLA is multi-query attention with k = [c^KV, k^R] and v = c^KV: ask SDPA."""
     B, Tq, H, r = q_latent.shape
@@ -349,11 +364,23 @@ def test_mla_decode_reference_start_offsets_equal_unpadded_rows(Tq):
         ckv[b, :s0], kr[b, :s0] = 1e3, -1e3  # garbage that would dominate any softmax it entered
     out = K.mla_decode_torch(q, qr, ckv, kr, seq_lens, 0.2, starts=starts)
     for b, s0 in enumerate(starts.tolist()):
-        alone = K.mla_decode_torch(q[b:b + 1], qr[b:b + 1], ckv[b:b + 1, s0:], kr[b:b + 1, s0:],
-                                   seq_lens[b:b + 1] - s0, 0.2)
-        torch.testing.assert_close(out[b:b + 1], alone, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(alone, _mla_oracle(q[b:b + 1], qr[b:b + 1], ckv[b:b + 1, s0:], kr[b:b + 1, s0:],
-                                                      seq_lens[b:b + 1].long() - s0, 0.2), rtol=1e-5, atol=1e-5)
+        alone = K.mla_decode_torch(
+            q[b : b + 1], qr[b : b + 1], ckv[b : b + 1, s0:], kr[b : b + 1, s0:], seq_lens[b : b + 1] - s0, 0.2
+        )
+        torch.testing.assert_close(out[b : b + 1], alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            alone,
+            _mla_oracle(
+                q[b : b + 1],
+                qr[b : b + 1],
+                ckv[b : b + 1, s0:],
+                kr[b : b + 1, s0:],
+                seq_lens[b : b + 1].long() - s0,
+                0.2,
+            ),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_mla_decode_reference_reads_only_the_filled_positions():
@@ -378,6 +405,7 @@ def test_attention_prefill_reference_is_causal_sdpa():
 
 # ------------------------------------------------------------------------------------------- FP8
 
+
 def test_weight_dequant_hand_made_blocks_with_partial_edges():
     """A 5x6 weight in 4x4 blocks: block (i, j) has scale 10*i + j + 1 and every fp8 value is 1.5."""
     w = torch.full((5, 6), 1.5).to(fp8.FP8_DTYPE)
@@ -397,7 +425,7 @@ def test_weight_quant_roundtrip_and_zero_blocks():
     q, s = fp8.weight_quant(w)
     assert q.dtype == fp8.FP8_DTYPE and s.shape == (3, 2) and s[1, 0] == 1.0
     back = fp8.weight_dequant(q, s, dtype=torch.float32)
-    assert ((back - w).abs() <= 2 ** -4 * w.abs() + 1e-12).all()  # e4m3 keeps 3 mantissa bits
+    assert ((back - w).abs() <= 2**-4 * w.abs() + 1e-12).all()  # e4m3 keeps 3 mantissa bits
     # the largest element of each block maps exactly to +-448
     assert torch.equal(q.float().abs().amax(), torch.tensor(448.0))
 
@@ -408,10 +436,10 @@ def test_act_quant_reference_tiles_match_torch_cast():
     q, s = fp8.act_quant_torch(x)
     assert q.shape == x.shape and s.shape == (3, 3)
     for t in range(3):
-        tile = x[:, t * 128:(t + 1) * 128]
+        tile = x[:, t * 128 : (t + 1) * 128]
         scale = tile.abs().amax(1) / 448.0
         torch.testing.assert_close(s[:, t], scale, rtol=0, atol=0)
-        assert torch.equal(q[:, t * 128:(t + 1) * 128].float(), (tile / scale[:, None]).to(fp8.FP8_DTYPE).float())
+        assert torch.equal(q[:, t * 128 : (t + 1) * 128].float(), (tile / scale[:, None]).to(fp8.FP8_DTYPE).float())
 
 
 def test_fp8_gemm_reference_matches_dequantized_matmul():
@@ -425,6 +453,7 @@ def test_fp8_gemm_reference_matches_dequantized_matmul():
 
 
 # ------------------------------------------------------------------------------------------- linear + CE
+
 
 @pytest.mark.parametrize("chunk", [None, 7, 64])
 def test_linear_cross_entropy_reference_matches_f_cross_entropy(chunk):

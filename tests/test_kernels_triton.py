@@ -4,6 +4,7 @@ TRITON_INTERPRET=1 must be set before triton defines a kernel; dsv3.kernels impo
 so setting it at the top of this module is enough. The interpreter is ~1000x slower than eager torch: shapes are
 tiny but ragged (not multiples of any block), in fp32 and fp16 (the interpreter's bf16 dot is not reliable).
 """
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -45,6 +46,7 @@ def leaf(t):
 
 # ------------------------------------------------------------------------------------------- RMSNorm
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("residual", [False, True])
 def test_rms_norm(dtype, residual):
@@ -75,6 +77,7 @@ def test_rms_norm_dispatch_under_triton_backend():
 
 # ------------------------------------------------------------------------------------------- RoPE
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_on_a_strided_slice(dtype):
     """The rope slice q[..., nope:] of a larger tensor (non-contiguous), forward and backward."""
@@ -104,14 +107,18 @@ def test_rope_inplace_and_dispatch():
 
 # ------------------------------------------------------------------------------------------- router
 
-@pytest.mark.parametrize("N,E,top_k,n_group,topk_group", [
-    (6, 256, 8, 8, 4),  # DeepSeek-V3 routing
-    (5, 24, 4, 3, 2),  # groups of 8
-    (5, 24, 6, 3, 2),  # groups of 8, group score = sum of the top 3 (K_r / M = 3)
-    (4, 20, 8, 4, 2),  # groups of 5 (not a power of two), group score = sum of the top 4
-    (4, 20, 4, 4, 4),  # groups of 5, no group masking
-    (3, 16, 4, 1, 1),  # a single group
-])
+
+@pytest.mark.parametrize(
+    "N,E,top_k,n_group,topk_group",
+    [
+        (6, 256, 8, 8, 4),  # DeepSeek-V3 routing
+        (5, 24, 4, 3, 2),  # groups of 8
+        (5, 24, 6, 3, 2),  # groups of 8, group score = sum of the top 3 (K_r / M = 3)
+        (4, 20, 8, 4, 2),  # groups of 5 (not a power of two), group score = sum of the top 4
+        (4, 20, 4, 4, 4),  # groups of 5, no group masking
+        (3, 16, 4, 1, 1),  # a single group
+    ],
+)
 def test_router(N, E, top_k, n_group, topk_group):
     torch.manual_seed(E)
     logits = torch.randn(N, E) * 2
@@ -136,14 +143,15 @@ def test_router_falls_back_to_torch_for_autograd():
 
 # ------------------------------------------------------------------------------------------- MoE
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,D,I,E,top_k", [(7, 40, 24, 5, 2), (37, 24, 40, 8, 3)])
 def test_moe_experts_forward_backward(dtype, N, D, I, E, top_k):
     torch.manual_seed(N)
     x = torch.randn(N, D).to(dtype)
-    wg = (torch.randn(E, I, D) / D ** 0.5).to(dtype)
-    wu = (torch.randn(E, I, D) / D ** 0.5).to(dtype)
-    wd = (torch.randn(E, D, I) / I ** 0.5).to(dtype)
+    wg = (torch.randn(E, I, D) / D**0.5).to(dtype)
+    wu = (torch.randn(E, I, D) / D**0.5).to(dtype)
+    wd = (torch.randn(E, D, I) / I**0.5).to(dtype)
     ids = torch.stack([torch.randperm(E)[:top_k] for _ in range(N)])
     ids[: N // 2, 0] = 1  # one crowded expert (more rows than a tile), some experts left empty
     ids[: N // 2, 1:] = torch.arange(2, 1 + top_k).clamp(max=E - 1)[: top_k - 1]
@@ -173,6 +181,7 @@ def test_moe_align_pads_each_expert_to_the_tile():
 
 # ------------------------------------------------------------------------------------------- MLA
 
+
 def _paged(ckv, kr, page, extra=3):
     """Scatter a contiguous (B, S, d) cache into a shuffled pool of pages + block table."""
     B, S, r = ckv.shape
@@ -186,8 +195,17 @@ def _paged(ckv, kr, page, extra=3):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("Tq,splits,paged,padded", [(1, None, False, False), (2, 3, True, False), (1, 1, True, False),
-                                                     (2, 1, False, False), (2, 3, True, True), (3, 1, False, True)])
+@pytest.mark.parametrize(
+    "Tq,splits,paged,padded",
+    [
+        (1, None, False, False),
+        (2, 3, True, False),
+        (1, 1, True, False),
+        (2, 1, False, False),
+        (2, 3, True, True),
+        (3, 1, False, True),
+    ],
+)
 def test_mla_decode(dtype, Tq, splits, paged, padded):
     torch.manual_seed(Tq)
     B, H, r, dr, S = 3, 5, 40, 8, 90  # r = 40: not a power of two; lengths ragged
@@ -218,6 +236,7 @@ def test_attention_prefill(causal):
 
 # ------------------------------------------------------------------------------------------- FP8
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_act_quant_bit_exact(dtype):
     torch.manual_seed(0)
@@ -241,8 +260,9 @@ def test_weight_dequant_every_e4m3_value_and_partial_blocks():
         assert torch.equal(out, fp8.weight_dequant_torch(w, scale, block=8, dtype=dtype))
     torch.manual_seed(0)
     wq, ws = fp8.weight_quant(torch.randn(200, 150))
-    assert torch.equal(fp8.weight_dequant_triton(wq, ws, dtype=torch.float32),
-                       fp8.weight_dequant_torch(wq, ws, dtype=torch.float32))
+    assert torch.equal(
+        fp8.weight_dequant_triton(wq, ws, dtype=torch.float32), fp8.weight_dequant_torch(wq, ws, dtype=torch.float32)
+    )
 
 
 @pytest.mark.parametrize("native", [False, True])
@@ -266,11 +286,13 @@ def test_fp8_linear_dispatch_under_triton_backend():
         expect = fp8.fp8_linear(x, wq, sw)
     with K.use_backend("triton"):
         assert_close(fp8.fp8_linear(x, wq, sw), expect, 1e-5)
-        assert torch.equal(fp8.weight_dequant(wq, sw, dtype=torch.float32),
-                           fp8.weight_dequant_torch(wq, sw, dtype=torch.float32))
+        assert torch.equal(
+            fp8.weight_dequant(wq, sw, dtype=torch.float32), fp8.weight_dequant_torch(wq, sw, dtype=torch.float32)
+        )
 
 
 # ------------------------------------------------------------------------------------------- linear + CE
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_cross_entropy(dtype):
@@ -294,6 +316,7 @@ def test_linear_cross_entropy(dtype):
 
 # ------------------------------------------------------------------------------------------- benchmark
 
+
 @pytest.mark.slow
 def test_bench_kernels_interpret_smoke():
     """benchmarks/bench_kernels.py --interpret-smoke runs every case at tiny sizes and exits 0 (paths agree)."""
@@ -301,7 +324,12 @@ def test_bench_kernels_interpret_smoke():
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_kernels.py"), "--interpret-smoke"],
-                         capture_output=True, text=True, timeout=600, cwd=root)
+    out = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "bench_kernels.py"), "--interpret-smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| mla_decode (paged 64) |" in out.stdout and "| fp8_gemm vs bf16 matmul |" in out.stdout

@@ -17,11 +17,14 @@ def hf_twin(model, tmp_path):
     return DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("overrides", [
-    {},  # YaRN, query compression, groups, shared expert
-    {"q_lora_rank": None, "n_shared_experts": 2, "n_routed_experts": 12, "num_experts_per_tok": 6, "topk_group": 3},
-    {"rope_scaling": None, "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # YaRN, query compression, groups, shared expert
+        {"q_lora_rank": None, "n_shared_experts": 2, "n_routed_experts": 12, "num_experts_per_tok": 6, "topk_group": 3},
+        {"rope_scaling": None, "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1, "norm_topk_prob": False},
+    ],
+)
 def test_logits_match_transformers(tmp_path, overrides):
     cfg = small_config(**overrides)
     model = random_model(cfg, seed=1)
@@ -48,7 +51,7 @@ def test_mtp_matches_transformers_mtp_model(tmp_path):
         h = hf(ids, output_hidden_states=True).hidden_states[-1]
         pos = torch.arange(T).expand(2, T)
         for k in range(2):
-            h = mtp.forward_layer(k, h[:, : T - k - 1], pos[:, : T - k - 1], None, input_ids=ids[:, k + 1:])
+            h = mtp.forward_layer(k, h[:, : T - k - 1], pos[:, : T - k - 1], None, input_ids=ids[:, k + 1 :])
             assert rel_err(out.mtp_logits[k], mtp._project_to_logits(h)) < 1e-4
 
 
@@ -62,7 +65,7 @@ def test_losses_and_mtp_alignment():
     T = ids.shape[1]
     assert [lg.shape[1] for lg in out.mtp_logits] == [T - 1, T - 2]
     for k, lg in enumerate(out.mtp_logits, 1):
-        hand = torch.nn.functional.cross_entropy(lg.reshape(-1, cfg.vocab_size), tokens[:, k + 1:].reshape(-1))
+        hand = torch.nn.functional.cross_entropy(lg.reshape(-1, cfg.vocab_size), tokens[:, k + 1 :].reshape(-1))
         assert torch.allclose(out.mtp_losses[k - 1], hand)
     main = torch.nn.functional.cross_entropy(out.logits.reshape(-1, cfg.vocab_size), labels.reshape(-1))
     assert torch.allclose(out.main_loss, main)
@@ -147,7 +150,7 @@ def test_cached_decode_equals_full_forward(kind):
         steps = [model(ids[:, :30], cache=cache).logits]
         steps.append(model(ids[:, 30:33], cache=cache).logits)  # a 3-token chunk (speculative verification)
         for t in range(33, 40):
-            steps.append(model(ids[:, t:t + 1], cache=cache).logits)
+            steps.append(model(ids[:, t : t + 1], cache=cache).logits)
     assert cache.length == 40
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
 
@@ -193,16 +196,16 @@ def test_ragged_batch_equals_per_row_runs_and_transformers(tmp_path):
     ids = torch.zeros(B, P, dtype=torch.long)
     mask = torch.zeros(B, P, dtype=torch.long)
     for b, n in enumerate(lens):
-        ids[b, P - n:], mask[b, P - n:] = rows[b][:n], 1
+        ids[b, P - n :], mask[b, P - n :] = rows[b][:n], 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         alone = [model(r[None]).logits[0] for r in rows]  # (n + extra, V) each
         theirs = hf(ids, attention_mask=mask, position_ids=pos).logits
         for b, n in enumerate(lens):
-            assert rel_err(theirs[b, P - n:], alone[b][:n]) < 1e-4
+            assert rel_err(theirs[b, P - n :], alone[b][:n]) < 1e-4
         prefill = model(ids, attention_mask=mask, position_ids=pos, absorbed=True).logits
         for b, n in enumerate(lens):
-            assert rel_err(prefill[b, P - n:], alone[b][:n]) < 1e-5
+            assert rel_err(prefill[b, P - n :], alone[b][:n]) < 1e-5
         for kind in ("latent", "naive"):
             cache = model.new_cache(B, P + extra, kind=kind)
             steps = [model(ids, attention_mask=mask, position_ids=pos, cache=cache).logits]
@@ -212,7 +215,7 @@ def test_ragged_batch_equals_per_row_runs_and_transformers(tmp_path):
                 steps.append(model(nxt, position_ids=pos[:, -1:] + t + 1, cache=cache).logits)
             out = torch.cat(steps, dim=1)  # (B, P + extra, V)
             for b, n in enumerate(lens):
-                assert rel_err(out[b, P - n:], alone[b]) < 1e-5, kind
+                assert rel_err(out[b, P - n :], alone[b]) < 1e-5, kind
 
 
 def test_padding_must_be_left_and_absorbed_must_agree_with_the_cache():
@@ -255,13 +258,16 @@ def test_bias_changes_selection_not_weights():
     assert torch.allclose(w1, expect, atol=1e-6)
 
 
-@pytest.mark.parametrize("bad,message", [
-    (lambda c: torch.tensor([[0, c.vocab_size]]), "token id 320, outside the vocabulary"),
-    (lambda c: torch.tensor([[-1, 2]]), "token id -1"),
-    (lambda c: torch.zeros(1, 0, dtype=torch.long), "input_ids is empty"),
-    (lambda c: torch.zeros(1, c.max_position_embeddings + 1, dtype=torch.long), "exceeds max_position_embeddings"),
-    (lambda c: torch.zeros(4, dtype=torch.long), "shape \\(batch, seq\\)"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (lambda c: torch.tensor([[0, c.vocab_size]]), "token id 320, outside the vocabulary"),
+        (lambda c: torch.tensor([[-1, 2]]), "token id -1"),
+        (lambda c: torch.zeros(1, 0, dtype=torch.long), "input_ids is empty"),
+        (lambda c: torch.zeros(1, c.max_position_embeddings + 1, dtype=torch.long), "exceeds max_position_embeddings"),
+        (lambda c: torch.zeros(4, dtype=torch.long), "shape \\(batch, seq\\)"),
+    ],
+)
 def test_bad_inputs(bad, message):
     cfg = small_config()
     model = random_model(cfg)

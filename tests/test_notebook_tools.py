@@ -75,6 +75,7 @@ def small_figure(title: str = "demo") -> go.Figure:
 
 # --- show / mimebundle ------------------------------------------------------------------------------------------
 
+
 def test_mimebundle_has_plotly_json_html_and_summary():
     fig = small_figure()
     bundle = viz.mimebundle(fig)
@@ -111,8 +112,10 @@ def test_html_cannot_be_closed_early_by_figure_text():
 def test_summary_counts_frames_sliders_and_menus():
     fig = small_figure()
     fig.frames = [go.Frame(data=[go.Bar(y=[i, i])], name=str(i)) for i in range(3)]
-    fig.update_layout(sliders=[dict(steps=[dict(args=[[str(i)]], method="animate") for i in range(3)])],
-                      updatemenus=[dict(type="buttons", buttons=[dict(label="play", method="animate", args=[None])])])
+    fig.update_layout(
+        sliders=[dict(steps=[dict(args=[[str(i)]], method="animate") for i in range(3)])],
+        updatemenus=[dict(type="buttons", buttons=[dict(label="play", method="animate", args=[None])])],
+    )
     assert viz.summary(fig) == "<Figure 'demo' | 2 traces: bar, scatter | 3 frames | 1 slider | 1 menu>"
     assert viz.mimebundle(fig)[viz.PLOTLY_MIMETYPE]["frames"][2]["name"] == "2"
 
@@ -124,7 +127,7 @@ def test_show_displays_the_bundle_raw(monkeypatch):
     monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False: shown.append((obj, raw)))
     monkeypatch.delenv("DSV3_PLOTLY_RENDERER", raising=False)
     viz.show(small_figure())
-    (bundle, raw), = shown
+    ((bundle, raw),) = shown
     assert raw and set(bundle) == {viz.PLOTLY_MIMETYPE, "text/html", "text/plain"}
 
 
@@ -154,6 +157,7 @@ def test_book_renderer_makes_fig_show_use_the_bundle():
 
 
 # --- setup_notebook (the first cell) --------------------------------------------------------------------------
+
 
 def test_setup_on_cpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -195,8 +199,7 @@ def test_setup_on_colab_installs_only_missing_extras_and_enables_widgets(fake_co
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     device, big = viz.setup_notebook(extras=["plotly>=1", "dsv3-no-such-package>=2", "torch<1"])
     assert (device, big) == ("cpu", False)
-    assert fake_colab["pip"] == [[sys.executable, "-m", "pip", "install", "-q",
-                                  "dsv3-no-such-package>=2", "torch<1"]]
+    assert fake_colab["pip"] == [[sys.executable, "-m", "pip", "install", "-q", "dsv3-no-such-package>=2", "torch<1"]]
     assert fake_colab["widget_manager"] == 1
     assert pio.renderers.default == "colab"
     assert "| Colab" in capsys.readouterr().out
@@ -215,6 +218,7 @@ def test_setup_off_colab_never_installs(monkeypatch):
 
 
 # --- the preface's package map ---------------------------------------------------------------------------------
+
 
 def test_first_sentence_of_docstrings(tmp_path):
     cases = [  # (module source, the first sentence of its docstring)
@@ -258,19 +262,43 @@ def test_chapter_map_links_only_existing_modules():
 
 # --- run_notebook.py ------------------------------------------------------------------------------------------
 
+
 def _volatile_notebook():
     nb = nbformat.v4.new_notebook()
-    nb.metadata = {"kernelspec": {"name": "venv-3.11", "display_name": "My venv", "language": "python"},
-                   "language_info": {"name": "python", "version": "3.11.7"}, "colab": {"provenance": []},
-                   "widgets": {run_notebook.WIDGET_STATE: {"state": {
-                       "3f2a": {"model_name": "IntSliderModel", "state": {"layout": "IPY_MODEL_9c1d"}},
-                       "9c1d": {"model_name": "LayoutModel", "state": {}}}, "version_major": 2, "version_minor": 0}}}
-    code = nbformat.v4.new_code_cell("# NBVAL_IGNORE_OUTPUT\nprint(1)", execution_count=1,
-                                     outputs=[nbformat.v4.new_output("display_data", data={
-                                         "application/vnd.jupyter.widget-view+json": {"model_id": "3f2a"},
-                                         "text/plain": "IntSlider(value=0)"})])
-    code.metadata = {"execution": {"iopub.execute_input": "2025-01-01T00:00:00Z"}, "collapsed": False,
-                     "tags": ["keep"], "colab": {"base_uri": "x"}}
+    nb.metadata = {
+        "kernelspec": {"name": "venv-3.11", "display_name": "My venv", "language": "python"},
+        "language_info": {"name": "python", "version": "3.11.7"},
+        "colab": {"provenance": []},
+        "widgets": {
+            run_notebook.WIDGET_STATE: {
+                "state": {
+                    "3f2a": {"model_name": "IntSliderModel", "state": {"layout": "IPY_MODEL_9c1d"}},
+                    "9c1d": {"model_name": "LayoutModel", "state": {}},
+                },
+                "version_major": 2,
+                "version_minor": 0,
+            }
+        },
+    }
+    code = nbformat.v4.new_code_cell(
+        "# NBVAL_IGNORE_OUTPUT\nprint(1)",
+        execution_count=1,
+        outputs=[
+            nbformat.v4.new_output(
+                "display_data",
+                data={
+                    "application/vnd.jupyter.widget-view+json": {"model_id": "3f2a"},
+                    "text/plain": "IntSlider(value=0)",
+                },
+            )
+        ],
+    )
+    code.metadata = {
+        "execution": {"iopub.execute_input": "2025-01-01T00:00:00Z"},
+        "collapsed": False,
+        "tags": ["keep"],
+        "colab": {"base_uri": "x"},
+    }
     nb.cells = [nbformat.v4.new_markdown_cell("# T", id="title"), code]
     code.id = "code"
     return nb
@@ -314,13 +342,17 @@ def test_check_reports_what_is_wrong(tmp_path):
 def test_execute_runs_in_the_fixed_environment_and_stores_widget_state(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     monkeypatch.setenv("DSV3_PLOTLY_RENDERER", "browser")
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("# NBVAL_IGNORE_OUTPUT\nimport os\n"
-                                  "print(os.environ['PYTHONHASHSEED'], repr(os.environ['CUDA_VISIBLE_DEVICES']),"
-                                  " os.environ['OMP_NUM_THREADS'], 'DSV3_PLOTLY_RENDERER' in os.environ)"),
-        nbformat.v4.new_code_cell("import ipywidgets as w\nw.IntSlider(value=7, description='n')"),
-        nbformat.v4.new_code_cell(f"import os\nprint(os.getcwd() == {str(tmp_path)!r})"),
-    ])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                "# NBVAL_IGNORE_OUTPUT\nimport os\n"
+                "print(os.environ['PYTHONHASHSEED'], repr(os.environ['CUDA_VISIBLE_DEVICES']),"
+                " os.environ['OMP_NUM_THREADS'], 'DSV3_PLOTLY_RENDERER' in os.environ)"
+            ),
+            nbformat.v4.new_code_cell("import ipywidgets as w\nw.IntSlider(value=7, description='n')"),
+            nbformat.v4.new_code_cell(f"import os\nprint(os.getcwd() == {str(tmp_path)!r})"),
+        ]
+    )
     path = tmp_path / "99_probe.ipynb"
     nbformat.write(nb, path)
     seconds = run_notebook.execute(path, timeout=120)
@@ -369,8 +401,9 @@ def test_timing_file_and_table(tmp_path):
 
 def test_machine_reads_the_device_line_of_the_setup_cell():
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("setup")])
-    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout",
-                                                  text="python 3.11 | torch 2.13 | device cuda (NVIDIA H100)\n")]
+    nb.cells[0].outputs = [
+        nbformat.v4.new_output("stream", name="stdout", text="python 3.11 | torch 2.13 | device cuda (NVIDIA H100)\n")
+    ]
     assert run_notebook.machine(nb, "cuda") == "cuda (NVIDIA H100)"
     nb.cells[0].outputs[0]["text"] = "python 3.11 | device cpu (2 threads)\n"
     assert run_notebook.machine(nb, "cpu").endswith("cpu (2 threads)")
@@ -400,8 +433,10 @@ def test_notebook_environment_computes_the_same_bits_on_a_cpu_without_avx512():
     import subprocess
 
     env = run_notebook.apply_env(dict(os.environ))
-    runs = [subprocess.run([sys.executable, "-c", _FLOAT_PROBE], env=e, capture_output=True, text=True, timeout=300)
-            for e in (env, dict(env, MKL_ENABLE_INSTRUCTIONS="AVX2"))]
+    runs = [
+        subprocess.run([sys.executable, "-c", _FLOAT_PROBE], env=e, capture_output=True, text=True, timeout=300)
+        for e in (env, dict(env, MKL_ENABLE_INSTRUCTIONS="AVX2"))
+    ]
     assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
     assert runs[0].stdout == runs[1].stdout
 
@@ -441,11 +476,21 @@ def test_figures_in_committed_chapters_come_from_dsv3_viz_show(path):
 
 # --- the site's notebook reader -------------------------------------------------------------------------------
 
+
 def test_site_reader_drops_plotly_json_only_where_html_is_there():
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x", outputs=[
-        nbformat.v4.new_output("display_data", data=viz.mimebundle(small_figure())),
-        nbformat.v4.new_output("display_data", data={viz.PLOTLY_MIMETYPE: {"data": []}, "text/plain": "Figure"}),
-    ])])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                "x",
+                outputs=[
+                    nbformat.v4.new_output("display_data", data=viz.mimebundle(small_figure())),
+                    nbformat.v4.new_output(
+                        "display_data", data={viz.PLOTLY_MIMETYPE: {"data": []}, "text/plain": "Figure"}
+                    ),
+                ],
+            )
+        ]
+    )
     read = dsv3_site.read_notebook(nbformat.writes(nb))
     first, second = read.cells[0].outputs
     assert set(first.data) == {"text/html", "text/plain"}

@@ -65,8 +65,19 @@ TOC = toc_files()
 
 def build(source: Path, out: Path) -> subprocess.CompletedProcess:
     """``jupyter-book build <source> -W -n --keep-going`` with a fresh environment, output under ``out``."""
-    cmd = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())",
-           "build", str(source), "-W", "-n", "--keep-going", "--all", "--path-output", str(out)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from jupyter_book.cli.main import main; sys.exit(main())",
+        "build",
+        str(source),
+        "-W",
+        "-n",
+        "--keep-going",
+        "--all",
+        "--path-output",
+        str(out),
+    ]
     return subprocess.run(cmd, cwd=source, capture_output=True, text=True, timeout=900)
 
 
@@ -98,6 +109,7 @@ def server(site):
 
 # --- the table of contents and the build ----------------------------------------------------------------------
 
+
 def test_toc_lists_exactly_the_chapters_that_exist():
     chapters = sorted(f"book/{p.stem}" for p in (ROOT / "book").glob(run_notebook.CHAPTER_GLOB))
     listed = [name for name in TOC if (ROOT / f"{name}.ipynb").is_file()]
@@ -110,8 +122,14 @@ def test_toc_lists_exactly_the_chapters_that_exist():
 
 
 def test_reference_pages_are_listed():
-    for page in ("book/bibliography", "book/glossary", "book/notation", "book/prerequisites", "book/labs",
-                 "book/timings"):
+    for page in (
+        "book/bibliography",
+        "book/glossary",
+        "book/notation",
+        "book/prerequisites",
+        "book/labs",
+        "book/timings",
+    ):
         assert page in TOC, f"{page} is missing from _toc.yml"
 
 
@@ -185,9 +203,20 @@ def test_pages_load_scripts_and_styles_only_from_the_site(site):
 @pytest.mark.slow
 def test_plotly_only_output_fails_the_build(tmp_path):
     """A figure that the site cannot draw (plotly mimetype, no HTML) must fail the -W build, not vanish."""
-    book = _probe_book(tmp_path, [nbformat.v4.new_code_cell("fig", execution_count=1, outputs=[
-        nbformat.v4.new_output("display_data", data={PLOTLY_MIMETYPE: {"data": [], "layout": {}},
-                                                     "text/plain": "Figure()"})])])
+    book = _probe_book(
+        tmp_path,
+        [
+            nbformat.v4.new_code_cell(
+                "fig",
+                execution_count=1,
+                outputs=[
+                    nbformat.v4.new_output(
+                        "display_data", data={PLOTLY_MIMETYPE: {"data": [], "layout": {}}, "text/plain": "Figure()"}
+                    )
+                ],
+            )
+        ],
+    )
     result = build(book, tmp_path / "out")
     assert result.returncode != 0
     assert "unknown output mime type: application/vnd.plotly.v1+json" in result.stdout + result.stderr
@@ -195,14 +224,17 @@ def test_plotly_only_output_fails_the_build(tmp_path):
 
 # --- in the browser -------------------------------------------------------------------------------------------
 
+
 def expected_outputs(notebook: Path) -> dict:
     """What the page of ``notebook`` must show: its figures and widget views (none on a markdown page)."""
     if not notebook.is_file():
         return {"figures": 0, "widgets": 0}
     nb = nbformat.read(notebook, as_version=4)
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
-    return {"figures": sum(PLOTLY_MIMETYPE in o.get("data", {}) for o in outputs),
-            "widgets": sum(WIDGET_VIEW in o.get("data", {}) for o in outputs)}
+    return {
+        "figures": sum(PLOTLY_MIMETYPE in o.get("data", {}) for o in outputs),
+        "widgets": sum(WIDGET_VIEW in o.get("data", {}) for o in outputs),
+    }
 
 
 def look_at(chromium, url: str, shot_name: str, then=None) -> tuple[dict, dict, list[str]]:
@@ -250,9 +282,12 @@ def test_preface_exercises_the_whole_plumbing(site, server, chromium):
         report = browser_tools.settle(page)
         assert report["figures"] >= 1 and report["math"] >= 1 and report["dropdowns"] >= 1
         page.evaluate("document.querySelector('.admonition.dropdown .toggle-button').click()")
-        opened = page.wait_for("(() => { const d = document.querySelector('.admonition.dropdown');"
-                               " return [...d.children].slice(1).every(c => c.getBoundingClientRect().height > 0)"
-                               " })()", what="the solution to open")
+        opened = page.wait_for(
+            "(() => { const d = document.querySelector('.admonition.dropdown');"
+            " return [...d.children].slice(1).every(c => c.getBoundingClientRect().height > 0)"
+            " })()",
+            what="the solution to open",
+        )
         assert opened and page.problems() == []
     finally:
         page.close()
@@ -266,7 +301,8 @@ def test_browser_reports_every_kind_of_problem(tmp_path, chromium):
         "<html><body><p>probe</p>"
         '<script src="https://cdn.example.com/lib.js"></script>'
         '<img src="missing.png">'
-        "<script>console.error('logged on purpose'); null.boom;</script></body></html>")
+        "<script>console.error('logged on purpose'); null.boom;</script></body></html>"
+    )
     with browser_tools.SiteServer(tmp_path) as srv:
         page = chromium.open(srv.url + "index.html")
         try:
@@ -282,6 +318,7 @@ def test_browser_reports_every_kind_of_problem(tmp_path, chromium):
 
 
 # --- plotly's controls on the chapters, driven with the mouse --------------------------------------------------
+
 
 def open_chapter_with(site: Path, server, chromium, wanted):
     """The first chapter page (toc order) with a figure whose controls ``wanted(controls)`` accepts:
@@ -342,6 +379,7 @@ def test_play_button_of_a_chapter_plays_every_frame(site, server, chromium):
 
 # --- a probe book: widgets, sliders and animation frames through the same configuration -------------------------
 
+
 def _probe_book(tmp_path: Path, cells: list) -> Path:
     """A one-page book under ``tmp_path/book_src`` with this repository's configuration and extension."""
     src = tmp_path / "book_src"
@@ -351,9 +389,12 @@ def _probe_book(tmp_path: Path, cells: list) -> Path:
     shutil.copytree(ROOT / "book" / "_ext", src / "book" / "_ext")
     shutil.copytree(ROOT / "book" / "_static", src / "book" / "_static")
     (src / "_toc.yml").write_text("format: jb-book\nroot: book/probe\n")
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Probe\n\nInline $x^2$ and\n\n"
-                                                                       "$$\\sum_{i=1}^n i = \\frac{n(n+1)}{2}$$"),
-                                         *cells])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_markdown_cell("# Probe\n\nInline $x^2$ and\n\n$$\\sum_{i=1}^n i = \\frac{n(n+1)}{2}$$"),
+            *cells,
+        ]
+    )
     nbformat.write(nb, src / "book" / "probe.ipynb")
     return src
 
@@ -391,12 +432,14 @@ def test_probe_page_draws_widgets_sliders_and_frames(tmp_path, chromium):
     html = tmp_path / "out" / "_build" / "html"
 
     def sliders_frames_and_widgets(page):
-        counts = page.evaluate("({sliders: document.querySelectorAll('.dsv3-plotly .slider-container').length,"
-                               " menus: document.querySelectorAll('.dsv3-plotly .updatemenu-container').length,"
-                               " frames: document.querySelector('.dsv3-plotly')._transitionData._frames.length,"
-                               " slider: document.querySelector('.widget-subarea .widget-slider') !== null,"
-                               " text: document.querySelector('.widget-subarea .widget-output')"
-                               "?.textContent.trim()})")
+        counts = page.evaluate(
+            "({sliders: document.querySelectorAll('.dsv3-plotly .slider-container').length,"
+            " menus: document.querySelectorAll('.dsv3-plotly .updatemenu-container').length,"
+            " frames: document.querySelector('.dsv3-plotly')._transitionData._frames.length,"
+            " slider: document.querySelector('.widget-subarea .widget-slider') !== null,"
+            " text: document.querySelector('.widget-subarea .widget-output')"
+            "?.textContent.trim()})"
+        )
         assert counts == {"sliders": 1, "menus": 1, "frames": 3, "slider": True, "text": "k = 3"}
         # Go to the last frame, as the slider does: the static page recomputes nothing, it animates.
         played = browser_tools.click_button(page, 0, "Play")  # the play button shows every frame, in order

@@ -40,22 +40,32 @@ Because only the latent is cached.
 2. A question without a hidden answer."""
 
 
-def lab_notebook(autograde: str = "assert double(3) == 6, f'double(3) should be 6, got {double(3)}'\nprint('passed')",
-                 solution_after_check: bool = False) -> nbformat.NotebookNode:
+def lab_notebook(
+    autograde: str = "assert double(3) == 6, f'double(3) should be 6, got {double(3)}'\nprint('passed')",
+    solution_after_check: bool = False,
+) -> nbformat.NotebookNode:
     """A chapter in miniature: setup, a lab (stub, solution, check), a written exercise with a hidden answer."""
+
     def code(source, tag=None, out=None):
         cell = new_code_cell(source, metadata={"tags": [tag]} if tag else {})
         if out is not None:
             cell.outputs = [new_output("stream", name="stdout", text=out)]
         return cell
 
-    lab = [code("def double(x):\n    # your code here\n    return None", "exercise"),
-           code("def double(x):\n    return 2 * x", "solution"),
-           code(autograde, "autograde", "passed\n")]
+    lab = [
+        code("def double(x):\n    # your code here\n    return None", "exercise"),
+        code("def double(x):\n    return 2 * x", "solution"),
+        code(autograde, "autograde", "passed\n"),
+    ]
     if solution_after_check:
         lab[1], lab[2] = lab[2], lab[1]
-    cells = [new_markdown_cell("# A chapter"), code("import math\nbase = 2", out=""), *lab,
-             code("print(double(21))", out="42\n"), new_markdown_cell(WRITTEN_EXERCISE)]
+    cells = [
+        new_markdown_cell("# A chapter"),
+        code("import math\nbase = 2", out=""),
+        *lab,
+        code("print(double(21))", out="42\n"),
+        new_markdown_cell(WRITTEN_EXERCISE),
+    ]
     nb = new_notebook(cells=cells)
     for i, cell in enumerate(nb.cells):
         cell.id = f"cell-{i:03d}"
@@ -63,6 +73,7 @@ def lab_notebook(autograde: str = "assert double(3) == 6, f'double(3) should be 
 
 
 # --- the student copy -------------------------------------------------------------------------------------------
+
 
 def test_student_copy_has_no_solution_and_clears_the_lab_outputs():
     copy = student.student_copy(lab_notebook())
@@ -122,6 +133,7 @@ def test_grading_notebook_reruns_each_check_after_its_solution():
 
 # --- grading: a fresh kernel ------------------------------------------------------------------------------------
 
+
 def test_grade_accepts_a_check_that_fails_on_the_stub_and_passes_on_the_solution(tmp_path):
     path = tmp_path / "01_lab.ipynb"
     nbformat.write(lab_notebook(), path)
@@ -144,6 +156,7 @@ def test_grade_rejects_a_check_that_fails_on_the_solution(tmp_path):
 
 # --- the site folds the solutions -------------------------------------------------------------------------------
 
+
 def test_site_reader_folds_solution_cells():
     nb = lab_notebook()
     md = new_markdown_cell("The answer uses ````x````.", metadata={"tags": ["solution"]})
@@ -159,8 +172,11 @@ def test_site_reader_folds_solution_cells():
 
 # --- the chapters' labs ------------------------------------------------------------------------------------------
 
-LAB_CHAPTERS = [p for p in student.chapters()
-                if any(set(student.LAB_TAGS) & student.tags(c) for c in nbformat.read(p, as_version=4).cells)]
+LAB_CHAPTERS = [
+    p
+    for p in student.chapters()
+    if any(set(student.LAB_TAGS) & student.tags(c) for c in nbformat.read(p, as_version=4).cells)
+]
 
 
 @pytest.mark.parametrize("path", LAB_CHAPTERS, ids=lambda p: p.stem)

@@ -48,15 +48,33 @@ def data(tmp_path_factory):
 
 
 def config(data, out=None, **kw) -> TrainConfig:
-    base = dict(steps=4, batch_size=4, seq_len=16, warmup_steps=2, lr=3e-3, eval_every=2, eval_batches=2,
-                save_every=2, data_dir=str(data), out_dir=None if out is None else str(out), progress=False)
+    base = dict(
+        steps=4,
+        batch_size=4,
+        seq_len=16,
+        warmup_steps=2,
+        lr=3e-3,
+        eval_every=2,
+        eval_batches=2,
+        save_every=2,
+        data_dir=str(data),
+        out_dir=None if out is None else str(out),
+        progress=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
 
 def test_schedules():
-    c = TrainConfig(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, mtp_weight_switch=0.5,
-                    bias_update_until=0.9, bias_update_speed=0.002)
+    c = TrainConfig(
+        steps=100,
+        lr=1e-3,
+        warmup_steps=10,
+        min_lr_ratio=0.1,
+        mtp_weight_switch=0.5,
+        bias_update_until=0.9,
+        bias_update_speed=0.002,
+    )
     assert math.isclose(lr_at(0, c), 1e-4) and math.isclose(lr_at(9, c), 1e-3) and math.isclose(lr_at(10, c), 1e-3)
     assert math.isclose(lr_at(99, c), 1e-4)
     decay = [lr_at(s, c) for s in range(10, 100)]
@@ -81,8 +99,10 @@ def test_mtp_alignment_through_the_trainer(data):
         out = model(b.input_ids, return_mtp=True)
     V = model_config.vocab_size
     main_ce = F.cross_entropy(out.logits.reshape(-1, V), window[:, 1:].reshape(-1)).item()
-    depth = [F.cross_entropy(lg.reshape(-1, V), window[:, k + 1:].reshape(-1)).item()
-             for k, lg in enumerate(out.mtp_logits, 1)]  # depth k predicts t_{i+k+1}
+    depth = [
+        F.cross_entropy(lg.reshape(-1, V), window[:, k + 1 :].reshape(-1)).item()
+        for k, lg in enumerate(out.mtp_logits, 1)
+    ]  # depth k predicts t_{i+k+1}
     shifted_wrong = F.cross_entropy(out.mtp_logits[0].reshape(-1, V), window[:, 1:-1].reshape(-1)).item()
     assert math.isclose(h["main_loss"], main_ce, rel_tol=1e-5)
     assert math.isclose(h["mtp_loss"], sum(depth) / 2, rel_tol=1e-5)
@@ -148,16 +168,19 @@ def test_exact_resume(data, tmp_path):
     assert len(again.history) == 6 and torch.equal(again.model.lm_head.weight, second.model.lm_head.weight)
 
 
-@pytest.mark.parametrize("kw,message", [
-    (dict(steps=-5), "TrainConfig.steps must be a positive integer"),
-    (dict(bias_update_speed=-0.001), "TrainConfig.bias_update_speed must be a finite number >= 0"),
-    (dict(balance="switch"), "TrainConfig.balance must be one of"),
-    (dict(batch_size=5, grad_accum=2), "batch_size=5 is not divisible by grad_accum=2"),
-    (dict(domains=("poetry",)), "unknown domain 'poetry'"),
-    (dict(domains={"shakespeare": -1.0}), "weight of 'shakespeare'"),
-    (dict(lr=float("nan")), "TrainConfig.lr"),
-    (dict(capacity_factor=0.0), "TrainConfig.capacity_factor"),
-])
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(steps=-5), "TrainConfig.steps must be a positive integer"),
+        (dict(bias_update_speed=-0.001), "TrainConfig.bias_update_speed must be a finite number >= 0"),
+        (dict(balance="switch"), "TrainConfig.balance must be one of"),
+        (dict(batch_size=5, grad_accum=2), "batch_size=5 is not divisible by grad_accum=2"),
+        (dict(domains=("poetry",)), "unknown domain 'poetry'"),
+        (dict(domains={"shakespeare": -1.0}), "weight of 'shakespeare'"),
+        (dict(lr=float("nan")), "TrainConfig.lr"),
+        (dict(capacity_factor=0.0), "TrainConfig.capacity_factor"),
+    ],
+)
 def test_bad_config_values(kw, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kw)
@@ -250,8 +273,20 @@ def test_one_host_read_for_the_metrics_of_a_step(data, monkeypatch):
     assert counts.pop("kernels/moe.py") == steps * accum * n_moe + config(data).eval_batches * n_moe
     assert counts == {"train.py": 2 * steps + 1}  # + 1: the one evaluation
     entry = run.history[-1]
-    assert all(type(entry[k]) is float for k in ("loss", "main_loss", "mtp_loss", "balance_loss", "grad_norm",
-                                                "max_vio", "val_loss", "val_mtp_loss", "val_max_vio"))
+    assert all(
+        type(entry[k]) is float
+        for k in (
+            "loss",
+            "main_loss",
+            "mtp_loss",
+            "balance_loss",
+            "grad_norm",
+            "max_vio",
+            "val_loss",
+            "val_mtp_loss",
+            "val_max_vio",
+        )
+    )
     assert all(type(v) is int for row in entry["loads"] for v in row)
     assert all(type(v) is float for k in ("dropped", "groups_per_token", "max_vio_layers") for v in entry[k])
 
@@ -267,8 +302,10 @@ def test_cli_train_resume_and_sample(data, tmp_path, capsys):
     MODEL.save(tmp_path / "model")
     out = str(tmp_path / "cli")
     common = ["--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--data-dir", str(data), "--no-progress"]
-    assert main(["train", "--config", str(tmp_path / "model"), "--steps", "2", "--eval-every", "2", "--out", out,
-                 *common]) == 0
+    assert (
+        main(["train", "--config", str(tmp_path / "model"), "--steps", "2", "--eval-every", "2", "--out", out, *common])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "validation: loss" in printed and "checkpoint-000002" in printed
     assert main(["train", "--config", str(tmp_path / "model"), "--steps", "2", "--out", out, *common]) == 2
@@ -276,8 +313,9 @@ def test_cli_train_resume_and_sample(data, tmp_path, capsys):
     assert main(["train", "--out", out, "--resume", "--steps", "3", "--no-progress"]) == 0  # settings from the run
     assert find_checkpoint(out).name == "checkpoint-000003"
     capsys.readouterr()
-    assert main(["sample", "--checkpoint", out, "--prompt", "ROMEO:", "--max-new-tokens", "8",
-                 "--temperature", "0"]) == 0
+    assert (
+        main(["sample", "--checkpoint", out, "--prompt", "ROMEO:", "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    )
     text = capsys.readouterr().out
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:\n")
     assert main(["train", "--steps", "-1", "--out", str(tmp_path / "bad")]) == 2

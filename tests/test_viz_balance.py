@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -22,14 +20,16 @@ def _history(steps: int = 6, E: int = 4, layers: int = 1, gamma: float = 0.1) ->
         loads = torch.randint(0, 20, (layers, E), generator=g)
         for b, load in zip(bias, loads):
             bal.bias_update(b, load, gamma)
-        out.append({"step": s, "loads": loads.tolist(), "biases": bias.tolist(),
-                    "max_vio": float(bal.max_vio(loads).mean())})
+        out.append(
+            {"step": s, "loads": loads.tolist(), "biases": bias.tolist(), "max_vio": float(bal.max_vio(loads).mean())}
+        )
     return out
 
 
 def _routing(scores: torch.Tensor, ids: torch.Tensor, B: int, T: int) -> Routing:
-    return Routing(ids, torch.ones(ids.shape), scores, torch.bincount(ids.reshape(-1), minlength=scores.shape[1]),
-                   (B, T))
+    return Routing(
+        ids, torch.ones(ids.shape), scores, torch.bincount(ids.reshape(-1), minlength=scores.shape[1]), (B, T)
+    )
 
 
 def test_paper_bias_steps_from_the_batch_schedule():
@@ -125,8 +125,7 @@ def test_balance_gradients_on_a_random_model():
     double = vb.balance_gradients(model, x, x, aux_alpha=0.02, seq_alpha=0.001)
     assert double["aux"]["router_norm"] == pytest.approx(2 * g["aux"]["router_norm"], rel=1e-4)
     assert double["aux"]["cos_with_main"] == pytest.approx(g["aux"]["cos_with_main"], abs=1e-4)
-    assert g["losses"]["aux"] == pytest.approx(bal.batch_aux_loss(
-        model(x).routing, 0.01).item(), rel=1e-5)
+    assert g["losses"]["aux"] == pytest.approx(bal.batch_aux_loss(model(x).routing, 0.01).item(), rel=1e-5)
     assert model.training is False  # restored (random_model returns an eval model)
 
 

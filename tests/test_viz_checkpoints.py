@@ -53,8 +53,13 @@ def test_v3_inventory_matches_the_release_and_count_parameters():
     assert biases == (58 + 1) * 256
     assert s["numel"] - scales - biases == counts["total_with_mtp"] + copies
     high = {t.name for t in tensors if t.dtype == "BF16"}
-    assert {"model.embed_tokens.weight", "lm_head.weight", "model.layers.3.mlp.gate.weight",
-            "model.layers.61.eh_proj.weight", "model.norm.weight"} <= high
+    assert {
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.layers.3.mlp.gate.weight",
+        "model.layers.61.eh_proj.weight",
+        "model.norm.weight",
+    } <= high
     by_name = {t.name: t for t in tensors}
     assert by_name["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (5, 56)
     assert by_name["model.layers.3.mlp.gate.e_score_correction_bias"].dtype == "F32"
@@ -99,7 +104,7 @@ def test_block_rounding_error():
     deq = q.float() * s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:300, :200]
     blk = (w[256:, 128:] - deq[256:, 128:]).norm() / w[256:, 128:].norm()
     assert err[2, 1].item() == pytest.approx(blk.item(), rel=1e-5)
-    assert float(err.max()) < 2 ** -4  # e4m3 keeps 3 mantissa bits: relative rounding error below 1/16
+    assert float(err.max()) < 2**-4  # e4m3 keeps 3 mantissa bits: relative rounding error below 1/16
     # an outlier block 1e5 x larger: with one scale for the whole tensor the other blocks fall below e4m3's normal
     # range (2^-6 .. 448) and lose their precision; with one scale per block they keep it
     w[:128, :128] *= 1e5

@@ -15,10 +15,16 @@ V3, TINY = ModelConfig.deepseek_v3(), ModelConfig.tiny()
 
 
 def all_diagrams(config):
-    return {"stack": dg.block_stack_diagram(config), "mla": dg.mla_diagram(config),
-            "paths": dg.mla_paths_diagram(config), "moe": dg.moe_diagram(config),
-            "bias": dg.bias_loop_diagram(config, 0.001), "mtp": dg.mtp_diagram(config),
-            "spec": dg.speculative_round_diagram(config), "place": dg.expert_placement_diagram(config, 4, 4)}
+    return {
+        "stack": dg.block_stack_diagram(config),
+        "mla": dg.mla_diagram(config),
+        "paths": dg.mla_paths_diagram(config),
+        "moe": dg.moe_diagram(config),
+        "bias": dg.bias_loop_diagram(config, 0.001),
+        "mtp": dg.mtp_diagram(config),
+        "spec": dg.speculative_round_diagram(config),
+        "place": dg.expert_placement_diagram(config, 4, 4),
+    }
 
 
 def texts(fig: go.Figure) -> str:
@@ -35,8 +41,9 @@ def test_every_diagram_has_one_style_for_light_and_dark(config):
         assert isinstance(fig, go.Figure) and fig.layout.title.text, name
         layout = fig.to_plotly_json()["layout"]
         assert "paper_bgcolor" not in layout and "plot_bgcolor" not in layout, f"{name}: keep the theme's background"
-        assert all("color" not in (a.font.to_plotly_json() if a.font else {}) for a in fig.layout.annotations), \
+        assert all("color" not in (a.font.to_plotly_json() if a.font else {}) for a in fig.layout.annotations), (
             f"{name}: text keeps the theme's colour (the site lightens it in dark mode)"
+        )
         for shape in fig.layout.shapes:
             alpha = float(re.match(r"rgba\(.*,\s*([\d.]+)\)", shape.fillcolor).group(1))
             assert alpha <= 0.35, f"{name}: an opaque fill would hide the page's background"
@@ -64,6 +71,7 @@ def test_mla_highlights_exactly_the_cached_tensors():
 
 def test_paths_show_the_decode_cost_of_the_package():
     from dsv3.viz.mla import decode_cost
+
     cost = decode_cost(V3)
     t = texts(dg.mla_paths_diagram(V3))
     assert f"{cost['naive']['macs']:,} multiply-adds" in t and f"{cost['absorbed']['macs']:,} multiply-adds" in t
@@ -111,5 +119,6 @@ def test_expert_placement_puts_each_expert_once():
 
 
 def test_diagrams_are_deterministic():
-    assert json.dumps(all_diagrams(TINY)["moe"].to_plotly_json(), default=str) == \
-        json.dumps(all_diagrams(TINY)["moe"].to_plotly_json(), default=str)
+    assert json.dumps(all_diagrams(TINY)["moe"].to_plotly_json(), default=str) == json.dumps(
+        all_diagrams(TINY)["moe"].to_plotly_json(), default=str
+    )

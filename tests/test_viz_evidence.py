@@ -1,8 +1,19 @@
 """The paper's ablation tables as data (dsv3.viz.evidence): shape, sources, and the claims the report makes of them."""
+
 from dsv3.viz import evidence as ev
 
-BENCHMARKS = ["Pile-test (BPB)", "BBH (EM)", "MMLU (EM)", "DROP (F1)", "TriviaQA (EM)", "NaturalQuestions (EM)",
-              "HumanEval (Pass@1)", "MBPP (Pass@1)", "GSM8K (EM)", "MATH (EM)"]
+BENCHMARKS = [
+    "Pile-test (BPB)",
+    "BBH (EM)",
+    "MMLU (EM)",
+    "DROP (F1)",
+    "TriviaQA (EM)",
+    "NaturalQuestions (EM)",
+    "HumanEval (Pass@1)",
+    "MBPP (Pass@1)",
+    "GSM8K (EM)",
+    "MATH (EM)",
+]
 
 
 def test_tables_have_the_reports_rows_and_sources():
@@ -19,9 +30,14 @@ def test_spot_values_from_the_report():
     assert ev.MTP_ABLATION.rows["HumanEval (Pass@1)"][1] == (20.7, 26.8, 44.5, 53.7)
     assert ev.MTP_ABLATION.rows["Pile-test (BPB)"][1] == (0.729, 0.729, 0.658, 0.657)
     assert ev.AUX_FREE_ABLATION.rows["GSM8K (EM)"][1] == (27.1, 29.6, 70.7, 74.5)
-    assert ev.BALANCE_SCOPE["1B MoE"] == {"sequence-wise aux loss": 2.258, "auxiliary-loss-free": 2.253,
-                                          "batch-wise aux loss": 2.253}
-    assert ev.BALANCE_SCOPE["3B MoE"]["auxiliary-loss-free"] == ev.BALANCE_SCOPE["3B MoE"]["batch-wise aux loss"] == 2.080
+    assert ev.BALANCE_SCOPE["1B MoE"] == {
+        "sequence-wise aux loss": 2.258,
+        "auxiliary-loss-free": 2.253,
+        "batch-wise aux loss": 2.253,
+    }
+    assert (
+        ev.BALANCE_SCOPE["3B MoE"]["auxiliary-loss-free"] == ev.BALANCE_SCOPE["3B MoE"]["batch-wise aux loss"] == 2.080
+    )
 
 
 def test_the_reports_claims_hold_on_its_own_tables():
@@ -40,18 +56,27 @@ def test_the_reports_claims_hold_on_its_own_tables():
 
 def test_markdown():
     md = ev.MTP_ABLATION.markdown()
-    assert md.count("\n") == 2 + 3 + len(BENCHMARKS) - 1 and "| HumanEval (Pass@1) | 0-shot | 20.7 | 26.8 | 44.5 | 53.7 |" in md
+    assert (
+        md.count("\n") == 2 + 3 + len(BENCHMARKS) - 1
+        and "| HumanEval (Pass@1) | 0-shot | 20.7 | 26.8 | 44.5 | 53.7 |" in md
+    )
     assert "2.258" in ev.balance_scope_markdown()
 
 
 def test_mla_vs_mha_from_the_v2_report():
     t = ev.MLA_VS_MHA
-    assert "2405.04434" in t.source and t.setup["KV Cache per Token (# Element)"] == ("110.6K", "15.6K", "860.2K", "34.6K")
+    assert "2405.04434" in t.source and t.setup["KV Cache per Token (# Element)"] == (
+        "110.6K",
+        "15.6K",
+        "860.2K",
+        "34.6K",
+    )
     assert t.tally("small") == (3, 0, 1) and t.tally("large") == (4, 0, 0)  # "MLA shows better performance than MHA"
 
 
 def test_training_flops_from_the_tables_setup():
     import pytest
+
     assert ev.parse_count("1.33T") == 1.33e12 and ev.parse_count("110.6K") == 110600.0
     with pytest.raises(ValueError, match="suffix"):
         ev.parse_count("2.4")

@@ -1,10 +1,11 @@
 """dsv3.viz.fp8: the numerics behind the FP8 recipe (scaling granularity, accumulation precision)."""
+
 import pytest
 import torch
-from helpers import random_model, small_config
 
 from dsv3.fp8 import fp8_modules
 from dsv3.viz import fp8 as nx
+from helpers import random_model, small_config
 
 
 def test_fine_grained_scaling_beats_per_tensor_with_outliers():
@@ -15,9 +16,9 @@ def test_fine_grained_scaling_beats_per_tensor_with_outliers():
     per_tensor, tiles = nx.roundtrip_error(x, None), nx.roundtrip_error(x, nx.ACT_TILE)
     assert per_tensor["underflow"] > 0.3 and tiles["underflow"] < 0.1
     assert tiles["median_rel"] < per_tensor["median_rel"] / 10
-    assert tiles["median_rel"] < 2 ** -4  # within e4m3's half ulp
+    assert tiles["median_rel"] < 2**-4  # within e4m3's half ulp
     clean = torch.randn(64, 512)
-    assert nx.roundtrip_error(clean, None)["underflow"] == 0 and nx.roundtrip_error(clean, None)["median_rel"] < 2 ** -4
+    assert nx.roundtrip_error(clean, None)["underflow"] == 0 and nx.roundtrip_error(clean, None)["median_rel"] < 2**-4
     rows = nx.granularity_table({"x": x})
     assert rows[0]["tensor underflow"] == per_tensor["underflow"] and rows[0]["shape"] == (64, 512)
 
@@ -29,7 +30,7 @@ def test_inject_outliers_scales_the_chosen_channels_only():
 
 
 def test_round_bits():
-    v = torch.tensor([1.75, -1.75, 1.0 + 2 ** -20, 3.0], dtype=torch.float64)
+    v = torch.tensor([1.75, -1.75, 1.0 + 2**-20, 3.0], dtype=torch.float64)
     assert nx.round_bits(v, 2).tolist() == [1.5, -1.5, 1.0, 3.0]  # toward zero
     assert nx.round_bits(v, 2, "nearest").tolist() == [2.0, -2.0, 1.0, 3.0]
     assert torch.equal(nx.round_bits(v, 53), v)

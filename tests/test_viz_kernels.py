@@ -125,7 +125,7 @@ def test_parse_and_load_bench_tables(tmp_path):
     assert res.device == "NVIDIA H200" and res.bandwidth == 4.3e12 and res.peak == 790e12
     assert [r["op"] for r in res.rows] == ["rms_norm", "mla_decode (paged 64)"]
     assert res.rows[1]["t_baseline"] == pytest.approx(12e-3) and res.rows[0]["t_triton"] == pytest.approx(120.5e-6)
-    (label, intensity, rate), = res.points()  # the norm row has no FLOP rate
+    ((label, intensity, rate),) = res.points()  # the norm row has no FLOP rate
     assert label.startswith("mla_decode") and intensity == pytest.approx(700e12 / 3100e9) and rate == 700e12
     assert vr.load_bench_results(tmp_path) == [] and vr.load_bench_results(tmp_path / "missing") == []
     (tmp_path / "bench_kernels_h200.txt").write_text(BENCH)
@@ -154,8 +154,10 @@ def test_moe_layout_is_the_kernels_padded_sorted_rows():
     counts = torch.bincount(ids.flatten(), minlength=E).tolist()
     assert len(lay["blocks"]) == sum(math.ceil(c / bm) for c in counts)
     fig = vl.moe_layout_figure(ids, E, bm)
-    assert len(fig.data[0].z) == len(lay["blocks"]) and sum(row.count("pad") for row in fig.data[0].text) == \
-        len(lay["blocks"]) * bm - N * k
+    assert (
+        len(fig.data[0].z) == len(lay["blocks"])
+        and sum(row.count("pad") for row in fig.data[0].text) == len(lay["blocks"]) * bm - N * k
+    )
 
 
 @pytest.mark.parametrize("seq_len,splits,block_n", [(300, 3, 32), (70, 4, 16), (5, 3, 32), (64, 1, 64)])
@@ -180,8 +182,8 @@ def test_paged_cache_figure_covers_each_sequence():
 def test_fp8_weight_errors_and_scale_grid():
     w = vf.fp8_example_weight(300, 260)
     errs = vf.weight_errors(w)
-    assert errs["bf16"].max() <= 2 ** -8  # bf16 keeps 8 significant bits
-    assert errs["fp8, 128x128 blocks"].median() < 2 ** -3
+    assert errs["bf16"].max() <= 2**-8  # bf16 keeps 8 significant bits
+    assert errs["fp8, 128x128 blocks"].median() < 2**-3
     assert (errs["fp8, 128x128 blocks"] >= 1).sum() < (errs["fp8, one scale per tensor"] >= 1).sum()
     fig = vf.fp8_scale_figure(w)
     _, s = fp8.weight_quant(w)
@@ -220,6 +222,6 @@ def test_max_abs_diff():
 def test_timing_cases_agree_and_time():
     for name, _shape, torch_fn, triton_fn in kv.timing_cases("cpu", big=False):
         ref, out = torch_fn(), triton_fn()
-        first = (lambda o: o[0] if isinstance(o, tuple) else o)
+        first = lambda o: o[0] if isinstance(o, tuple) else o
         assert kv.max_abs_diff(first(out), first(ref)) < 1e-4, name
     assert median_time(lambda: None, reps=3, warmup=1) >= 0

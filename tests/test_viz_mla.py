@@ -17,6 +17,7 @@ V3, TINY = ModelConfig.deepseek_v3(), ModelConfig.tiny()
 
 # --- what each attention kind caches ---------------------------------------------------------------------------
 
+
 def test_variants_and_elements_per_layer():
     assert [v[0] for v in vm.attention_variants(V3)] == ["MHA", "GQA-8", "MQA", "MLA"]
     assert [v[0] for v in vm.attention_variants(TINY)] == ["MHA", "GQA-2", "MQA", "MLA"]
@@ -65,6 +66,7 @@ def test_cache_per_token_figure_bars_are_kv_cache_bytes():
 
 # --- the calculator --------------------------------------------------------------------------------------------
 
+
 def _trace_key(trace):
     """(label, dtype) from the hover text "GQA-8 (bf16)<br>..."."""
     label, rest = trace.hovertemplate.split(" (", 1)
@@ -87,8 +89,10 @@ def test_calculator_frames_hold_kv_cache_bytes_for_every_batch_dtype_and_kind():
             name = trace.hovertemplate.split("<extra>")[1].split("</extra>")[0]
             label, dtype = _trace_key(trace)
             kind, groups = {v[0]: v[1:] for v in vm.attention_variants(configs[name])}[label]
-            expected = [kv_cache_bytes(configs[name], s, batch=batch, dtype=vm.DTYPES[dtype], attention=kind,
-                                       groups=groups) for s in trace.x]
+            expected = [
+                kv_cache_bytes(configs[name], s, batch=batch, dtype=vm.DTYPES[dtype], attention=kind, groups=groups)
+                for s in trace.x
+            ]
             assert list(update.y) == expected
             if batch == 1:
                 assert list(trace.y) == expected  # the figure opens on the active frame
@@ -133,6 +137,7 @@ def test_kv_cache_widget_recomputes_on_every_change():
 
 
 # --- RoPE and YaRN -----------------------------------------------------------------------------------------------
+
 
 def test_rope_matrix_is_dsv3_rope_and_relative():
     inv, af = yarn_inv_freq(16, 10000.0, TINY.rope_scaling)
@@ -188,6 +193,7 @@ def test_yarn_figure_frames_are_the_wavelengths_per_factor():
 
 # --- a real forward pass ---------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def test_capture_mla_tensors_satisfy_eq_1_to_9():
     cfg = small_config()
@@ -204,8 +210,9 @@ def test_capture_mla_tensors_satisfy_eq_1_to_9():
     torch.testing.assert_close(cap.q_nope, torch.einsum("hdq,btq->bthd", w_uq, cap.c_q))
     # the absorbed score equals the naive one
     naive = torch.einsum("bthd,bshd->bhts", torch.cat([cap.q_nope, cap.q_rope], -1), cap.keys)
-    absorbed = (torch.einsum("btq,hqr,bsr->bhts", cap.c_q, torch.einsum("hdq,hdr->hqr", w_uq, attn.w_uk()),
-                             cap.c_kv) + torch.einsum("bthd,bsd->bhts", cap.q_rope, cap.k_rope))
+    absorbed = torch.einsum(
+        "btq,hqr,bsr->bhts", cap.c_q, torch.einsum("hdq,hdr->hqr", w_uq, attn.w_uk()), cap.c_kv
+    ) + torch.einsum("bthd,bsd->bhts", cap.q_rope, cap.k_rope)
     torch.testing.assert_close(absorbed, naive, atol=1e-5, rtol=1e-4)
     assert not any(m._forward_hooks for m in attn.modules())  # hooks removed
 

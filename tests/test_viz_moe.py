@@ -38,10 +38,15 @@ def _moe(cfg: ModelConfig, seed: int = 0) -> DeepSeekMoE:
 
 # --- fine-grained arithmetic -------------------------------------------------------------------------------------
 
+
 def test_granularity_table_keeps_params_and_flops_and_counts_combinations():
     rows = vm.granularity_table(V3)
-    assert [(r["experts"], r["width"], r["top_k"]) for r in rows] == [(32, 16384, 1), (64, 8192, 2), (128, 4096, 4),
-                                                                      (256, 2048, 8)]
+    assert [(r["experts"], r["width"], r["top_k"]) for r in rows] == [
+        (32, 16384, 1),
+        (64, 8192, 2),
+        (128, 4096, 4),
+        (256, 2048, 8),
+    ]
     d = V3.hidden_size
     for r in rows:
         assert r["routed_params"] == 256 * 3 * d * 2048  # the released routed experts of one layer
@@ -76,8 +81,10 @@ def test_moe_table_lists_paper_values():
 
 # --- the router, step by step -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", [small_config(), ModelConfig.tiny(),
-                                 small_config(n_routed_experts=12, num_experts_per_tok=6, topk_group=2)])  # K_r/M = 3
+
+@pytest.mark.parametrize(
+    "cfg", [small_config(), ModelConfig.tiny(), small_config(n_routed_experts=12, num_experts_per_tok=6, topk_group=2)]
+)  # K_r/M = 3
 def test_router_steps_reach_the_routers_decisions(cfg):
     moe = _moe(cfg, seed=3)
     x = torch.randn(50, cfg.hidden_size)
@@ -116,6 +123,7 @@ def test_group_routing_figure_frames_follow_the_tokens():
 
 # --- a model's experts ------------------------------------------------------------------------------------------
 
+
 def test_mutual_information():
     assert vm.mutual_information(torch.tensor([[5, 5, 5], [5, 5, 5]])) == pytest.approx(0.0, abs=1e-12)
     assert vm.mutual_information(torch.tensor([[4, 0], [0, 4]])) == pytest.approx(1.0)
@@ -140,11 +148,14 @@ class _Corpus:
     def __init__(self, vocab: int):
         g = torch.Generator().manual_seed(0)
         self.domains = ("low", "high")
-        self.streams = {"low": torch.randint(0, vocab // 2, (200,), generator=g),
-                        "high": torch.randint(vocab // 2, vocab, (200,), generator=g)}
+        self.streams = {
+            "low": torch.randint(0, vocab // 2, (200,), generator=g),
+            "high": torch.randint(vocab // 2, vocab, (200,), generator=g),
+        }
 
     def val_batches(self, batch_size, seq_len, max_batches=None, domain=None):
         from dsv3.data import val_batches
+
         return val_batches({domain: self.streams[domain]}, batch_size, seq_len, max_batches)
 
 
@@ -196,8 +207,16 @@ def test_sentence_routing_and_figures():
 def test_book_moe_config_is_tiny_layout():
     c = vm.book_moe_config()
     t = ModelConfig.tiny()
-    for f in ("n_routed_experts", "n_shared_experts", "n_group", "topk_group", "num_experts_per_tok",
-              "num_hidden_layers", "first_k_dense_replace", "vocab_size"):
+    for f in (
+        "n_routed_experts",
+        "n_shared_experts",
+        "n_group",
+        "topk_group",
+        "num_experts_per_tok",
+        "num_hidden_layers",
+        "first_k_dense_replace",
+        "vocab_size",
+    ):
         assert getattr(c, f) == getattr(t, f)
     assert c.hidden_size == 64 and c.num_nextn_predict_layers == 0
     assert vm.book_moe_config(num_hidden_layers=2).num_moe_layers == 1

@@ -30,8 +30,9 @@ def ids_of(n, seed=0, vocab=320):
 def test_chain_figure_frames_match_the_chain():
     T = 6
     positions = [T, T - 1, T - 2]
-    chain = vm.Chain(vm.Chain(torch.zeros(3, T, T, dtype=torch.bool), positions, 1.0, 0.0).expected(), positions,
-                     1.0, 0.0)  # what Chapter 5's probe measures on a correct model
+    chain = vm.Chain(
+        vm.Chain(torch.zeros(3, T, T, dtype=torch.bool), positions, 1.0, 0.0).expected(), positions, 1.0, 0.0
+    )  # what Chapter 5's probe measures on a correct model
     labels = [f"t{j}" for j in range(T + 1)]
     fig = vm.chain_figure(chain, labels)
     assert len(fig.frames) == T and len(fig.layout.sliders[0].steps) == T
@@ -53,8 +54,10 @@ def test_shared_embedding_and_head(model2):
     ids = torch.stack([ids_of(T, 5), ids_of(T, 6)])
     calls = vm.shared_module_calls(model2, ids)
     D = model2.config.hidden_size
-    assert calls == {"embed_tokens": [(B, T), (B, T - 1), (B, T - 2)],
-                     "lm_head": [(B, T, D), (B, T - 1, D), (B, T - 2, D)]}
+    assert calls == {
+        "embed_tokens": [(B, T), (B, T - 1), (B, T - 2)],
+        "lm_head": [(B, T, D), (B, T - 1, D), (B, T - 2, D)],
+    }
     V = model2.config.vocab_size
     assert vm.vocab_sized_parameters(model2.mtp, V) == []
     assert vm.vocab_sized_parameters(model2, V) == ["embed_tokens.weight", "lm_head.weight"]
@@ -71,8 +74,9 @@ def test_gradient_norms_follow_the_graph(model2):
     # the shared head's norm from the main loss equals a direct autograd computation
     model2.zero_grad(set_to_none=True)
     model2(ids, labels=labels).main_loss.backward()
-    assert math.isclose(norms["main_loss"]["shared output head"], float(model2.lm_head.weight.grad.norm()),
-                        rel_tol=1e-5)
+    assert math.isclose(
+        norms["main_loss"]["shared output head"], float(model2.lm_head.weight.grad.norm()), rel_tol=1e-5
+    )
     model2.zero_grad(set_to_none=True)
     assert all(p.grad is None for p in model2.parameters())
 
@@ -97,16 +101,27 @@ def test_runs_figure_draws_each_run():
     hist[9]["val_loss"], hist[9]["val_mtp_loss"] = 5.0, 5.1
     off = [dict(h, mtp_weight=0.0) for h in hist]
     fig = vm.runs_figure({"A": hist, "B": off})
-    assert [t.name for t in fig.data] == ["A: train (smoothed)", "A: validation", "A: L<sub>Main</sub>",
-                                          "A: L<sub>MTP</sub> (depth 1)", "B: train (smoothed)", "B: validation"]
+    assert [t.name for t in fig.data] == [
+        "A: train (smoothed)",
+        "A: validation",
+        "A: L<sub>Main</sub>",
+        "A: L<sub>MTP</sub> (depth 1)",
+        "B: train (smoothed)",
+        "B: validation",
+    ]
     assert list(fig.data[1].y) == [5.5, 5.0] and list(fig.data[3].y) == [5.7, 5.1]
     assert vm.smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
 
 
 def test_agreement_against_a_hand_computation(model2):
     T = 10
-    batches = [SimpleNamespace(input_ids=torch.stack([ids_of(T, s), ids_of(T, s + 10)]),
-                               labels=torch.stack([ids_of(T, s + 20), ids_of(T, s + 30)])) for s in (0, 1)]
+    batches = [
+        SimpleNamespace(
+            input_ids=torch.stack([ids_of(T, s), ids_of(T, s + 10)]),
+            labels=torch.stack([ids_of(T, s + 20), ids_of(T, s + 30)]),
+        )
+        for s in (0, 1)
+    ]
     stats = vm.mtp_agreement(model2, batches)
     assert len(stats) == 2
     with torch.no_grad():
@@ -144,4 +159,4 @@ def test_alignment_claim_of_the_chapter(model2):
     V = model2.config.vocab_size
     for k, lg in enumerate(out.mtp_logits, 1):
         assert lg.shape == (2, 11 - k, V)
-        assert torch.allclose(out.mtp_losses[k - 1], F.cross_entropy(lg.reshape(-1, V), window[:, k + 1:].reshape(-1)))
+        assert torch.allclose(out.mtp_losses[k - 1], F.cross_entropy(lg.reshape(-1, V), window[:, k + 1 :].reshape(-1)))

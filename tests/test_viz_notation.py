@@ -15,14 +15,29 @@ def test_every_symbol_names_an_existing_field_once():
     for field in fields:
         owner, name = field.split(".", 1)
         cls = {"ModelConfig": ModelConfig, "TrainConfig": TrainConfig}[owner]
-        assert name in {f.name for f in dataclasses.fields(cls)} or isinstance(getattr(cls, name, None), property), \
+        assert name in {f.name for f in dataclasses.fields(cls)} or isinstance(getattr(cls, name, None), property), (
             f"{field} is not a field of {owner}"
+        )
 
 
 def test_the_papers_core_symbols_are_there():
     symbols = {s.tex for s in notation.NOTATION}
-    assert {"d", "n_h", "d_h", "d_c", "d_c'", "d_h^R", "N_s", "N_r", "K_r", "M", r"\gamma", r"\alpha",
-            r"\lambda", "D"} <= symbols
+    assert {
+        "d",
+        "n_h",
+        "d_h",
+        "d_c",
+        "d_c'",
+        "d_h^R",
+        "N_s",
+        "N_r",
+        "K_r",
+        "M",
+        r"\gamma",
+        r"\alpha",
+        r"\lambda",
+        "D",
+    } <= symbols
 
 
 def test_table_values_come_from_the_configs():

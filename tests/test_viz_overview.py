@@ -26,8 +26,9 @@ def test_hyperparameter_table_rows_and_ratio():
     hidden = next(line for line in table if "`hidden_size`" in line)
     assert "| 7,168 | 256 | 28 |" in hidden
     assert overview.config_value(V3, "rope_scaling.factor") == 40.0
-    assert overview.config_value(V3, "yarn_mscale") == pytest.approx(0.1 * torch.log(torch.tensor(40.0)).item() + 1,
-                                                                     abs=1e-4)
+    assert overview.config_value(V3, "yarn_mscale") == pytest.approx(
+        0.1 * torch.log(torch.tensor(40.0)).item() + 1, abs=1e-4
+    )
     with_paper = overview.hyperparameter_table({"V3": V3}, paper=True)
     assert "| 1,536 | 1,536 |" in with_paper  # q_lora_rank: paper and preset
 
@@ -67,7 +68,8 @@ def test_parameter_tree_equals_the_instantiated_model():
     assert parts["moe/router"].total == numel(b.mlp.gate for b in moe)
     assert parts["moe/routed_experts"].total == numel(b.mlp.experts for b in moe)
     assert parts["moe/routed_experts"].activated * cfg.n_routed_experts == (
-        parts["moe/routed_experts"].total * cfg.num_experts_per_tok)
+        parts["moe/routed_experts"].total * cfg.num_experts_per_tok
+    )
     assert parts["moe/shared_experts"].total == numel(b.mlp.shared_experts for b in moe)
     assert parts["moe/norms"].total == numel(m for b in moe for m in (b.input_layernorm, b.post_attention_layernorm))
     assert parts["mtp1"].total == numel(model.mtp)
@@ -81,8 +83,7 @@ def test_sunburst_views():
     total, activated, with_mtp = (t.values[0] for t in fig.data)
     assert (total, activated, with_mtp) == (counts["total"], counts["activated"], counts["total_with_mtp"])
     buttons = fig.layout.updatemenus[0].buttons
-    assert [b.args[0]["visible"] for b in buttons] == [[True, False, False], [False, True, False],
-                                                       [False, False, True]]
+    assert [b.args[0]["visible"] for b in buttons] == [[True, False, False], [False, True, False], [False, False, True]]
     assert "671.03B" in buttons[0].label and "36.63B" in buttons[1].label
 
 
@@ -95,8 +96,13 @@ def test_token_flow_adds_up_to_flops_per_token(seq_len):
         assert sum(s.params for s in main) == count_parameters(cfg)["total"]
         assert sum(s.activated for s in main) == count_parameters(cfg)["activated"]
         kinds = [s.kind for s in flow]
-        assert kinds == (["embedding"] + ["dense"] * cfg.first_k_dense_replace
-                         + ["moe"] * cfg.num_moe_layers + ["head"] + ["mtp"] * cfg.num_nextn_predict_layers)
+        assert kinds == (
+            ["embedding"]
+            + ["dense"] * cfg.first_k_dense_replace
+            + ["moe"] * cfg.num_moe_layers
+            + ["head"]
+            + ["mtp"] * cfg.num_nextn_predict_layers
+        )
         mtp = [s for s in flow if s.kind == "mtp"]
         assert sum(s.params for s in mtp) == count_parameters(cfg)["mtp"]
 

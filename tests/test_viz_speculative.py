@@ -64,8 +64,9 @@ def test_round_figure_cells(model):
         assert outcomes.count("correction") + outcomes.count("bonus") == 1
         assert text[2][0] == f"+{r.accepted + 1} token" + ("s" if r.accepted else "")
         assert z[0][r.accepted + 1] == (3 if r.accepted < len(r.drafts) else 0)  # the rejected draft is red
-    assert "2 accepted" in vs.describe_round(vs.Round(start=1, inputs=[5, 6, 7, 8], verified=[6, 7, 9, 3],
-                                                      accepted=2, next=9), Tok())
+    assert "2 accepted" in vs.describe_round(
+        vs.Round(start=1, inputs=[5, 6, 7, 8], verified=[6, 7, 9, 3], accepted=2, next=9), Tok()
+    )
 
 
 def test_acceptance_sweep_equals_the_stats_of_generate(model):

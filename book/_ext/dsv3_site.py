@@ -95,8 +95,11 @@ def dedupe_inline_scripts(app: Sphinx, pagename: str, templatename: str, context
         return
     seen, unique = set(), []
     for js in scripts:
-        key = (getattr(js, "filename", js) or "", getattr(js, "priority", 500),
-               tuple(sorted(getattr(js, "attributes", {}).items())))
+        key = (
+            getattr(js, "filename", js) or "",
+            getattr(js, "priority", 500),
+            tuple(sorted(getattr(js, "attributes", {}).items())),
+        )
         if key not in seen:
             seen.add(key)
             unique.append(js)
@@ -141,8 +144,7 @@ class GeneratedMarkdown(SphinxDirective):
         except Exception as err:  # the page must say which generator failed, not only that the build did
             raise self.error(f"generated-markdown: {self.arguments[0]} raised {type(err).__name__}: {err}") from err
         container = nodes.container(classes=["dsv3-generated"])
-        self.state.nested_parse(StringList(text.splitlines(), source=self.arguments[0]), self.content_offset,
-                                container)
+        self.state.nested_parse(StringList(text.splitlines(), source=self.arguments[0]), self.content_offset, container)
         return [container]
 
 

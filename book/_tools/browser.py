@@ -25,10 +25,21 @@ from typing import Any
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import sync_playwright
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-extensions", "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio",
-         "--no-default-browser-check"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--mute-audio",
+    "--no-default-browser-check",
+]
 CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 IGNORED_URLS = ("/favicon.ico",)  # browsers ask for it on their own; the book has none
 LOCAL = ("http://127.0.0.1:", "data:", "blob:", "about:")
@@ -38,8 +49,11 @@ def find_chromium() -> str:
     for name in (os.environ.get("CHROMIUM"), *CANDIDATES):
         if name and shutil.which(name):
             return shutil.which(name)
-    raise FileNotFoundError("no Chromium found (looked for $CHROMIUM, " + ", ".join(CANDIDATES)
-                            + "); on Debian/Ubuntu: apt-get install -y chromium (or `make browser`)")
+    raise FileNotFoundError(
+        "no Chromium found (looked for $CHROMIUM, "
+        + ", ".join(CANDIDATES)
+        + "); on Debian/Ubuntu: apt-get install -y chromium (or `make browser`)"
+    )
 
 
 class Browser:
@@ -49,8 +63,9 @@ class Browser:
         self.timeout = timeout
         self._playwright = sync_playwright().start()
         try:
-            self._browser = self._playwright.chromium.launch(executable_path=executable or find_chromium(),
-                                                             args=FLAGS, headless=True, timeout=timeout * 1000)
+            self._browser = self._playwright.chromium.launch(
+                executable_path=executable or find_chromium(), args=FLAGS, headless=True, timeout=timeout * 1000
+            )
         except BaseException:
             self._playwright.stop()
             raise
@@ -138,8 +153,10 @@ class Page:
 # The figure text whose colour comes from the book's theme (axes, titles, legends, sliders, menus, annotations);
 # the same selector as book/_static/dsv3.css. Data labels (bars, scatter text, heatmap cells, slices, tables) are
 # coloured by plotly for contrast with their marker and are left out.
-FIGURE_TEXT = (".dsv3-figure .main-svg text:not(.bartext, .textpoint text, .hm text, .slicetext, .cell-text, "
-               ".contourlabels text, .hoverlayer text)")
+FIGURE_TEXT = (
+    ".dsv3-figure .main-svg text:not(.bartext, .textpoint text, .hm text, .slicetext, .cell-text, "
+    ".contourlabels text, .hoverlayer text)"
+)
 
 # What a book page must look like once its scripts have run. Returned as one JSON-able dict.
 INSPECT_JS = r"""
@@ -177,10 +194,13 @@ INSPECT_JS = r"""
 })()
 """.replace("FIGURE_TEXT", FIGURE_TEXT)
 
-MATHJAX_READY_JS = ("(window.MathJax && MathJax.startup && MathJax.startup.promise)"
-                    " ? MathJax.startup.promise.then(() => true) : true")
-FINISHED_JS = (f"(() => {{ const r = {INSPECT_JS.strip()};"
-               " return r.drawn === r.figures && r.typeset === r.math && r.widgets >= r.widgetViews; })()")
+MATHJAX_READY_JS = (
+    "(window.MathJax && MathJax.startup && MathJax.startup.promise) ? MathJax.startup.promise.then(() => true) : true"
+)
+FINISHED_JS = (
+    f"(() => {{ const r = {INSPECT_JS.strip()};"
+    " return r.drawn === r.figures && r.typeset === r.math && r.widgets >= r.widgetViews; })()"
+)
 
 
 def settle(page: Page, timeout: float = 30.0) -> dict:
@@ -189,16 +209,18 @@ def settle(page: Page, timeout: float = 30.0) -> dict:
     try:
         page.pw.wait_for_function(FINISHED_JS, timeout=timeout * 1000, polling=100)
     except PlaywrightError as err:
-        raise TimeoutError(f"{page.url}: not finished after {timeout:.0f} s: {page.evaluate(INSPECT_JS)};"
-                           f" {page.problems()}") from err
+        raise TimeoutError(
+            f"{page.url}: not finished after {timeout:.0f} s: {page.evaluate(INSPECT_JS)}; {page.problems()}"
+        ) from err
     time.sleep(0.3)  # let late console errors and requests arrive
     return page.evaluate(INSPECT_JS)
 
 
 def set_theme(page: Page, mode: str) -> dict:
     """Switch the page between the theme's light and dark mode (what its toggle button does)."""
-    page.evaluate(f"document.documentElement.dataset.theme = '{mode}';"
-                  f"document.documentElement.dataset.mode = '{mode}';")
+    page.evaluate(
+        f"document.documentElement.dataset.theme = '{mode}';document.documentElement.dataset.mode = '{mode}';"
+    )
     time.sleep(0.2)
     return page.evaluate(INSPECT_JS)
 
@@ -256,10 +278,13 @@ def click_button(page: Page, figure: int, label: str, timeout: float = 60.0) -> 
     end; returns the figure's state (``FIGURE_STATE_JS``) with ``played``, the names of the frames it showed."""
     gd = page.pw.locator(".dsv3-plotly").nth(figure)
     gd.scroll_into_view_if_needed()
-    page.evaluate("""(i) => { const gd = document.querySelectorAll('.dsv3-plotly')[i];
+    page.evaluate(
+        """(i) => { const gd = document.querySelectorAll('.dsv3-plotly')[i];
       window.__dsv3_played = []; window.__dsv3_animated = false;
       gd.on('plotly_animatingframe', e => window.__dsv3_played.push(e.name));
-      gd.on('plotly_animated', () => { window.__dsv3_animated = true; }); }""", figure)
+      gd.on('plotly_animated', () => { window.__dsv3_animated = true; }); }""",
+        figure,
+    )
     gd.locator(".updatemenu-button").filter(has_text=label).first.click()
     page.wait_for("window.__dsv3_animated === true", timeout=timeout, what=f"the {label!r} animation to end")
     time.sleep(0.5)  # the slider's grip follows the last frame with a transition of its own
@@ -267,6 +292,7 @@ def click_button(page: Page, figure: int, label: str, timeout: float = 60.0) -> 
 
 
 # --- the site -------------------------------------------------------------------------------------------------
+
 
 class SiteServer:
     """``http://127.0.0.1:<port>/`` serving a built site from a thread (a context manager)."""
@@ -310,9 +336,16 @@ def main(argv: list[str] | None = None) -> int:
             page.screenshot(args.screenshots / f"{name}-light.png")
             report["dark"] = set_theme(page, "dark")["figureTextLuminance"]
             page.screenshot(args.screenshots / f"{name}-dark.png")
-            report["controls"] = [{"figure": c["index"], "slider steps": [len(s) for s in c["sliders"]],
-                                   "frames": len(c["frames"]), "buttons": c["buttons"]}
-                                  for c in figure_controls(page) if c["sliders"] or c["buttons"]]
+            report["controls"] = [
+                {
+                    "figure": c["index"],
+                    "slider steps": [len(s) for s in c["sliders"]],
+                    "frames": len(c["frames"]),
+                    "buttons": c["buttons"],
+                }
+                for c in figure_controls(page)
+                if c["sliders"] or c["buttons"]
+            ]
             problems = page.problems()
             failed |= bool(problems)
             print(rel, json.dumps(report))

@@ -71,9 +71,14 @@ NOTEBOOK_ENV = {
 UNSET_ENV = ("DSV3_PLOTLY_RENDERER", "DSV3_KERNEL_BACKEND")
 
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
-LANGUAGE_INFO = {"codemirror_mode": {"name": "ipython", "version": 3}, "file_extension": ".py",
-                 "mimetype": "text/x-python", "name": "python", "nbconvert_exporter": "python",
-                 "pygments_lexer": "ipython3"}
+LANGUAGE_INFO = {
+    "codemirror_mode": {"name": "ipython", "version": 3},
+    "file_extension": ".py",
+    "mimetype": "text/x-python",
+    "name": "python",
+    "nbconvert_exporter": "python",
+    "pygments_lexer": "ipython3",
+}
 KEEP_NB_METADATA = ("kernelspec", "language_info", "widgets", "mystnb", "myst")
 KEEP_CELL_METADATA = ("tags", "mystnb")
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
@@ -135,8 +140,9 @@ def _widget_order(nb, state: dict) -> list[str]:
         for ref in _references(cell.get("outputs", []), state):
             visit(ref)
     blank = re.compile("|".join(map(re.escape, state)))
-    rest = sorted((m for m in state if m not in order),
-                  key=lambda m: blank.sub("", json.dumps(state[m], sort_keys=True)))
+    rest = sorted(
+        (m for m in state if m not in order), key=lambda m: blank.sub("", json.dumps(state[m], sort_keys=True))
+    )
     for model_id in rest:
         visit(model_id)
     return order
@@ -147,8 +153,10 @@ def renumber_widgets(nb, name: str):
     state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
     if not state:
         return nb
-    new = {old: uuid.uuid5(uuid.NAMESPACE_URL, f"dsv3-book/{name}/widget/{i}").hex
-           for i, old in enumerate(_widget_order(nb, state))}
+    new = {
+        old: uuid.uuid5(uuid.NAMESPACE_URL, f"dsv3-book/{name}/widget/{i}").hex
+        for i, old in enumerate(_widget_order(nb, state))
+    }
     pattern = re.compile("|".join(map(re.escape, sorted(new, key=len, reverse=True))))
     text = pattern.sub(lambda m: new[m.group(0)], json.dumps(nb))  # one pass: a new id is never replaced again
     return nbformat.from_dict(json.loads(text))
@@ -198,8 +206,9 @@ def _kernel_manager():
 
     class ThisPython(KernelSpecManager):
         def get_kernel_spec(self, kernel_name):
-            return self.kernel_spec_class(resource_dir=ipykernel.kernelspec.RESOURCES,
-                                          **ipykernel.kernelspec.get_kernel_dict())
+            return self.kernel_spec_class(
+                resource_dir=ipykernel.kernelspec.RESOURCES, **ipykernel.kernelspec.get_kernel_dict()
+            )
 
     return KernelManager(kernel_name="python3", kernel_spec_manager=ThisPython())
 
@@ -210,9 +219,15 @@ def execute(path: Path, timeout: int = 600, device: str = "cpu", out: Path | Non
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, km=_kernel_manager(), timeout=timeout, allow_errors=False,
-                            store_widget_state=True, record_timing=False,
-                            resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb,
+        km=_kernel_manager(),
+        timeout=timeout,
+        allow_errors=False,
+        store_widget_state=True,
+        record_timing=False,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
     start = time.perf_counter()
     client.execute(env=apply_env(dict(os.environ), device))  # the kernel's environment; ours is left alone
     seconds = time.perf_counter() - start
@@ -266,13 +281,16 @@ def timing_markdown(path: Path = TIMINGS) -> str:
     data = load_timings(path)
     rows = ["| Chapter | CPU | GPU |", "|:--|--:|--:|"]
     for chapter in chapters():
-        rows.append(f"| [{chapter.stem}]({chapter.name}) | {_duration(data.get('cpu', {}).get(chapter.stem))} | "
-                    f"{_duration(data.get('cuda', {}).get(chapter.stem))} |")
+        rows.append(
+            f"| [{chapter.stem}]({chapter.name}) | {_duration(data.get('cpu', {}).get(chapter.stem))} | "
+            f"{_duration(data.get('cuda', {}).get(chapter.stem))} |"
+        )
     totals = []
     for device in DEVICES:
         measured = [data.get(device, {}).get(c.stem) for c in chapters()]
-        totals.append(_duration({"seconds": sum(e["seconds"] for e in measured)}) if all(measured)
-                      else "not measured yet")
+        totals.append(
+            _duration({"seconds": sum(e["seconds"] for e in measured)}) if all(measured) else "not measured yet"
+        )
     rows.append(f"| **the whole book** | {totals[0]} | {totals[1]} |")
     machines = []
     for device, label in (("cpu", "CPU"), ("cuda", "GPU")):
@@ -295,8 +313,10 @@ def problems(path: Path) -> list[str]:
     code = [c for c in nb.cells if c.cell_type == "code"]
     counts = [c.execution_count for c in code]
     if counts != list(range(1, len(code) + 1)):
-        found.append(f"{path}: execution counts {counts} are not 1..{len(code)}: "
-                     "the outputs must come from one fresh top-to-bottom run (run_notebook.py)")
+        found.append(
+            f"{path}: execution counts {counts} are not 1..{len(code)}: "
+            "the outputs must come from one fresh top-to-bottom run (run_notebook.py)"
+        )
     for i, cell in enumerate(nb.cells):
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
@@ -314,8 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 unless the notebooks are executed and stripped")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a chapter is over its time budget")
-    parser.add_argument("--device", choices=DEVICES, default="cpu",
-                        help=f"cpu (default: the committed outputs) or cuda (executed copies in {CUDA_OUT})")
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help=f"cpu (default: the committed outputs) or cuda (executed copies in {CUDA_OUT})",
+    )
     args = parser.parse_args(argv)
     paths = chapters() if args.all else args.notebooks
     if not paths:

@@ -123,8 +123,12 @@ def grading_notebook(nb):
                     labs.append(current)
                 current[kind].append(cell)
     student = student_copy(nb)
-    roles = [("stub-check" if "autograde" in tags(c) else "exercise" if "exercise" in tags(c) else None)
-             if c.cell_type == "code" else None for c in student.cells]
+    roles = [
+        ("stub-check" if "autograde" in tags(c) else "exercise" if "exercise" in tags(c) else None)
+        if c.cell_type == "code"
+        else None
+        for c in student.cells
+    ]
     for lab in labs:
         for kind, role in (("solution", "solution"), ("autograde", "solved-check")):
             for cell in lab[kind]:
@@ -157,8 +161,14 @@ def grade(path: Path, timeout: int = 600) -> list[str]:
     nb, roles = grading_notebook(nbformat.read(path, as_version=4))
     if "stub-check" not in roles:
         return [f"{path.name}: no autograde cell to grade"]
-    client = NotebookClient(nb, km=run_notebook._kernel_manager(), timeout=timeout, allow_errors=True,
-                            record_timing=False, resources={"metadata": {"path": str(path.parent)}})
+    client = NotebookClient(
+        nb,
+        km=run_notebook._kernel_manager(),
+        timeout=timeout,
+        allow_errors=True,
+        record_timing=False,
+        resources={"metadata": {"path": str(path.parent)}},
+    )
     client.execute(env=run_notebook.apply_env(dict(os.environ)))
     found = []
     for i, (cell, role) in enumerate(zip(nb.cells, roles)):
@@ -196,24 +206,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help=f"default: every book/{CHAPTER_GLOB}")
     parser.add_argument("--out", type=Path, default=OUT, help=f"folder (default {OUT.relative_to(ROOT)})")
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 unless every chapter after the preface has an exercise, autograde and solution")
-    parser.add_argument("--grade", action="store_true",
-                        help="run each student copy: autograde must fail on the stubs and pass on the solutions")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 unless every chapter after the preface has an exercise, autograde and solution",
+    )
+    parser.add_argument(
+        "--grade",
+        action="store_true",
+        help="run each student copy: autograde must fail on the stubs and pass on the solutions",
+    )
     args = parser.parse_args(argv)
     paths = args.notebooks or chapters()
     for path in paths:
         if not path.is_file():
             parser.error(f"no such notebook: {path}")
     if args.check:
-        found = [p for path in paths if not path.name.startswith("00_")
-                 for p in lab_problems(nbformat.read(path, as_version=4), path.name)]
+        found = [
+            p
+            for path in paths
+            if not path.name.startswith("00_")
+            for p in lab_problems(nbformat.read(path, as_version=4), path.name)
+        ]
         print("\n".join(found) or f"{len(paths)} notebook(s): every chapter has a lab")
         return 1 if found else 0
     if args.grade:
         found = [p for path in paths for p in grade(path)]
-        print("\n".join(found) or f"{len(paths)} notebook(s): every autograde cell fails on its stub and passes "
-                                  "on its solution")
+        print(
+            "\n".join(found)
+            or f"{len(paths)} notebook(s): every autograde cell fails on its stub and passes on its solution"
+        )
         return 1 if found else 0
     written = write(paths, args.out)
     removed = sum(sum("solution" in tags(c) for c in nbformat.read(p, as_version=4).cells) for p in paths)

@@ -30,12 +30,16 @@ MANIFEST = VENDOR / "MANIFEST.json"
 
 # npm package spec -> list of (path inside the tarball, path under book/_static/vendor/)
 PACKAGES = {
-    "mathjax@3.2.2": [("package/es5/tex-svg-full.js", "mathjax/tex-svg-full.js"),
-                      ("package/LICENSE", "mathjax/LICENSE")],
+    "mathjax@3.2.2": [
+        ("package/es5/tex-svg-full.js", "mathjax/tex-svg-full.js"),
+        ("package/LICENSE", "mathjax/LICENSE"),
+    ],
     "requirejs@2.3.8": [("package/require.js", "require.js")],
-    "@jupyter-widgets/html-manager@1.0.15": [("package/dist/embed-amd.js", "html-manager/embed-amd.js"),
-                                             ("package/dist/*.woff2", "html-manager/"),
-                                             ("package/dist/embed.js.LICENSE.txt", "html-manager/LICENSE.txt")],
+    "@jupyter-widgets/html-manager@1.0.15": [
+        ("package/dist/embed-amd.js", "html-manager/embed-amd.js"),
+        ("package/dist/*.woff2", "html-manager/"),
+        ("package/dist/embed.js.LICENSE.txt", "html-manager/LICENSE.txt"),
+    ],
 }
 
 
@@ -49,8 +53,11 @@ def fetch() -> None:
     files = {}
     with tempfile.TemporaryDirectory() as tmp:
         for spec, members in PACKAGES.items():
-            out = subprocess.run(["npm", "pack", spec, "--silent"], cwd=tmp, check=True, capture_output=True,
-                                 text=True).stdout.strip().splitlines()[-1]
+            out = (
+                subprocess.run(["npm", "pack", spec, "--silent"], cwd=tmp, check=True, capture_output=True, text=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             root = Path(tmp) / spec.replace("/", "_")
             with tarfile.open(Path(tmp) / out) as tar:
                 tar.extractall(root, filter="data")

@@ -24,28 +24,81 @@ Triton is optional: this package imports without it, and the kernel modules load
 `benchmarks/bench_kernels.py` times every pair on a GPU; `tests/test_kernels*.py` checks every pair on the CPU
 through Triton's interpreter (TRITON_INTERPRET=1).
 """
+
 from .backend import BACKENDS, get_backend, interpret_mode, set_backend, triton_available, use_backend
 from .cross_entropy import linear_cross_entropy, linear_cross_entropy_torch, linear_cross_entropy_triton
-from .fp8 import (act_quant, act_quant_torch, act_quant_triton, fp8_gemm, fp8_gemm_tiles, fp8_gemm_tiles_torch,
-                  fp8_gemm_tiles_triton, fp8_gemm_torch, fp8_gemm_triton, fp8_linear, fp8_training_linear,
-                  weight_dequant, weight_dequant_torch, weight_dequant_triton, weight_quant)
-from .mla import (attention_prefill, attention_prefill_torch, attention_prefill_triton, mla_decode,
-                  mla_decode_torch, mla_decode_triton)
+from .fp8 import (
+    act_quant,
+    act_quant_torch,
+    act_quant_triton,
+    fp8_gemm,
+    fp8_gemm_tiles,
+    fp8_gemm_tiles_torch,
+    fp8_gemm_tiles_triton,
+    fp8_gemm_torch,
+    fp8_gemm_triton,
+    fp8_linear,
+    fp8_training_linear,
+    weight_dequant,
+    weight_dequant_torch,
+    weight_dequant_triton,
+    weight_quant,
+)
+from .mla import (
+    attention_prefill,
+    attention_prefill_torch,
+    attention_prefill_triton,
+    mla_decode,
+    mla_decode_torch,
+    mla_decode_triton,
+)
 from .moe import expert_counts, moe_experts, moe_experts_torch, moe_experts_triton
 from .norm import rms_norm, rms_norm_torch, rms_norm_triton
 from .rope import apply_rope, apply_rope_torch, apply_rope_triton
 from .router import router_topk, router_topk_torch, router_topk_triton
 
 __all__ = [
-    "BACKENDS", "set_backend", "get_backend", "use_backend", "triton_available", "interpret_mode",
-    "rms_norm", "rms_norm_torch", "rms_norm_triton",
-    "apply_rope", "apply_rope_torch", "apply_rope_triton",
-    "router_topk", "router_topk_torch", "router_topk_triton",
-    "moe_experts", "moe_experts_torch", "moe_experts_triton", "expert_counts",
-    "mla_decode", "mla_decode_torch", "mla_decode_triton",
-    "attention_prefill", "attention_prefill_torch", "attention_prefill_triton",
-    "act_quant", "act_quant_torch", "act_quant_triton", "weight_quant", "weight_dequant", "weight_dequant_torch",
-    "weight_dequant_triton", "fp8_gemm", "fp8_gemm_torch", "fp8_gemm_triton", "fp8_linear",
-    "fp8_gemm_tiles", "fp8_gemm_tiles_torch", "fp8_gemm_tiles_triton", "fp8_training_linear",
-    "linear_cross_entropy", "linear_cross_entropy_torch", "linear_cross_entropy_triton",
+    "BACKENDS",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+    "triton_available",
+    "interpret_mode",
+    "rms_norm",
+    "rms_norm_torch",
+    "rms_norm_triton",
+    "apply_rope",
+    "apply_rope_torch",
+    "apply_rope_triton",
+    "router_topk",
+    "router_topk_torch",
+    "router_topk_triton",
+    "moe_experts",
+    "moe_experts_torch",
+    "moe_experts_triton",
+    "expert_counts",
+    "mla_decode",
+    "mla_decode_torch",
+    "mla_decode_triton",
+    "attention_prefill",
+    "attention_prefill_torch",
+    "attention_prefill_triton",
+    "act_quant",
+    "act_quant_torch",
+    "act_quant_triton",
+    "weight_quant",
+    "weight_dequant",
+    "weight_dequant_torch",
+    "weight_dequant_triton",
+    "fp8_gemm",
+    "fp8_gemm_torch",
+    "fp8_gemm_triton",
+    "fp8_linear",
+    "fp8_gemm_tiles",
+    "fp8_gemm_tiles_torch",
+    "fp8_gemm_tiles_triton",
+    "fp8_training_linear",
+    "linear_cross_entropy",
+    "linear_cross_entropy_torch",
+    "linear_cross_entropy_triton",
 ]

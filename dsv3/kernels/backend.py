@@ -20,6 +20,7 @@ Triton is imported lazily: `import dsv3.kernels` works on an install without Tri
 define the `@triton.jit` kernels (`*_triton.py`) are imported on first use. Lazy import also matters for the
 interpreter, since `triton.jit` decides between the compiler and the interpreter when a kernel is defined.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -14,6 +14,7 @@ so only one (N, C) chunk lives at a time. The matmuls go to cuBLAS/torch; the pe
 online update and the gradient of the logits) is what the Triton kernels fuse (`cross_entropy_triton.py`).
 `linear_cross_entropy_torch` runs the same chunked algorithm with torch ops for the chunk work.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,6 +29,7 @@ def _auto_chunk(n_rows: int, vocab: int) -> int:
 
 
 # chunk operations: torch versions (the Triton versions have the same signatures)
+
 
 def lse_update_torch(logits, m, s, tgt, labels, v0):
     """Fold one chunk of logits (N, C) into the running max m (N,), sum s (N,) and target logit tgt (N,)."""
@@ -64,7 +66,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         s = torch.zeros((N,), device=hidden.device, dtype=torch.float32)  # (N,) running sum of exp
         tgt = torch.zeros((N,), device=hidden.device, dtype=torch.float32)  # (N,) logit of the label
         for v0 in range(0, V, C):
-            logits = hidden @ weight[v0:v0 + C].t()  # (N, C) one chunk
+            logits = hidden @ weight[v0 : v0 + C].t()  # (N, C) one chunk
             lse_update(logits, m, s, tgt, labels, v0)
         lse = m + torch.log(s)  # (N,)
         valid = labels != ignore_index  # (N,)
@@ -84,20 +86,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)  # (N, D)
         d_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None  # (V, D)
         for v0 in range(0, V, C):
-            w_c = weight[v0:v0 + C]  # (C, D)
+            w_c = weight[v0 : v0 + C]  # (C, D)
             g = hidden @ w_c.t()  # (N, C) recomputed logits, overwritten by their gradient
             logits_grad(g, lse, labels, v0, scale)
             d_hidden.add_(g @ w_c)  # (N, D) accumulated in fp32
             if d_weight is not None:
-                d_weight[v0:v0 + C] = g.t() @ hidden  # (C, D)
+                d_weight[v0 : v0 + C] = g.t() @ hidden  # (C, D)
         d_hidden = d_hidden.to(hidden.dtype) if ctx.needs_input_grad[0] else None
         return d_hidden, d_weight, None, None, None, None
 
 
 def _check(hidden, weight, labels):
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"linear_cross_entropy: hidden (N, D) and weight (V, D) disagree: "
-                         f"{tuple(hidden.shape)}, {tuple(weight.shape)}")
+        raise ValueError(
+            f"linear_cross_entropy: hidden (N, D) and weight (V, D) disagree: "
+            f"{tuple(hidden.shape)}, {tuple(weight.shape)}"
+        )
     if labels.shape != (hidden.shape[0],):
         raise ValueError(f"linear_cross_entropy: labels must be ({hidden.shape[0]},), got {tuple(labels.shape)}")
 
@@ -105,16 +109,18 @@ def _check(hidden, weight, labels):
 def linear_cross_entropy_torch(hidden, weight, labels, ignore_index: int = -100, chunk_size: int | None = None):
     """Chunked reference (torch ops for the chunk work). Mean CE over labels != ignore_index, fp32."""
     _check(hidden, weight, labels)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_size,
-                                     (lse_update_torch, logits_grad_torch))
+    return _LinearCrossEntropy.apply(
+        hidden, weight, labels, ignore_index, chunk_size, (lse_update_torch, logits_grad_torch)
+    )
 
 
 def linear_cross_entropy_triton(hidden, weight, labels, ignore_index: int = -100, chunk_size: int | None = None):
     """Chunked algorithm with the per-chunk softmax work in Triton kernels."""
     _check(hidden, weight, labels)
     mod = backend.load("cross_entropy_triton")
-    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk_size,
-                                     (mod.lse_update, mod.logits_grad))
+    return _LinearCrossEntropy.apply(
+        hidden, weight, labels, ignore_index, chunk_size, (mod.lse_update, mod.logits_grad)
+    )
 
 
 def linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, chunk_size: int | None = None):

@@ -6,6 +6,7 @@ running max and sum of exponentials (online log-sum-exp) and picking up the labe
 `_logits_grad_kernel`: overwrites the recomputed logits chunk with its gradient (softmax - onehot) * scale,
 so the backward needs no second (N, C) buffer.
 """
+
 from __future__ import annotations
 
 import triton
@@ -54,8 +55,9 @@ def lse_update(logits, m, s, tgt, labels, v0):
     if N == 0:
         return
     BLOCK_C = min(4096, next_pow2(C))
-    _lse_update_kernel[(N,)](logits, m, s, tgt, labels, C, v0, logits.stride(0), BLOCK_C=BLOCK_C,
-                             num_warps=8 if BLOCK_C >= 2048 else 4)
+    _lse_update_kernel[(N,)](
+        logits, m, s, tgt, labels, C, v0, logits.stride(0), BLOCK_C=BLOCK_C, num_warps=8 if BLOCK_C >= 2048 else 4
+    )
 
 
 def logits_grad(logits, lse, labels, v0, scale):
@@ -63,5 +65,6 @@ def logits_grad(logits, lse, labels, v0, scale):
     if N == 0:
         return
     BLOCK_C = min(2048, next_pow2(C))
-    _logits_grad_kernel[(N, cdiv(C, BLOCK_C))](logits, lse, labels, scale, C, v0, logits.stride(0),
-                                               BLOCK_C=BLOCK_C, num_warps=4)
+    _logits_grad_kernel[(N, cdiv(C, BLOCK_C))](
+        logits, lse, labels, scale, C, v0, logits.stride(0), BLOCK_C=BLOCK_C, num_warps=4
+    )

@@ -21,6 +21,7 @@ loading uses. The Triton kernels decode and encode e4m3 with integer bit operati
 (and in the interpreter); the GEMM uses the tensor cores' native fp8 on compute capability >= 8.9 and
 fp16 tensor cores (which hold every e4m3 value exactly) elsewhere.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,11 +42,14 @@ def _check_weight(w, scale_inv, block):
         raise ValueError(f"fp8 weight must be 2-D (M, N), got {tuple(w.shape)}")
     want = (_nblocks(w.shape[0], block), _nblocks(w.shape[1], block))
     if tuple(scale_inv.shape) != want:
-        raise ValueError(f"weight_scale_inv for a {tuple(w.shape)} weight must be {want} "
-                         f"(one per {block}x{block} block), got {tuple(scale_inv.shape)}")
+        raise ValueError(
+            f"weight_scale_inv for a {tuple(w.shape)} weight must be {want} "
+            f"(one per {block}x{block} block), got {tuple(scale_inv.shape)}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- references
+
 
 def weight_quant_torch(w: torch.Tensor, block: int = 128):
     """Quantize a (M, N) weight to e4m3 with one fp32 scale per block x block tile (used to write FP8
@@ -72,7 +76,7 @@ def weight_dequant_torch(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: in
     out = w_fp8.to(torch.float32)  # (M, N)
     s = scale_inv.float().repeat_interleave(block, dim=1)[:, :N]  # (Mb, N) one row per block row
     Mf = (M // block) * block
-    out[:Mf].view(M // block, block, N).mul_(s[:M // block, None, :])  # full block rows
+    out[:Mf].view(M // block, block, N).mul_(s[: M // block, None, :])  # full block rows
     if Mf < M:
         out[Mf:].mul_(s[-1])  # the partial last block row
     return out.to(dtype)
@@ -121,6 +125,7 @@ def fp8_gemm_tiles_torch(a_fp8, a_scale, b_fp8, b_scale, out_dtype=torch.float32
 
 # ---------------------------------------------------------------------------------------------- dispatch
 
+
 def _triton():
     return backend.load("fp8_triton")
 
@@ -134,8 +139,7 @@ def act_quant_triton(x, block: int = 128):
     return _triton().act_quant(x, block)
 
 
-def fp8_gemm_triton(a_fp8, a_scale, w_fp8, w_scale_inv, out_dtype=torch.bfloat16, block: int = 128,
-                    native=None):
+def fp8_gemm_triton(a_fp8, a_scale, w_fp8, w_scale_inv, out_dtype=torch.bfloat16, block: int = 128, native=None):
     _check_weight(w_fp8, w_scale_inv, block)
     return _triton().fp8_gemm(a_fp8, a_scale, w_fp8, w_scale_inv, out_dtype, block, native)
 
@@ -143,8 +147,10 @@ def fp8_gemm_triton(a_fp8, a_scale, w_fp8, w_scale_inv, out_dtype=torch.bfloat16
 def fp8_gemm_tiles_triton(a_fp8, a_scale, b_fp8, b_scale, out_dtype=torch.float32, block: int = 128, native=None):
     K = a_fp8.shape[-1]
     if b_fp8.dim() != 2 or tuple(b_scale.shape) != (b_fp8.shape[0], _nblocks(K, block)):
-        raise ValueError(f"fp8_gemm_tiles: b must be (N, K={K}) with scales (N, {_nblocks(K, block)}), got "
-                         f"{tuple(b_fp8.shape)} and {tuple(b_scale.shape)}")
+        raise ValueError(
+            f"fp8_gemm_tiles: b must be (N, K={K}) with scales (N, {_nblocks(K, block)}), got "
+            f"{tuple(b_fp8.shape)} and {tuple(b_scale.shape)}"
+        )
     return _triton().fp8_gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype, block, native, w_row_scale=True)
 
 
@@ -199,6 +205,7 @@ def fp8_gemm_tiles(a_fp8, a_scale, b_fp8, b_scale, out_dtype=torch.float32, bloc
 
 # ---------------------------------------------------------------------------------------------- training
 
+
 class _FP8TrainingLinear(torch.autograd.Function):
     """y = x W^T (+ b) with all three GEMMs of a linear layer in e4m3 (paper Sec. 3.3, Fig. 6 and 7):
 
@@ -239,8 +246,9 @@ class _FP8TrainingLinear(torch.autograd.Function):
         with torch.autocast(g.device.type, enabled=False):
             if ctx.needs_input_grad[0]:  # Dgrad: inner dimension N
                 gq, gs = act_quant(g, block)  # (M, N), (M, ceil(N/128))
-                grad_x = fp8_gemm(gq, gs, wq.t().contiguous(), ws.t().contiguous(), out_dtype=torch.float32,
-                                  block=block)  # (M, K)
+                grad_x = fp8_gemm(
+                    gq, gs, wq.t().contiguous(), ws.t().contiguous(), out_dtype=torch.float32, block=block
+                )  # (M, K)
                 grad_x = grad_x.to(ctx.x_dtype).view(*grad_out.shape[:-1], -1)
             if ctx.needs_input_grad[1]:  # Wgrad: inner dimension M (tokens)
                 gtq, gts = act_quant(g.t(), block)  # (N, M), (N, ceil(M/128))
@@ -251,8 +259,9 @@ class _FP8TrainingLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def fp8_training_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                        block: int = 128) -> torch.Tensor:
+def fp8_training_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, block: int = 128
+) -> torch.Tensor:
     """F.linear(x, weight, bias) for training with the paper's FP8 recipe (Fprop, Dgrad and Wgrad in e4m3 with
     1 x 128 / 128 x 128 online scales, fp32 accumulation; see ``_FP8TrainingLinear``). ``weight`` is the
     high-precision master weight (fp32); gradients come back in its dtype and in x's. Differentiable."""

@@ -5,6 +5,7 @@ e4m3fn bits: s eeee mmm, exponent bias 7, value (-1)^s 2^(e-7) (1 + m/8) for e >
 for e = 0. `_e4m3_decode` / `_e4m3_encode` build these from and to fp32 bits with integer arithmetic
 (round to nearest even, like torch's cast), which works on every GPU and in the interpreter.
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,8 +59,20 @@ def _act_quant_kernel(X, Q, S, K, sxm, sqm, ssm, BLOCK: tl.constexpr):
 
 @triton.jit
 def _weight_dequant_kernel(
-    W, S, OUT, M, N, sw0, sw1, ss0, ss1, so0, so1,
-    QBLOCK: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
+    W,
+    S,
+    OUT,
+    M,
+    N,
+    sw0,
+    sw1,
+    ss0,
+    ss1,
+    so0,
+    so1,
+    QBLOCK: tl.constexpr,
+    TILE_M: tl.constexpr,
+    TILE_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * TILE_M + tl.arange(0, TILE_M)
     cols = tl.program_id(1) * TILE_N + tl.arange(0, TILE_N)
@@ -73,12 +86,29 @@ def _weight_dequant_kernel(
 
 @triton.jit
 def _fp8_gemm_kernel(
-    A, AS, W, WS, C, M, N, K,
-    sam, sak, sasm, sask,  # a (M, K) e4m3 (uint8 bits unless NATIVE), a_scale (M, Kb)
-    swn, swk, swsn, swsk,  # w (N, K) e4m3 (uint8 bits unless NATIVE), w_scale (Nb, Kb), or (N, Kb) if W_ROW_SCALE
-    scm, scn,
+    A,
+    AS,
+    W,
+    WS,
+    C,
+    M,
+    N,
+    K,
+    sam,
+    sak,
+    sasm,
+    sask,  # a (M, K) e4m3 (uint8 bits unless NATIVE), a_scale (M, Kb)
+    swn,
+    swk,
+    swsn,
+    swsk,  # w (N, K) e4m3 (uint8 bits unless NATIVE), w_scale (Nb, Kb), or (N, Kb) if W_ROW_SCALE
+    scm,
+    scn,
     NATIVE: tl.constexpr,  # fp8 tensor-core dot (sm >= 89, K % QBLOCK == 0); else decode to fp16 dots
-    QBLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    QBLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
     W_ROW_SCALE: tl.constexpr = False,  # W quantized per 1 x QBLOCK tile like A (the Wgrad GEMM of training)
 ):
     """C = sum over K blocks kb of (A[:, kb] @ W[:, kb]^T) * a_scale[:, kb] * w_scale[n // QBLOCK, kb]
@@ -130,6 +160,7 @@ def _fp8_gemm_kernel(
 
 # ----------------------------------------------------------------------------------------------- host side
 
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """View an fp8 tensor as its uint8 bit patterns (free)."""
     return t.view(torch.uint8)
@@ -147,8 +178,9 @@ def act_quant(x: torch.Tensor, block: int = 128):
     q = torch.empty((M, K), device=x.device, dtype=torch.float8_e4m3fn)  # (M, K)
     s = torch.empty((M, Kb), device=x.device, dtype=torch.float32)  # (M, Kb)
     if M * K > 0:
-        _act_quant_kernel[(M, Kb)](x2, _bits(q), s, K, x2.stride(0), q.stride(0), s.stride(0),
-                                   BLOCK=block, num_warps=1 if block <= 128 else 4)
+        _act_quant_kernel[(M, Kb)](
+            x2, _bits(q), s, K, x2.stride(0), q.stride(0), s.stride(0), BLOCK=block, num_warps=1 if block <= 128 else 4
+        )
     return q.view(*x.shape[:-1], K), s.view(*x.shape[:-1], Kb)
 
 
@@ -158,8 +190,18 @@ def weight_dequant(w_fp8, scale_inv, block: int = 128, dtype=torch.bfloat16):
     tile = 64
     if M * N > 0:
         _weight_dequant_kernel[(cdiv(M, tile), cdiv(N, tile))](
-            _bits(w_fp8), scale_inv, out, M, N, *w_fp8.stride(), *scale_inv.stride(), *out.stride(),
-            QBLOCK=block, TILE_M=tile, TILE_N=tile, num_warps=4,
+            _bits(w_fp8),
+            scale_inv,
+            out,
+            M,
+            N,
+            *w_fp8.stride(),
+            *scale_inv.stride(),
+            *out.stride(),
+            QBLOCK=block,
+            TILE_M=tile,
+            TILE_N=tile,
+            num_warps=4,
         )
     return out
 
@@ -169,8 +211,17 @@ def native_fp8(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def fp8_gemm(a_fp8, a_scale, w_fp8, w_scale_inv, out_dtype=torch.bfloat16, block: int = 128, native=None,
-             config=None, w_row_scale: bool = False):
+def fp8_gemm(
+    a_fp8,
+    a_scale,
+    w_fp8,
+    w_scale_inv,
+    out_dtype=torch.bfloat16,
+    block: int = 128,
+    native=None,
+    config=None,
+    w_row_scale: bool = False,
+):
     """config: optional (BLOCK_M, BLOCK_N, num_warps, num_stages) override (the benchmark sweeps it).
     w_row_scale: w_scale_inv is (N, ceil(K/block)), one scale per 1 x block tile of w (as for activations)."""
     K = a_fp8.shape[-1]
@@ -202,11 +253,31 @@ def fp8_gemm(a_fp8, a_scale, w_fp8, w_scale_inv, out_dtype=torch.bfloat16, block
         grid = (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),)
         a_arg, w_arg = (a2, w_fp8) if native else (_bits(a2), _bits(w_fp8))
         _fp8_gemm_kernel[grid](
-            a_arg, as2, w_arg, w_scale_inv, c, M, N, K,
-            a2.stride(0), a2.stride(1), as2.stride(0), as2.stride(1),
-            w_fp8.stride(0), w_fp8.stride(1), w_scale_inv.stride(0), w_scale_inv.stride(1),
-            c.stride(0), c.stride(1),
-            NATIVE=native, QBLOCK=block, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GROUP_M=8, W_ROW_SCALE=w_row_scale,
-            num_warps=warps, num_stages=stages,
+            a_arg,
+            as2,
+            w_arg,
+            w_scale_inv,
+            c,
+            M,
+            N,
+            K,
+            a2.stride(0),
+            a2.stride(1),
+            as2.stride(0),
+            as2.stride(1),
+            w_fp8.stride(0),
+            w_fp8.stride(1),
+            w_scale_inv.stride(0),
+            w_scale_inv.stride(1),
+            c.stride(0),
+            c.stride(1),
+            NATIVE=native,
+            QBLOCK=block,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            GROUP_M=8,
+            W_ROW_SCALE=w_row_scale,
+            num_warps=warps,
+            num_stages=stages,
         )
     return c.view(*a_fp8.shape[:-1], N)

@@ -18,6 +18,7 @@ padding is simply never attended.
 `attention_prefill` is plain causal attention over full heads (q, k (B, H, T, Dqk), v (B, H, T, Dv)) used by
 the naive/prefill path; its reference is torch's SDPA.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,21 +27,31 @@ import torch.nn.functional as F
 from ..layers.reference import gather_paged, mla_decode_torch
 from . import backend
 
-__all__ = ["attention_prefill", "attention_prefill_torch", "attention_prefill_triton", "gather_paged", "mla_decode",
-           "mla_decode_torch", "mla_decode_triton"]
+__all__ = [
+    "attention_prefill",
+    "attention_prefill_torch",
+    "attention_prefill_triton",
+    "gather_paged",
+    "mla_decode",
+    "mla_decode_torch",
+    "mla_decode_triton",
+]
 
 
 def _check_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, block_table, starts):
     if q_latent.dim() != 4 or q_rope.dim() != 4 or q_latent.shape[:3] != q_rope.shape[:3]:
-        raise ValueError(f"mla_decode: q_latent (B, Tq, H, r) and q_rope (B, Tq, H, dr) disagree: "
-                         f"{tuple(q_latent.shape)}, {tuple(q_rope.shape)}")
+        raise ValueError(
+            f"mla_decode: q_latent (B, Tq, H, r) and q_rope (B, Tq, H, dr) disagree: "
+            f"{tuple(q_latent.shape)}, {tuple(q_rope.shape)}"
+        )
     B, Tq, H, r = q_latent.shape
     dr = q_rope.shape[-1]
     if ckv_cache.dim() != 3 or ckv_cache.shape[-1] != r:
         raise ValueError(f"mla_decode: ckv_cache must be (B or blocks, S or page, r={r}), got {tuple(ckv_cache.shape)}")
     if krope_cache.shape != (*ckv_cache.shape[:2], dr):
-        raise ValueError(f"mla_decode: krope_cache must be {(*ckv_cache.shape[:2], dr)}, "
-                         f"got {tuple(krope_cache.shape)}")
+        raise ValueError(
+            f"mla_decode: krope_cache must be {(*ckv_cache.shape[:2], dr)}, got {tuple(krope_cache.shape)}"
+        )
     if seq_lens.shape != (B,):
         raise ValueError(f"mla_decode: seq_lens must be ({B},), got {tuple(seq_lens.shape)}")
     if starts is not None and starts.shape != (B,):
@@ -51,11 +62,13 @@ def _check_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, block_tabl
         raise ValueError(f"mla_decode: block_table must be (B={B}, max_blocks), got {tuple(block_table.shape)}")
 
 
-def mla_decode_triton(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table=None, starts=None,
-                      num_splits=None):
+def mla_decode_triton(
+    q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table=None, starts=None, num_splits=None
+):
     """Split-KV flash decoding over the latent cache (contiguous or paged), then one reduction kernel."""
-    return backend.load("mla_triton").mla_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale,
-                                                 block_table, num_splits, starts=starts)
+    return backend.load("mla_triton").mla_decode(
+        q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table, num_splits, starts=starts
+    )
 
 
 def mla_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table=None, starts=None):
@@ -97,8 +110,10 @@ def attention_prefill(q, k, v, scale, causal=True):
     """Full-head attention for prefill. The Triton kernel is forward-only: with autograd recording and inputs
     that require grad, SDPA runs (training)."""
     if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"attention_prefill: q, k (B, H, T, Dqk) and v (B, H, T, Dv) disagree: "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"attention_prefill: q, k (B, H, T, Dqk) and v (B, H, T, Dv) disagree: "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if not needs_grad and backend.use_triton(q, k, v):
         return attention_prefill_triton(q, k, v, scale, causal)

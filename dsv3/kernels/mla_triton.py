@@ -11,6 +11,7 @@ log-sum-exp of its slice. Stage 2 (`_mla_reduce_kernel`) merges the splits:
     o = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max).
 With one split the first stage writes the output directly.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,16 +27,49 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _mla_decode_kernel(
-    Q, QR, CKV, KR, SEQ_LENS, STARTS, BLOCK_TABLE, O, O_PART, LSE_PART,
-    TQ, H, R, DR, qk_scale,  # qk_scale = softmax scale * log2(e)
-    sqb, sqt, sqh, sqd,  # q_latent (B, Tq, H, r)
-    srb, srt, srh, srd,  # q_rope (B, Tq, H, dr)
-    sc0, sc1, scd,  # ckv: (B, S, r) or (blocks, page, r)
-    sk0, sk1, skd,  # krope: (B, S, dr) or (blocks, page, dr)
-    sbt0, sbt1,  # block_table (B, max_blocks)
-    sob, sot, soh, sod,  # output (B, Tq, H, r)
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
+    Q,
+    QR,
+    CKV,
+    KR,
+    SEQ_LENS,
+    STARTS,
+    BLOCK_TABLE,
+    O,
+    O_PART,
+    LSE_PART,
+    TQ,
+    H,
+    R,
+    DR,
+    qk_scale,  # qk_scale = softmax scale * log2(e)
+    sqb,
+    sqt,
+    sqh,
+    sqd,  # q_latent (B, Tq, H, r)
+    srb,
+    srt,
+    srh,
+    srd,  # q_rope (B, Tq, H, dr)
+    sc0,
+    sc1,
+    scd,  # ckv: (B, S, r) or (blocks, page, r)
+    sk0,
+    sk1,
+    skd,  # krope: (B, S, dr) or (blocks, page, dr)
+    sbt0,
+    sbt1,  # block_table (B, max_blocks)
+    sob,
+    sot,
+    soh,
+    sod,  # output (B, Tq, H, r)
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_DR: tl.constexpr,
 ):
     pid_h = tl.program_id(0)  # fastest-varying: the row blocks of one (sequence, split) run together and
     split = tl.program_id(1)  # share its cache tiles through L2
@@ -50,10 +84,16 @@ def _mla_decode_kernel(
     dr = tl.arange(0, BLOCK_DR)
     d_mask = d < R
     dr_mask = dr < DR
-    q = tl.load(Q + b * sqb + t[:, None] * sqt + h[:, None] * sqh + d[None, :] * sqd,
-                mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_H, BLOCK_R)
-    qr = tl.load(QR + b * srb + t[:, None] * srt + h[:, None] * srh + dr[None, :] * srd,
-                 mask=row_mask[:, None] & dr_mask[None, :], other=0.0)  # (BLOCK_H, BLOCK_DR)
+    q = tl.load(
+        Q + b * sqb + t[:, None] * sqt + h[:, None] * sqh + d[None, :] * sqd,
+        mask=row_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # (BLOCK_H, BLOCK_R)
+    qr = tl.load(
+        QR + b * srb + t[:, None] * srt + h[:, None] * srh + dr[None, :] * srd,
+        mask=row_mask[:, None] & dr_mask[None, :],
+        other=0.0,
+    )  # (BLOCK_H, BLOCK_DR)
     limit = seq_len - TQ + t + 1  # (BLOCK_H,) causal limit of each query row
 
     split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -73,10 +113,12 @@ def _mla_decode_kernel(
         else:
             c_row = b * sc0 + offs.to(tl.int64) * sc1
             k_row = b * sk0 + offs.to(tl.int64) * sk1
-        kv = tl.load(CKV + c_row[:, None] + d[None, :] * scd,
-                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_R) latents
-        kr = tl.load(KR + k_row[:, None] + dr[None, :] * skd,
-                     mask=n_mask[:, None] & dr_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_DR) rope keys
+        kv = tl.load(
+            CKV + c_row[:, None] + d[None, :] * scd, mask=n_mask[:, None] & d_mask[None, :], other=0.0
+        )  # (BLOCK_N, BLOCK_R) latents
+        kr = tl.load(
+            KR + k_row[:, None] + dr[None, :] * skd, mask=n_mask[:, None] & dr_mask[None, :], other=0.0
+        )  # (BLOCK_N, BLOCK_DR) rope keys
         s = tl.dot(q, tl.trans(kv), input_precision=DOT_PRECISION)
         s = tl.dot(qr, tl.trans(kr), s, input_precision=DOT_PRECISION)  # (BLOCK_H, BLOCK_N)
         s = s * qk_scale
@@ -97,17 +139,26 @@ def _mla_decode_kernel(
         tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
     else:
         part = (b * (TQ * H) + rows) * NUM_SPLITS + split  # (BLOCK_H,) row of the (B*Tq*H, splits) layout
-        tl.store(O_PART + part[:, None].to(tl.int64) * R + d[None, :], out,
-                 mask=row_mask[:, None] & d_mask[None, :])
+        tl.store(O_PART + part[:, None].to(tl.int64) * R + d[None, :], out, mask=row_mask[:, None] & d_mask[None, :])
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         tl.store(LSE_PART + part, lse, mask=row_mask)
 
 
 @triton.jit
 def _mla_reduce_kernel(
-    O_PART, LSE_PART, O, TQ, H, R,
-    sob, sot, soh, sod,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+    O_PART,
+    LSE_PART,
+    O,
+    TQ,
+    H,
+    R,
+    sob,
+    sot,
+    soh,
+    sod,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # over B * Tq * H
     b = row // (TQ * H)
@@ -156,8 +207,18 @@ def choose_splits(batch: int, row_blocks: int, max_len: int, device: torch.devic
     return max(1, min(want, cdiv(max_len, max(256, block_n)), 64))
 
 
-def mla_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_table=None, num_splits=None,
-               config=None, starts=None):
+def mla_decode(
+    q_latent,
+    q_rope,
+    ckv_cache,
+    krope_cache,
+    seq_lens,
+    scale,
+    block_table=None,
+    num_splits=None,
+    config=None,
+    starts=None,
+):
     B, Tq, H, r = q_latent.shape
     dr = q_rope.shape[-1]
     cdt = ckv_cache.dtype
@@ -193,17 +254,51 @@ def mla_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_
     else:
         o_part = lse_part = out
     _mla_decode_kernel[(row_blocks, num_splits, B)](
-        q, qr, ckv_cache, krope_cache, seq_lens, starts, bt, out, o_part, lse_part,
-        Tq, H, r, dr, scale * LOG2E,
-        *q.stride(), *qr.stride(), *ckv_cache.stride(), *krope_cache.stride(),
-        bt.stride(0), bt.stride(-1) if paged else 0, *out.stride(),
-        PAGED=paged, PAGE_SIZE=page, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(cdt),
-        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_R=next_pow2(r), BLOCK_DR=max(16, next_pow2(dr)), **cfg,
+        q,
+        qr,
+        ckv_cache,
+        krope_cache,
+        seq_lens,
+        starts,
+        bt,
+        out,
+        o_part,
+        lse_part,
+        Tq,
+        H,
+        r,
+        dr,
+        scale * LOG2E,
+        *q.stride(),
+        *qr.stride(),
+        *ckv_cache.stride(),
+        *krope_cache.stride(),
+        bt.stride(0),
+        bt.stride(-1) if paged else 0,
+        *out.stride(),
+        PAGED=paged,
+        PAGE_SIZE=page,
+        NUM_SPLITS=num_splits,
+        DOT_PRECISION=_dot_precision(cdt),
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
+        BLOCK_R=next_pow2(r),
+        BLOCK_DR=max(16, next_pow2(dr)),
+        **cfg,
     )
     if num_splits > 1:
         _mla_reduce_kernel[(B * Tq * H,)](
-            o_part, lse_part, out, Tq, H, r, *out.stride(),
-            NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits), BLOCK_R=next_pow2(r), num_warps=4,
+            o_part,
+            lse_part,
+            out,
+            Tq,
+            H,
+            r,
+            *out.stride(),
+            NUM_SPLITS=num_splits,
+            BLOCK_S=next_pow2(num_splits),
+            BLOCK_R=next_pow2(r),
+            num_warps=4,
         )
     return out
 
@@ -213,14 +308,37 @@ def mla_decode(q_latent, q_rope, ckv_cache, krope_cache, seq_lens, scale, block_
 
 @triton.jit
 def _flash_attn_fwd_kernel(
-    Q, K, V, O,
-    T, H, DQK, DV, qk_scale,
-    sqb, sqh, sqt, sqd,
-    skb, skh, skt, skd,
-    svb, svh, svt, svd,
-    sob, soh, sot, sod,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    T,
+    H,
+    DQK,
+    DV,
+    qk_scale,
+    sqb,
+    sqh,
+    sqt,
+    sqd,
+    skb,
+    skh,
+    skt,
+    skd,
+    svb,
+    svh,
+    svt,
+    svd,
+    sob,
+    soh,
+    sot,
+    sod,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     """Flash attention forward: one program per (query block, batch * head); online softmax over key blocks."""
     pid_m = tl.program_id(0)
@@ -231,8 +349,11 @@ def _flash_attn_fwd_kernel(
     dq = tl.arange(0, BLOCK_DQK)
     dv = tl.arange(0, BLOCK_DV)
     m_mask = offs_m < T
-    q = tl.load(Q + b * sqb + hh * sqh + offs_m[:, None].to(tl.int64) * sqt + dq[None, :] * sqd,
-                mask=m_mask[:, None] & (dq[None, :] < DQK), other=0.0)  # (BLOCK_M, BLOCK_DQK)
+    q = tl.load(
+        Q + b * sqb + hh * sqh + offs_m[:, None].to(tl.int64) * sqt + dq[None, :] * sqd,
+        mask=m_mask[:, None] & (dq[None, :] < DQK),
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_DQK)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -240,10 +361,16 @@ def _flash_attn_fwd_kernel(
     for n0 in range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < T
-        k = tl.load(K + b * skb + hh * skh + offs_n[:, None].to(tl.int64) * skt + dq[None, :] * skd,
-                    mask=n_mask[:, None] & (dq[None, :] < DQK), other=0.0)  # (BLOCK_N, BLOCK_DQK)
-        v = tl.load(V + b * svb + hh * svh + offs_n[:, None].to(tl.int64) * svt + dv[None, :] * svd,
-                    mask=n_mask[:, None] & (dv[None, :] < DV), other=0.0)  # (BLOCK_N, BLOCK_DV)
+        k = tl.load(
+            K + b * skb + hh * skh + offs_n[:, None].to(tl.int64) * skt + dq[None, :] * skd,
+            mask=n_mask[:, None] & (dq[None, :] < DQK),
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_DQK)
+        v = tl.load(
+            V + b * svb + hh * svh + offs_n[:, None].to(tl.int64) * svt + dv[None, :] * svd,
+            mask=n_mask[:, None] & (dv[None, :] < DV),
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_DV)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         visible = n_mask[None, :]
         if CAUSAL:
@@ -276,10 +403,26 @@ def attention_prefill(q, k, v, scale, causal=True):
     block_n = 16 if interpret_mode() else (32 if Dqk > 128 or old_gpu else 64)
     stages = 1 if old_gpu else 2
     _flash_attn_fwd_kernel[(cdiv(T, block_m), B * H)](
-        q, k, v, out, T, H, Dqk, Dv, scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=max(16, next_pow2(Dqk)), BLOCK_DV=max(16, next_pow2(Dv)),
-        num_warps=4 if Dqk <= 64 else 8, num_stages=stages,
+        q,
+        k,
+        v,
+        out,
+        T,
+        H,
+        Dqk,
+        Dv,
+        scale * LOG2E,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        CAUSAL=causal,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_DQK=max(16, next_pow2(Dqk)),
+        BLOCK_DV=max(16, next_pow2(Dv)),
+        num_warps=4 if Dqk <= 64 else 8,
+        num_stages=stages,
     )
     return out

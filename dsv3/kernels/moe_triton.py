@@ -19,6 +19,7 @@ Backward (for dout (N, D)), with a = silu(gate) * up recomputed:
     dW_gate[e]  = sum over e's rows dgate^T x[tok]               `_wgrad_kernel`
     dW_up[e]    = sum over e's rows dup^T x[tok]                 `_wgrad_kernel`
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,13 +31,31 @@ from .backend import cdiv, interpret_mode, next_pow2
 
 @triton.jit
 def _gate_up_kernel(
-    X, WG, WU, H, G_OUT, U_OUT, SORTED_PAIR, BLOCK_EXPERT,
-    NK, D, I, n_experts,
-    sxm, sxk,  # x (N, D)
-    swe, swn, swk,  # w_gate / w_up (E, I, D), same strides
-    shm, shn,  # h or gate/up outputs (P, I)
-    TOPK: tl.constexpr, SAVE_GU: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    X,
+    WG,
+    WU,
+    H,
+    G_OUT,
+    U_OUT,
+    SORTED_PAIR,
+    BLOCK_EXPERT,
+    NK,
+    D,
+    I,
+    n_experts,
+    sxm,
+    sxk,  # x (N, D)
+    swe,
+    swn,
+    swk,  # w_gate / w_up (E, I, D), same strides
+    shm,
+    shn,  # h or gate/up outputs (P, I)
+    TOPK: tl.constexpr,
+    SAVE_GU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -55,8 +74,9 @@ def _gate_up_kernel(
         for k0 in range(0, D, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < D
-            a = tl.load(X + tok[:, None] * sxm + offs_k[None, :] * sxk,
-                        mask=valid[:, None] & k_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+            a = tl.load(
+                X + tok[:, None] * sxm + offs_k[None, :] * sxk, mask=valid[:, None] & k_mask[None, :], other=0.0
+            )  # (BLOCK_M, BLOCK_K)
             w_mask = k_mask[:, None] & n_mask[None, :]
             wg = tl.load(wg_ptr + offs_k[:, None] * swk, mask=w_mask, other=0.0)  # (BLOCK_K, BLOCK_N)
             wu = tl.load(wu_ptr + offs_k[:, None] * swk, mask=w_mask, other=0.0)
@@ -73,13 +93,34 @@ def _gate_up_kernel(
 
 @triton.jit
 def _grouped_mm_kernel(
-    A, A2, B, B2, C, SORTED_PAIR, BLOCK_EXPERT, TOPK_W,
-    NK, N, K, n_experts,
-    sam, sak,  # A (rows, K): padded rows, or token rows when A_GATHER
-    sbe, sbk, sbn,  # B (E, K, N) given by strides, so W or W^T without a copy
-    scm, scn,  # C (rows, N): padded rows, or pair rows when SCATTER
-    TOPK: tl.constexpr, A_GATHER: tl.constexpr, DUAL: tl.constexpr, SCALE: tl.constexpr, SCATTER: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    A,
+    A2,
+    B,
+    B2,
+    C,
+    SORTED_PAIR,
+    BLOCK_EXPERT,
+    TOPK_W,
+    NK,
+    N,
+    K,
+    n_experts,
+    sam,
+    sak,  # A (rows, K): padded rows, or token rows when A_GATHER
+    sbe,
+    sbk,
+    sbn,  # B (E, K, N) given by strides, so W or W^T without a copy
+    scm,
+    scn,  # C (rows, N): padded rows, or pair rows when SCATTER
+    TOPK: tl.constexpr,
+    A_GATHER: tl.constexpr,
+    DUAL: tl.constexpr,
+    SCALE: tl.constexpr,
+    SCATTER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """C[rows of block] = A[rows] @ B[e] (+ A2[rows] @ B2[e] if DUAL) (* gating weight if SCALE)."""
     pid_m = tl.program_id(0)
@@ -123,13 +164,31 @@ def _grouped_mm_kernel(
 
 @triton.jit
 def _wgrad_kernel(
-    A, B, DW, SORTED_PAIR, EXPERT_START, EXPERT_END, TOPK_W,
-    NK, M, N,
-    sar, sac,  # A (rows, M): padded rows, or token rows when A_GATHER
-    sbr, sbc,  # B (rows, N): padded rows, or token rows when B_GATHER
-    swe, swm, swn,  # DW (E, M, N)
-    TOPK: tl.constexpr, A_GATHER: tl.constexpr, A_SCALE: tl.constexpr, B_GATHER: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    A,
+    B,
+    DW,
+    SORTED_PAIR,
+    EXPERT_START,
+    EXPERT_END,
+    TOPK_W,
+    NK,
+    M,
+    N,
+    sar,
+    sac,  # A (rows, M): padded rows, or token rows when A_GATHER
+    sbr,
+    sbc,  # B (rows, N): padded rows, or token rows when B_GATHER
+    swe,
+    swm,
+    swn,  # DW (E, M, N)
+    TOPK: tl.constexpr,
+    A_GATHER: tl.constexpr,
+    A_SCALE: tl.constexpr,
+    B_GATHER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """DW[e] = sum over the padded rows r of expert e of A[r]^T B[r] (a weight gradient per expert)."""
     e = tl.program_id(0)
@@ -155,19 +214,22 @@ def _wgrad_kernel(
             b_rows = tok
         else:
             b_rows = rows.to(tl.int64)
-        at = tl.load(A + a_rows[None, :] * sar + offs_m[:, None] * sac,
-                     mask=valid[None, :] & m_mask[:, None], other=0.0)  # (BLOCK_M, BLOCK_R) = A^T tile
+        at = tl.load(
+            A + a_rows[None, :] * sar + offs_m[:, None] * sac, mask=valid[None, :] & m_mask[:, None], other=0.0
+        )  # (BLOCK_M, BLOCK_R) = A^T tile
         if A_SCALE:
             w = tl.load(TOPK_W + pair, mask=valid, other=0.0)
             at = (at.to(tl.float32) * w[None, :]).to(at.dtype)
-        b = tl.load(B + b_rows[:, None] * sbr + offs_n[None, :] * sbc,
-                    mask=valid[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_R, BLOCK_N)
+        b = tl.load(
+            B + b_rows[:, None] * sbr + offs_n[None, :] * sbc, mask=valid[:, None] & n_mask[None, :], other=0.0
+        )  # (BLOCK_R, BLOCK_N)
         acc = tl.dot(at, b, acc, input_precision=DOT_PRECISION)
     dw_off = e.to(tl.int64) * swe + offs_m[:, None] * swm + offs_n[None, :] * swn
     tl.store(DW + dw_off, acc.to(DW.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------- host side
+
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs: follow torch's matmul setting (full fp32 unless TF32 is allowed); fp16/bf16 ignore it."""
@@ -229,47 +291,127 @@ def _gate_up(x, w_gate, w_up, sorted_pair, block_expert, topk, block_m, save_gu)
         g = u = h
     grid = (block_expert.numel(), cdiv(I, BLOCK_N))
     _gate_up_kernel[grid](
-        x, w_gate, w_up, h, g, u, sorted_pair, block_expert,
-        NK, D, I, E,
-        x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2),
-        h.stride(0), h.stride(1),
-        TOPK=topk, SAVE_GU=save_gu, DOT_PRECISION=_dot_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3,
+        x,
+        w_gate,
+        w_up,
+        h,
+        g,
+        u,
+        sorted_pair,
+        block_expert,
+        NK,
+        D,
+        I,
+        E,
+        x.stride(0),
+        x.stride(1),
+        w_gate.stride(0),
+        w_gate.stride(1),
+        w_gate.stride(2),
+        h.stride(0),
+        h.stride(1),
+        TOPK=topk,
+        SAVE_GU=save_gu,
+        DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        num_warps=4,
+        num_stages=3,
     )
     return (g, u) if save_gu else h
 
 
-def _grouped_mm(a, b, b_strides, n_out, k_dim, out, sorted_pair, block_expert, topk, nk, block_m,
-                a2=None, b2=None, topk_w=None, a_gather=False, scatter=False):
+def _grouped_mm(
+    a,
+    b,
+    b_strides,
+    n_out,
+    k_dim,
+    out,
+    sorted_pair,
+    block_expert,
+    topk,
+    nk,
+    block_m,
+    a2=None,
+    b2=None,
+    topk_w=None,
+    a_gather=False,
+    scatter=False,
+):
     """out[rows] = a[rows] @ B[e] (+ a2[rows] @ B2[e]) (* gating weight); B[e] read through b_strides."""
     E = b.shape[0]
     BLOCK_N, BLOCK_K = _tile(n_out, 64), _tile(k_dim, 64)
     grid = (block_expert.numel(), cdiv(n_out, BLOCK_N))
     _grouped_mm_kernel[grid](
-        a, a2 if a2 is not None else a, b, b2 if b2 is not None else b, out, sorted_pair, block_expert,
+        a,
+        a2 if a2 is not None else a,
+        b,
+        b2 if b2 is not None else b,
+        out,
+        sorted_pair,
+        block_expert,
         topk_w if topk_w is not None else a,
-        nk, n_out, k_dim, E,
-        a.stride(0), a.stride(1), *b_strides, out.stride(0), out.stride(1),
-        TOPK=topk, A_GATHER=a_gather, DUAL=a2 is not None, SCALE=topk_w is not None, SCATTER=scatter,
-        DOT_PRECISION=_dot_precision(a.dtype), BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        num_warps=4, num_stages=3,
+        nk,
+        n_out,
+        k_dim,
+        E,
+        a.stride(0),
+        a.stride(1),
+        *b_strides,
+        out.stride(0),
+        out.stride(1),
+        TOPK=topk,
+        A_GATHER=a_gather,
+        DUAL=a2 is not None,
+        SCALE=topk_w is not None,
+        SCATTER=scatter,
+        DOT_PRECISION=_dot_precision(a.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        num_warps=4,
+        num_stages=3,
     )
     return out
 
 
-def _wgrad(a, b, out, sorted_pair, expert_start, expert_end, topk, nk, block_m,
-           topk_w=None, a_gather=False, b_gather=False):
+def _wgrad(
+    a, b, out, sorted_pair, expert_start, expert_end, topk, nk, block_m, topk_w=None, a_gather=False, b_gather=False
+):
     """out[e] (M, N) = sum over expert e's rows of a[r]^T b[r]."""
     E, M, N = out.shape
     BLOCK_M, BLOCK_N = _tile(M, 64), _tile(N, 64)
     grid = (E, cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))
     _wgrad_kernel[grid](
-        a, b, out, sorted_pair, expert_start, expert_end, topk_w if topk_w is not None else a,
-        nk, M, N,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        TOPK=topk, A_GATHER=a_gather, A_SCALE=topk_w is not None, B_GATHER=b_gather,
-        DOT_PRECISION=_dot_precision(a.dtype), BLOCK_R=block_m, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        num_warps=4, num_stages=3,
+        a,
+        b,
+        out,
+        sorted_pair,
+        expert_start,
+        expert_end,
+        topk_w if topk_w is not None else a,
+        nk,
+        M,
+        N,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        TOPK=topk,
+        A_GATHER=a_gather,
+        A_SCALE=topk_w is not None,
+        B_GATHER=b_gather,
+        DOT_PRECISION=_dot_precision(a.dtype),
+        BLOCK_R=block_m,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        num_warps=4,
+        num_stages=3,
     )
     return out
 
@@ -287,8 +429,21 @@ def moe_forward(x, w_gate, w_up, w_down, topk_weights, topk_ids, align=None):
     h = _gate_up(x, w_gate, w_up, sorted_pair, block_expert, K, block_m, save_gu=False)  # (P, I)
     y = torch.empty((NK, D), device=x.device, dtype=x.dtype)  # (N*K, D) weighted expert outputs
     topk_w = topk_weights.reshape(-1).float().contiguous()  # (N*K,)
-    _grouped_mm(h, w_down, (w_down.stride(0), w_down.stride(2), w_down.stride(1)), D, w_down.shape[2], y,
-                sorted_pair, block_expert, K, NK, block_m, topk_w=topk_w, scatter=True)
+    _grouped_mm(
+        h,
+        w_down,
+        (w_down.stride(0), w_down.stride(2), w_down.stride(1)),
+        D,
+        w_down.shape[2],
+        y,
+        sorted_pair,
+        block_expert,
+        K,
+        NK,
+        block_m,
+        topk_w=topk_w,
+        scatter=True,
+    )
     out = y.view(N, K, D).sum(1, dtype=torch.float32).to(x.dtype)  # (N, D) top_k outputs added in fp32
     return out, align
 
@@ -319,8 +474,20 @@ class _MoEFn(torch.autograd.Function):
 
         gate, up = _gate_up(x, w_gate, w_up, sorted_pair, block_expert, K, block_m, save_gu=True)  # (P, I) fp32
         z = torch.empty((P, I), device=x.device, dtype=torch.float32)  # (P, I) = dout[tok] @ W_down[e]
-        _grouped_mm(dout.to(dt), w_down, (w_down.stride(0), w_down.stride(1), w_down.stride(2)), I, D, z,
-                    sorted_pair, block_expert, K, NK, block_m, a_gather=True)
+        _grouped_mm(
+            dout.to(dt),
+            w_down,
+            (w_down.stride(0), w_down.stride(1), w_down.stride(2)),
+            I,
+            D,
+            z,
+            sorted_pair,
+            block_expert,
+            K,
+            NK,
+            block_m,
+            a_gather=True,
+        )
         sg = torch.sigmoid(gate)
         silu = gate * sg  # (P, I)
         a = (silu * up).to(dt)  # (P, I) the activation the forward fed to W_down
@@ -334,27 +501,56 @@ class _MoEFn(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx_pairs = torch.empty((NK, D), device=x.device, dtype=dt)  # (N*K, D)
-            _grouped_mm(d_gate, w_gate, (w_gate.stride(0), w_gate.stride(1), w_gate.stride(2)), D, I, dx_pairs,
-                        sorted_pair, block_expert, K, NK, block_m, a2=d_up, b2=w_up, scatter=True)
+            _grouped_mm(
+                d_gate,
+                w_gate,
+                (w_gate.stride(0), w_gate.stride(1), w_gate.stride(2)),
+                D,
+                I,
+                dx_pairs,
+                sorted_pair,
+                block_expert,
+                K,
+                NK,
+                block_m,
+                a2=d_up,
+                b2=w_up,
+                scatter=True,
+            )
             dx = dx_pairs.view(N, K, D).sum(1, dtype=torch.float32).to(dt)  # (N, D)
         dwg = dwu = dwd = None
         if ctx.needs_input_grad[1]:
-            dwg = _wgrad(d_gate, x, torch.empty_like(w_gate), sorted_pair, e_start, e_end, K, NK, block_m,
-                         b_gather=True)  # (E, I, D)
+            dwg = _wgrad(
+                d_gate, x, torch.empty_like(w_gate), sorted_pair, e_start, e_end, K, NK, block_m, b_gather=True
+            )  # (E, I, D)
         if ctx.needs_input_grad[2]:
-            dwu = _wgrad(d_up, x, torch.empty_like(w_up), sorted_pair, e_start, e_end, K, NK, block_m,
-                         b_gather=True)  # (E, I, D)
+            dwu = _wgrad(
+                d_up, x, torch.empty_like(w_up), sorted_pair, e_start, e_end, K, NK, block_m, b_gather=True
+            )  # (E, I, D)
         if ctx.needs_input_grad[3]:
-            dwd = _wgrad(dout.to(dt), a, torch.empty_like(w_down), sorted_pair, e_start, e_end, K, NK, block_m,
-                         topk_w=topk_w, a_gather=True)  # (E, D, I)
+            dwd = _wgrad(
+                dout.to(dt),
+                a,
+                torch.empty_like(w_down),
+                sorted_pair,
+                e_start,
+                e_end,
+                K,
+                NK,
+                block_m,
+                topk_w=topk_w,
+                a_gather=True,
+            )  # (E, D, I)
         dtw = d_topk.view(N, K).to(topk_weights.dtype) if ctx.needs_input_grad[4] else None
         return dx, dwg, dwu, dwd, dtw, None
 
 
 def moe_experts(x, w_gate, w_up, w_down, topk_weights, topk_ids):
     if not (w_gate.dtype == w_up.dtype == w_down.dtype == x.dtype):
-        raise TypeError(f"moe_experts_triton: x and the expert weights must share a dtype, got x {x.dtype}, "
-                        f"w_gate {w_gate.dtype}, w_up {w_up.dtype}, w_down {w_down.dtype}")
+        raise TypeError(
+            f"moe_experts_triton: x and the expert weights must share a dtype, got x {x.dtype}, "
+            f"w_gate {w_gate.dtype}, w_up {w_up.dtype}, w_down {w_down.dtype}"
+        )
     x = x.contiguous()
     w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()  # no-ops for parameters
     if x.shape[0] == 0:

@@ -3,6 +3,7 @@
 and residual once, writes s = x + residual (the new residual stream) and y, and keeps one fp32 `rstd` per row for
 the backward pass.
 """
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ Gradient of y = w * n(s), n = s * rstd, rstd = (mean(s^2) + eps)^(-1/2), for one
     ds = rstd * (dn - n * mean(dn * n))            (+ the gradient that flows into the returned s)
     dw = sum over rows of dy * n
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,10 +22,20 @@ from .backend import cdiv, next_pow2, num_sms
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    X, R, W, Y, S, RSTD,  # pointers: x, residual, weight, y, s (= x + residual), rstd (M,) fp32
-    stride_x, stride_r, stride_y, stride_s,  # row strides (the last dim is contiguous)
-    D, eps,
-    HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    R,
+    W,
+    Y,
+    S,
+    RSTD,  # pointers: x, residual, weight, y, s (= x + residual), rstd (M,) fp32
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_s,  # row strides (the last dim is contiguous)
+    D,
+    eps,
+    HAS_RES: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -44,10 +55,22 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, S, W, RSTD, DS_OUT, DX, DW_PART,  # DS_OUT: gradient of the returned s (if HAS_DS); DW_PART (P, D) fp32
-    stride_dy, stride_s, stride_dso, stride_dx,
-    M, D, rows_per_program,
-    HAS_DS: tl.constexpr, BLOCK_D: tl.constexpr,
+    DY,
+    S,
+    W,
+    RSTD,
+    DS_OUT,
+    DX,
+    DW_PART,  # DS_OUT: gradient of the returned s (if HAS_DS); DW_PART (P, D) fp32
+    stride_dy,
+    stride_s,
+    stride_dso,
+    stride_dx,
+    M,
+    D,
+    rows_per_program,
+    HAS_DS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
@@ -98,9 +121,21 @@ def rms_norm_fwd(x, weight, eps, residual=None):
     BLOCK_D = next_pow2(D)
     if M > 0:
         _rms_norm_fwd_kernel[(M,)](
-            x2, r2, weight, y, s, rstd,
-            x2.stride(0), r2.stride(0), y.stride(0), s.stride(0),
-            D, eps, HAS_RES=residual is not None, BLOCK_D=BLOCK_D, num_warps=_num_warps(BLOCK_D),
+            x2,
+            r2,
+            weight,
+            y,
+            s,
+            rstd,
+            x2.stride(0),
+            r2.stride(0),
+            y.stride(0),
+            s.stride(0),
+            D,
+            eps,
+            HAS_RES=residual is not None,
+            BLOCK_D=BLOCK_D,
+            num_warps=_num_warps(BLOCK_D),
         )
     y = y.view(*x.shape[:-1], D)
     if residual is None:
@@ -121,9 +156,23 @@ def rms_norm_bwd(dy, s, weight, rstd, ds_out=None):
     BLOCK_D = next_pow2(D)
     if M > 0:
         _rms_norm_bwd_kernel[(P,)](
-            dy2, s, weight, rstd, dso, dx, dw_part,
-            dy2.stride(0), s.stride(0), dso.stride(0), dx.stride(0),
-            M, D, rows_per_program, HAS_DS=ds_out is not None, BLOCK_D=BLOCK_D, num_warps=_num_warps(BLOCK_D),
+            dy2,
+            s,
+            weight,
+            rstd,
+            dso,
+            dx,
+            dw_part,
+            dy2.stride(0),
+            s.stride(0),
+            dso.stride(0),
+            dx.stride(0),
+            M,
+            D,
+            rows_per_program,
+            HAS_DS=ds_out is not None,
+            BLOCK_D=BLOCK_D,
+            num_warps=_num_warps(BLOCK_D),
         )
     return dx, dw_part.sum(0)
 

@@ -5,6 +5,7 @@ reference (`dsv3.layers.reference.apply_rope_torch`, where the rotation is writt
 at different offsets, as in decoding). The kernel's backward is the rotation by -theta (the matrix is
 orthogonal), so the same kernel serves both directions.
 """
+
 from __future__ import annotations
 
 import torch

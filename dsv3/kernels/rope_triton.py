@@ -4,6 +4,7 @@ One program per (batch, position) and block of heads: it loads the R/2 cosines a
 and rotates the pairs of every head in the block. Input and output take arbitrary strides, so the rope slice
 q[..., nope:] is rotated without a copy, and `inplace=True` writes the result back over it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,14 +16,30 @@ from .backend import cdiv, next_pow2
 
 @triton.jit
 def _rope_kernel(
-    X, Y, COS, SIN,
-    T, H, HALF,
-    sxb, sxt, sxh, sxr,  # strides of x (B, T, H, R)
-    syb, syt, syh, syr,  # strides of y
-    scb, sct, sci,  # strides of cos (B, T, R/2)
-    ssb, sst, ssi,  # strides of sin
+    X,
+    Y,
+    COS,
+    SIN,
+    T,
+    H,
+    HALF,
+    sxb,
+    sxt,
+    sxh,
+    sxr,  # strides of x (B, T, H, R)
+    syb,
+    syt,
+    syh,
+    syr,  # strides of y
+    scb,
+    sct,
+    sci,  # strides of cos (B, T, R/2)
+    ssb,
+    sst,
+    ssi,  # strides of sin
     SIGN: tl.constexpr,  # +1 forward, -1 backward (rotation by -theta)
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     pid_bt = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -52,9 +69,21 @@ def rope_launch(x, cos, sin, out, sign: int) -> None:
         return
     grid = (B * T, cdiv(H, BLOCK_H))
     _rope_kernel[grid](
-        x, out, cos, sin, T, H, half,
-        *x.stride(), *out.stride(), *cos.stride(), *sin.stride(),
-        SIGN=sign, BLOCK_H=BLOCK_H, BLOCK_HALF=BLOCK_HALF, num_warps=4,
+        x,
+        out,
+        cos,
+        sin,
+        T,
+        H,
+        half,
+        *x.stride(),
+        *out.stride(),
+        *cos.stride(),
+        *sin.stride(),
+        SIGN=sign,
+        BLOCK_H=BLOCK_H,
+        BLOCK_HALF=BLOCK_HALF,
+        num_warps=4,
     )
 
 

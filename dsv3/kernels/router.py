@@ -6,6 +6,7 @@ Returns (weights (N, top_k) fp32, indices (N, top_k) int64). The reference is di
 logits through the gating weights; the Triton kernel is forward-only, so with autograd recording and logits that
 require grad the dispatcher runs the reference (training), and the kernel serves inference.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,23 +28,28 @@ def _check(logits, bias, top_k, n_group, topk_group):
     if not 1 <= topk_group <= n_group:
         raise ValueError(f"router_topk: topk_group={topk_group} must be in [1, n_group={n_group}]")
     if top_k % topk_group:
-        raise ValueError(f"router_topk: top_k={top_k} is not divisible by topk_group={topk_group} (a group's score "
-                         f"sums its top top_k/topk_group affinities)")
+        raise ValueError(
+            f"router_topk: top_k={top_k} is not divisible by topk_group={topk_group} (a group's score "
+            f"sums its top top_k/topk_group affinities)"
+        )
     if not 1 <= top_k <= topk_group * (E // n_group):
         raise ValueError(
             f"router_topk: top_k={top_k} must be in [1, topk_group * E / n_group = {topk_group * (E // n_group)}]"
         )
 
 
-def router_topk_triton(logits, bias, top_k: int, n_group: int, topk_group: int, routed_scaling_factor: float,
-                       norm_topk_prob: bool = True):
+def router_topk_triton(
+    logits, bias, top_k: int, n_group: int, topk_group: int, routed_scaling_factor: float, norm_topk_prob: bool = True
+):
     """One Triton program per token does the whole routing (forward only: no autograd)."""
     return backend.load("router_triton").router_topk(
-        logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob)
+        logits, bias, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob
+    )
 
 
-def router_topk(logits, bias, top_k: int, n_group: int, topk_group: int, routed_scaling_factor: float,
-                norm_topk_prob: bool = True):
+def router_topk(
+    logits, bias, top_k: int, n_group: int, topk_group: int, routed_scaling_factor: float, norm_topk_prob: bool = True
+):
     """Biased group-limited top-k routing. Returns (weights (N, top_k) fp32, indices (N, top_k) int64)."""
     _check(logits, bias, top_k, n_group, topk_group)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad

@@ -5,6 +5,7 @@ sum of the top top_k/topk_group scores (PER_GROUP: 2 for V3), the choice of topk
 experts are all done in registers by repeated max/argmax (top_k and topk_group are small constants, 8 and 4 for
 V3), and the normalized, scaled weights are written once. Ties between equal scores resolve to the lower expert index.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,12 +17,22 @@ from .backend import next_pow2
 
 @triton.jit
 def _router_kernel(
-    LOGITS, BIAS, W_OUT, IDX_OUT,
-    stride_l, scaling,
-    N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
+    LOGITS,
+    BIAS,
+    W_OUT,
+    IDX_OUT,
+    stride_l,
+    scaling,
+    N_GROUP: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    TOP_K: tl.constexpr,
     PER_GROUP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_GS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, BLOCK_G)  # group index
@@ -82,10 +93,22 @@ def router_topk(logits, bias, top_k, n_group, topk_group, routed_scaling_factor,
     group_size = E // n_group
     bias_arg = bias.contiguous() if bias is not None else logits
     _router_kernel[(N,)](
-        logits, bias_arg, weights, indices, logits.stride(0), float(routed_scaling_factor),
-        N_GROUP=n_group, GROUP_SIZE=group_size, TOPK_GROUP=topk_group, TOP_K=top_k, PER_GROUP=top_k // topk_group,
-        HAS_BIAS=bias is not None, NORM=bool(norm_topk_prob),
-        BLOCK_G=next_pow2(n_group), BLOCK_GS=next_pow2(group_size), BLOCK_K=next_pow2(top_k),
+        logits,
+        bias_arg,
+        weights,
+        indices,
+        logits.stride(0),
+        float(routed_scaling_factor),
+        N_GROUP=n_group,
+        GROUP_SIZE=group_size,
+        TOPK_GROUP=topk_group,
+        TOP_K=top_k,
+        PER_GROUP=top_k // topk_group,
+        HAS_BIAS=bias is not None,
+        NORM=bool(norm_topk_prob),
+        BLOCK_G=next_pow2(n_group),
+        BLOCK_GS=next_pow2(group_size),
+        BLOCK_K=next_pow2(top_k),
         num_warps=4 if E >= 128 else 1,
     )
     return weights, indices

@@ -24,9 +24,16 @@ class Block(nn.Module):
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = DeepSeekMoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, starts: torch.Tensor | None = None,
-                cache: KVCache | None = None, start: int = 0,
-                latent: bool = False) -> tuple[torch.Tensor, Routing | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        starts: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        latent: bool = False,
+    ) -> tuple[torch.Tensor, Routing | None]:
         """x (B, T, D) -> (B, T, D) and the MoE routing (None for a dense block). ``starts`` (B,): each row's first
         real position (left padding), or None."""
         attn = self.self_attn(self.input_layernorm(x), cos, sin, starts, cache, self.layer_idx, start, latent)

@@ -38,9 +38,16 @@ class KVCache:
     way); nothing is reallocated.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, kind: str = "latent",
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 num_layers: int | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        kind: str = "latent",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        num_layers: int | None = None,
+    ):
         if kind not in CACHE_KINDS:
             raise ValueError(f"KVCache kind must be one of {CACHE_KINDS}, got {kind!r}")
         if max_len <= 0 or batch_size <= 0:
@@ -117,7 +124,7 @@ class MultiHeadLatentAttention(nn.Module):
 
     def w_uv(self) -> torch.Tensor:
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        return w[:, self.nope_dim:]  # (H, d_v, r): v^C_h = W^UV_h c_KV
+        return w[:, self.nope_dim :]  # (H, d_v, r): v^C_h = W^UV_h c_KV
 
     # -- the two absorbed products, one bmm over heads each (a step has a handful of queries, where einsum's own
     # bookkeeping costs more than the product) --
@@ -133,8 +140,17 @@ class MultiHeadLatentAttention(nn.Module):
         o = torch.bmm(o_lat.reshape(B * T, H, r).transpose(0, 1), self.w_uv().transpose(1, 2))  # (H, B*T, d_v)
         return o.transpose(0, 1).reshape(B, T, H * self.v_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, starts: torch.Tensor | None = None,
-                cache: KVCache | None = None, layer: int = 0, start: int = 0, latent: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        starts: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        start: int = 0,
+        latent: bool = False,
+    ) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D). The new tokens sit at positions [start, start + T) and attend causally to
         [0, start + T) (with a cache, their entries are written there first). ``starts`` (B,) or None (all 0): each
         row's first real position; left padding before it is never attended. The algorithm is the cache's kind, or
@@ -189,8 +205,9 @@ class MultiHeadLatentAttention(nn.Module):
         ``dsv3.layers.reference.mla_decode_torch`` elsewhere), and W^UV decompresses the result. -> (B, T, H * v)."""
         B, S = c_kv.shape[:2]
         seq_lens = torch.full((B,), S, dtype=torch.int32, device=c_kv.device)  # (B,)
-        o_lat = kernels.mla_decode(self.absorb_query(q_nope), q_rope, c_kv, k_rope, seq_lens, self.scale,
-                                   starts=starts)  # (B, T, H, r)
+        o_lat = kernels.mla_decode(
+            self.absorb_query(q_nope), q_rope, c_kv, k_rope, seq_lens, self.scale, starts=starts
+        )  # (B, T, H, r)
         return self.expand_output(o_lat)  # (B, T, H * v)
 
 

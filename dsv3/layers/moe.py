@@ -78,15 +78,30 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) -> gating weights (N, K) fp32, expert ids (N, K) int64, affinities (N, N_r) fp32."""
         logits = self.logits(x)  # (N, N_r)
-        weights, ids = kernels.router_topk(logits, self.e_score_correction_bias.float(), self.top_k, self.n_group,
-                                           self.topk_group, self.routed_scaling_factor, self.norm_topk_prob)
+        weights, ids = kernels.router_topk(
+            logits,
+            self.e_score_correction_bias.float(),
+            self.top_k,
+            self.n_group,
+            self.topk_group,
+            self.routed_scaling_factor,
+            self.norm_topk_prob,
+        )
         return weights, ids, logits.sigmoid()
 
     def steps(self, x: torch.Tensor) -> dict:
         """Every intermediate of routing x (N, D), from the reference itself (``router_topk_torch`` with
         ``return_steps=True``): affinities, biased scores, group scores, kept groups, chosen ids, weights."""
-        return router_topk_torch(self.logits(x), self.e_score_correction_bias.float(), self.top_k, self.n_group,
-                                 self.topk_group, self.routed_scaling_factor, self.norm_topk_prob, return_steps=True)
+        return router_topk_torch(
+            self.logits(x),
+            self.e_score_correction_bias.float(),
+            self.top_k,
+            self.n_group,
+            self.topk_group,
+            self.routed_scaling_factor,
+            self.norm_topk_prob,
+            return_steps=True,
+        )
 
 
 class Experts(nn.Module):
@@ -117,8 +132,11 @@ class DeepSeekMoE(nn.Module):
         self.n_routed_experts = config.n_routed_experts
         self.gate = Router(config)
         self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
-        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
-                               if config.n_shared_experts > 0 else None)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts > 0
+            else None
+        )
         self._capacity: tuple[float | None, str] = (None, "order")
         self.set_capacity(capacity_factor, capacity_priority)
 
@@ -147,8 +165,9 @@ class DeepSeekMoE(nn.Module):
         weights, ids, scores = self.gate(flat)  # (N, K), (N, K), (N, N_r)
         dropped = 0.0
         if self.capacity_factor is not None:
-            keep = capacity_keep(ids, weights, self.n_routed_experts, self.capacity_factor,
-                                 self.capacity_priority)  # (N, K) bool
+            keep = capacity_keep(
+                ids, weights, self.n_routed_experts, self.capacity_factor, self.capacity_priority
+            )  # (N, K) bool
             weights = weights * keep  # a dropped pair contributes nothing (the token keeps its residual)
             dropped = 1.0 - keep.float().mean().double()  # () fp64, read by whoever needs the number
         y = self.experts(flat, weights, ids)  # (N, D)
@@ -158,8 +177,9 @@ class DeepSeekMoE(nn.Module):
         return y.view(B, T, D), Routing(ids, weights, scores, counts, (B, T), dropped)
 
 
-def capacity_keep(ids: torch.Tensor, weights: torch.Tensor, n_experts: int, capacity_factor: float,
-                  priority: str = "order") -> torch.Tensor:
+def capacity_keep(
+    ids: torch.Tensor, weights: torch.Tensor, n_experts: int, capacity_factor: float, priority: str = "order"
+) -> torch.Tensor:
     """GShard-style expert capacity (a comparison for Chapter 4; DeepSeek-V3 drops nothing): which (token, slot)
     pairs of ids (N, K) an expert with room for C = ceil(capacity_factor * N * K / n_experts) pairs keeps.
 

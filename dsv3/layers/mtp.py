@@ -43,9 +43,17 @@ class MTPModule(Block):
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)  # M_k
         self.shared_head = SharedHead(config)
 
-    def forward(self, prev_hidden: torch.Tensor, token_embeds: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                starts: torch.Tensor | None = None, cache: KVCache | None = None, start: int = 0,
-                latent: bool = False) -> tuple[torch.Tensor, Routing | None]:
+    def forward(
+        self,
+        prev_hidden: torch.Tensor,
+        token_embeds: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        starts: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start: int = 0,
+        latent: bool = False,
+    ) -> tuple[torch.Tensor, Routing | None]:
         """prev_hidden h^{k-1} (B, T, D), token_embeds Emb(t_{i+k}) (B, T, D) -> normalized h^k (B, T, D), routing."""
         x = self.eh_proj(torch.cat([self.enorm(token_embeds), self.hnorm(prev_hidden)], dim=-1))  # (B, T, D)
         h, routing = super().forward(x, cos, sin, starts, cache, start, latent)  # (B, T, D)

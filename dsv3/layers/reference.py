@@ -13,6 +13,7 @@ kernel tested against it. This module imports torch only, so ``dsv3.kernels`` ca
 | moe_experts_torch   | Sec. 2.1.2, Eq. 12   | the routed experts' SwiGLU FFNs, weighted by the gates          |
 | mla_decode_torch    | Sec. 2.1.1, Eq. 1-11 | absorbed (latent) attention of MLA, for prefill and decode      |
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,8 +61,16 @@ def apply_rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 # ---------------------------------------------------------------------------------------------------- router
-def router_topk_torch(logits, bias, top_k: int, n_group: int, topk_group: int, routed_scaling_factor: float,
-                      norm_topk_prob: bool = True, return_steps: bool = False):
+def router_topk_torch(
+    logits,
+    bias,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    norm_topk_prob: bool = True,
+    return_steps: bool = False,
+):
     """The DeepSeek-V3 router (paper Sec. 2.1.2, Eq. 13-16 and "Auxiliary-Loss-Free Load Balancing"; the
     "noaux_tc" method of the released config). For each token with router logits u (E,) and correction bias b (E,):
 
@@ -97,8 +106,18 @@ def router_topk_torch(logits, bias, top_k: int, n_group: int, topk_group: int, r
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     weights = weights * routed_scaling_factor
     if return_steps:
-        return dict(scores=scores, bias=bias, biased=biased, group_scores=group_scores, kept_groups=kept,
-                    ids=indices, weights=weights, per_group=per_group, n_group=n_group, topk_group=topk_group)
+        return dict(
+            scores=scores,
+            bias=bias,
+            biased=biased,
+            group_scores=group_scores,
+            kept_groups=kept,
+            ids=indices,
+            weights=weights,
+            per_group=per_group,
+            n_group=n_group,
+            topk_group=topk_group,
+        )
     return weights, indices
 
 
@@ -131,14 +150,15 @@ def moe_experts_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids, linear=No
         return out.to(x.dtype)
     counts = expert_counts(flat_ids, E).tolist()
     gate_w = topk_weights.reshape(-1)[order, None].to(acc_dtype)  # (N*K, 1)
-    if linear is None and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate, w_up, w_down,
-                                                                                         topk_weights))):
+    if linear is None and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate, w_up, w_down, topk_weights))
+    ):
         return _moe_experts_no_grad(x, w_gate, w_up, w_down, gate_w, token, counts, out)
     ys, start = [], 0
     for e, c in enumerate(counts):
         if c == 0:
             continue
-        xe = x[token[start:start + c]]  # (c, D) the rows this expert serves
+        xe = x[token[start : start + c]]  # (c, D) the rows this expert serves
         if linear is None:
             h = F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())  # (c, I)
             ys.append(h @ w_down[e].t())  # (c, D)
@@ -155,15 +175,16 @@ def _moe_experts_no_grad(x, w_gate, w_up, w_down, gate_w, token, counts, out):
     sorted rows instead of one per expert, each expert's result written into its slice of one buffer (no
     concatenation), silu, product and gating weight applied in place."""
     xs = x[token]  # (N*K, D) the rows of every pair, grouped by expert
-    ys = torch.empty((xs.shape[0], w_down.shape[1]), device=x.device,
-                     dtype=torch.promote_types(x.dtype, w_down.dtype))  # (N*K, D)
+    ys = torch.empty(
+        (xs.shape[0], w_down.shape[1]), device=x.device, dtype=torch.promote_types(x.dtype, w_down.dtype)
+    )  # (N*K, D)
     start = 0
     for e, c in enumerate(counts):
         if c == 0:
             continue
-        xe = xs[start:start + c]  # (c, D) the rows this expert serves
+        xe = xs[start : start + c]  # (c, D) the rows this expert serves
         h = F.silu(xe @ w_gate[e].t(), inplace=True).mul_(xe @ w_up[e].t())  # (c, I)
-        torch.mm(h, w_down[e].t(), out=ys[start:start + c])  # (c, D)
+        torch.mm(h, w_down[e].t(), out=ys[start : start + c])  # (c, D)
         start += c
     ys = ys.to(out.dtype)
     out.index_add_(0, token, ys.mul_(gate_w) if ys.dtype == gate_w.dtype else ys * gate_w)

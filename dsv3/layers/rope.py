@@ -51,8 +51,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        inv_freq, self.attention_factor = yarn_inv_freq(config.qk_rope_head_dim, config.rope_theta,
-                                                        config.rope_scaling)
+        inv_freq, self.attention_factor = yarn_inv_freq(config.qk_rope_head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (R/2,)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

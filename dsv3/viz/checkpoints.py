@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import plotly.graph_objects as go
 import torch
@@ -27,8 +27,13 @@ from .display import COLORS, figure
 
 # safetensors dtype names and their sizes in bytes
 DTYPE_BYTES = {"F8_E4M3": 1, "BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "BOOL": 1}
-_TORCH_TO_ST = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float16: "F16",
-                torch.float32: "F32", torch.float64: "F64"}
+_TORCH_TO_ST = {
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+}
 
 
 @dataclass(frozen=True)
@@ -109,11 +114,17 @@ def release_tensors(config: ModelConfig, fp8: bool = True, high: str = "BF16") -
 def summarize(tensors: Sequence[ReleasedTensor]) -> dict:
     """Counts and bytes of a tensor list: ``tensors``, ``numel``, ``bytes``, and ``by_role``/``by_dtype`` dicts of
     ``{"tensors", "numel", "bytes"}``."""
+
     def empty():
         return {"tensors": 0, "numel": 0, "bytes": 0}
 
-    out = {"tensors": len(tensors), "numel": sum(t.numel for t in tensors), "bytes": sum(t.nbytes for t in tensors),
-           "by_role": {}, "by_dtype": {}}
+    out = {
+        "tensors": len(tensors),
+        "numel": sum(t.numel for t in tensors),
+        "bytes": sum(t.nbytes for t in tensors),
+        "by_role": {},
+        "by_dtype": {},
+    }
     for t in tensors:
         for key, group in (("by_role", t.role), ("by_dtype", t.dtype)):
             row = out[key].setdefault(group, empty())
@@ -126,6 +137,7 @@ def summarize(tensors: Sequence[ReleasedTensor]) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # Reading a checkpoint directory: headers only
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def read_header(path: str | Path) -> dict:
     """The JSON header of a safetensors file, parsed by hand: 8 bytes (little-endian u64) give its length, then the
@@ -181,17 +193,20 @@ def tensor_table(path: str | Path, prefix: str, experts: int = 2, block_parts: b
     tensors = {k: v for k, v in checkpoint_tensors(path).items() if k.startswith(prefix)}
     lines = ["| tensor | shape | dtype | bytes | file |", "|---|---|---|---:|---|"]
     if not block_parts:
-        block = [k for k in tensors if k[len(prefix):].startswith(_BLOCK_PARTS)]
-        lines.append(f"| ... {len(block)} tensors of the transformer block (`self_attn`, `mlp`, norms) | | | "
-                     f"{sum(tensors[k][0].nbytes for k in block):,} | |")
+        block = [k for k in tensors if k[len(prefix) :].startswith(_BLOCK_PARTS)]
+        lines.append(
+            f"| ... {len(block)} tensors of the transformer block (`self_attn`, `mlp`, norms) | | | "
+            f"{sum(tensors[k][0].nbytes for k in block):,} | |"
+        )
         tensors = {k: v for k, v in tensors.items() if k not in block}
-    expert_ids = sorted({int(k[len(prefix):].split(".")[2]) for k in tensors
-                         if k[len(prefix):].startswith("mlp.experts.")})
+    expert_ids = sorted(
+        {int(k[len(prefix) :].split(".")[2]) for k in tensors if k[len(prefix) :].startswith("mlp.experts.")}
+    )
     keep = set(expert_ids[:experts] + expert_ids[-1:])
     folded = None
     for name in sorted(tensors, key=_layer_key):
         t, file = tensors[name]
-        rest = name[len(prefix):]
+        rest = name[len(prefix) :]
         if rest.startswith("mlp.experts."):
             e = int(rest.split(".")[2])
             if e not in keep:
@@ -203,8 +218,11 @@ def tensor_table(path: str | Path, prefix: str, experts: int = 2, block_parts: b
         lines.append(f"| `{name}` | {tuple(t.shape)} | {t.dtype} | {t.nbytes:,} | {file} |")
     if folded is not None:
         n_hidden = len(expert_ids) - len(keep)
-        lines.insert(folded[2], f"| ... {folded[0]} tensors of experts {experts}..{expert_ids[-2]} "
-                                f"({n_hidden} experts) | | | {folded[1]:,} | |")
+        lines.insert(
+            folded[2],
+            f"| ... {folded[0]} tensors of experts {experts}..{expert_ids[-2]} "
+            f"({n_hidden} experts) | | | {folded[1]:,} | |",
+        )
     return "\n".join(lines)
 
 
@@ -212,13 +230,15 @@ def tensor_table(path: str | Path, prefix: str, experts: int = 2, block_parts: b
 # FP8 block scales
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def block_edges(n: int, block: int = FP8_BLOCK) -> list[int]:
     """Block boundaries along a dimension of length n: 0, 128, 256, ..., n (the last block may be partial)."""
     return list(range(0, n, block)) + [n]
 
 
-def block_rounding_error(w: torch.Tensor, w_fp8: torch.Tensor, scale_inv: torch.Tensor,
-                         block: int = FP8_BLOCK) -> torch.Tensor:
+def block_rounding_error(
+    w: torch.Tensor, w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK
+) -> torch.Tensor:
     """(Mb, Nb) relative RMS error of each block: ||W - dequant(W_fp8)|| / ||W|| over the block's elements."""
     from ..kernels.fp8 import weight_dequant_torch
 
@@ -232,45 +252,85 @@ def block_rounding_error(w: torch.Tensor, w_fp8: torch.Tensor, scale_inv: torch.
     return (err / ref.clamp_min(1e-30)).sqrt()
 
 
-def block_grid_figure(grids: dict[str, tuple[torch.Tensor, tuple[int, int]]], title: str, colorbar: str,
-                      fmt: str = ".3g", block: int = FP8_BLOCK) -> go.Figure:
+def block_grid_figure(
+    grids: dict[str, tuple[torch.Tensor, tuple[int, int]]],
+    title: str,
+    colorbar: str,
+    fmt: str = ".3g",
+    block: int = FP8_BLOCK,
+) -> go.Figure:
     """Heatmaps of per-block values (``{label: (values (Mb, Nb), weight shape (M, N))}``), one per label behind a
     dropdown. Cells are drawn at their true extent in the weight (edge blocks narrower), rows downward as in a
     matrix; hover names the block's row and column ranges."""
-    fig = figure(title=title, height=460, margin=dict(l=70, r=20, t=90, b=50),
-                 xaxis=dict(title="input channel (column)"), yaxis=dict(title="output channel (row)",
-                                                                        autorange="reversed"))
+    fig = figure(
+        title=title,
+        height=460,
+        margin=dict(l=70, r=20, t=90, b=50),
+        xaxis=dict(title="input channel (column)"),
+        yaxis=dict(title="output channel (row)", autorange="reversed"),
+    )
     labels = list(grids)
     for i, label in enumerate(labels):
         values, (M, N) = grids[label]
         if tuple(values.shape) != (-(-M // block), -(-N // block)):
-            raise ValueError(f"block_grid_figure: {label} has {tuple(values.shape)} blocks, a {M}x{N} weight "
-                             f"has {(-(-M // block), -(-N // block))}")
+            raise ValueError(
+                f"block_grid_figure: {label} has {tuple(values.shape)} blocks, a {M}x{N} weight "
+                f"has {(-(-M // block), -(-N // block))}"
+            )
         x, y = block_edges(N, block), block_edges(M, block)
         z = values.float().tolist()
-        hover = [[f"rows {y[r]}..{y[r + 1] - 1}, cols {x[c]}..{x[c + 1] - 1} "
-                  f"({(y[r + 1] - y[r]) * (x[c + 1] - x[c]):,} elements)" for c in range(len(x) - 1)]
-                 for r in range(len(y) - 1)]
+        hover = [
+            [
+                f"rows {y[r]}..{y[r + 1] - 1}, cols {x[c]}..{x[c + 1] - 1} "
+                f"({(y[r + 1] - y[r]) * (x[c + 1] - x[c]):,} elements)"
+                for c in range(len(x) - 1)
+            ]
+            for r in range(len(y) - 1)
+        ]
         small = len(x) * len(y) <= 200
-        fig.add_trace(go.Heatmap(z=z, x=x, y=y, customdata=hover, name=label, visible=i == 0,
-                                 colorscale="Viridis", colorbar=dict(title=colorbar, tickformat=fmt),
-                                 text=[[format(v, fmt) for v in row] for row in z] if small else None,
-                                 texttemplate="%{text}" if small else None, xgap=1, ygap=1,
-                                 hovertemplate=f"%{{customdata}}<br>{colorbar}: %{{z:{fmt}}}<extra>{label}</extra>"))
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x=x,
+                y=y,
+                customdata=hover,
+                name=label,
+                visible=i == 0,
+                colorscale="Viridis",
+                colorbar=dict(title=colorbar, tickformat=fmt),
+                text=[[format(v, fmt) for v in row] for row in z] if small else None,
+                texttemplate="%{text}" if small else None,
+                xgap=1,
+                ygap=1,
+                hovertemplate=f"%{{customdata}}<br>{colorbar}: %{{z:{fmt}}}<extra>{label}</extra>",
+            )
+        )
     if len(labels) > 1:
-        buttons = [dict(label=label, method="update",
-                        args=[{"visible": [j == i for j in range(len(labels))]},
-                              {"xaxis.range": [0, grids[label][1][1]],
-                               "yaxis.range": [grids[label][1][0], 0]}])
-                   for i, label in enumerate(labels)]
-        fig.update_layout(updatemenus=[dict(buttons=buttons, direction="down", x=0.0, y=1.02, xanchor="left",
-                                            yanchor="bottom", showactive=True)])
+        buttons = [
+            dict(
+                label=label,
+                method="update",
+                args=[
+                    {"visible": [j == i for j in range(len(labels))]},
+                    {"xaxis.range": [0, grids[label][1][1]], "yaxis.range": [grids[label][1][0], 0]},
+                ],
+            )
+            for i, label in enumerate(labels)
+        ]
+        fig.update_layout(
+            updatemenus=[
+                dict(
+                    buttons=buttons, direction="down", x=0.0, y=1.02, xanchor="left", yanchor="bottom", showactive=True
+                )
+            ]
+        )
     return fig
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Memory of the 671B model
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB"
@@ -291,8 +351,11 @@ def loaded_bytes(config: ModelConfig, dtype: torch.dtype = torch.bfloat16, inclu
     """Bytes of the model ``dsv3.load_pretrained(path, dtype=dtype)`` allocates: every parameter in ``dtype``
     (FP8 weights are dequantized on load) except the routers, which stay fp32, plus the fp32 correction biases."""
     c = count_parameters(config)
-    n_moe = config.num_moe_layers + (sum(config.is_moe_layer(config.num_hidden_layers + k)
-                                         for k in range(config.num_nextn_predict_layers)) if include_mtp else 0)
+    n_moe = config.num_moe_layers + (
+        sum(config.is_moe_layer(config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers))
+        if include_mtp
+        else 0
+    )
     router = n_moe * config.n_routed_experts * config.hidden_size
     params = c["total_with_mtp"] if include_mtp else c["total"]
     element = torch.empty((), dtype=dtype).element_size()
@@ -303,19 +366,25 @@ def memory_table(config: ModelConfig, context: int = 131072) -> str:
     """Markdown: the released checkpoint's bytes by role and dtype, the bf16 model load_pretrained builds, the
     KV cache for one sequence of ``context`` tokens."""
     s = release_summary(config)
-    role_names = {"fp8 weight": "FP8 e4m3 projection weights (1 byte)", "block scales": "weight_scale_inv, fp32",
-                  "high precision": "embedding, head, norms, router, eh_proj (bf16)",
-                  "MTP copy": "MTP copies of embedding + head (bf16)",
-                  "correction bias": "e_score_correction_bias, fp32"}
+    role_names = {
+        "fp8 weight": "FP8 e4m3 projection weights (1 byte)",
+        "block scales": "weight_scale_inv, fp32",
+        "high precision": "embedding, head, norms, router, eh_proj (bf16)",
+        "MTP copy": "MTP copies of embedding + head (bf16)",
+        "correction bias": "e_score_correction_bias, fp32",
+    }
     lines = ["| what | tensors | numbers | bytes |", "|---|---:|---:|---:|"]
     for role in ("fp8 weight", "block scales", "high precision", "MTP copy", "correction bias"):
         r = s["by_role"].get(role)
         if r:
             lines.append(f"| {role_names[role]} | {r['tensors']:,} | {r['numel'] / 1e9:,.3f}B | {_gb(r['bytes'])} |")
-    lines.append(f"| **released checkpoint** | **{s['tensors']:,}** | **{s['numel'] / 1e9:,.3f}B** | "
-                 f"**{_gb(s['bytes'])}** |")
-    lines.append(f"| `load_pretrained(dtype=torch.bfloat16)`: dequantized model, MTP included | | | "
-                 f"{_gb(loaded_bytes(config))} |")
+    lines.append(
+        f"| **released checkpoint** | **{s['tensors']:,}** | **{s['numel'] / 1e9:,.3f}B** | **{_gb(s['bytes'])}** |"
+    )
+    lines.append(
+        f"| `load_pretrained(dtype=torch.bfloat16)`: dequantized model, MTP included | | | "
+        f"{_gb(loaded_bytes(config))} |"
+    )
     kv = kv_cache_bytes(config, context)
     lines.append(f"| MLA KV cache, one sequence of {context:,} tokens (bf16) | | | {_gb(kv)} |")
     return "\n".join(lines)
@@ -325,40 +394,82 @@ def memory_per_gpu(config: ModelConfig, gpus: int, sequences: int, context: int 
     """Bytes per GPU when the model is spread evenly over ``gpus`` GPUs and serves ``sequences`` sequences of
     ``context`` tokens: ``fp8`` (the released weights), ``bf16`` (dequantized), ``kv`` (MLA cache)."""
     fp8 = release_summary(config)["bytes"]
-    return {"fp8": fp8 / gpus, "bf16": loaded_bytes(config) / gpus,
-            "kv": kv_cache_bytes(config, context, batch=sequences) / gpus if sequences else 0.0}
+    return {
+        "fp8": fp8 / gpus,
+        "bf16": loaded_bytes(config) / gpus,
+        "kv": kv_cache_bytes(config, context, batch=sequences) / gpus if sequences else 0.0,
+    }
 
 
-def memory_figure(config: ModelConfig, gpu_counts: Sequence[int] = (8, 16, 32, 64),
-                  sequences: Sequence[int] = (1, 8, 32, 128), context: int = 131072,
-                  gpu_memory: float = 80e9) -> go.Figure:
+def memory_figure(
+    config: ModelConfig,
+    gpu_counts: Sequence[int] = (8, 16, 32, 64),
+    sequences: Sequence[int] = (1, 8, 32, 128),
+    context: int = 131072,
+    gpu_memory: float = 80e9,
+) -> go.Figure:
     """Memory per GPU for the weights (FP8 as released, or dequantized to bf16) plus the KV cache of ``sequences``
     sequences at ``context`` tokens, for each GPU count; a slider picks the number of sequences."""
     fp8_bytes = release_summary(config)["bytes"]
     bf16_bytes = loaded_bytes(config)
     x = [f"{g} GPUs" for g in gpu_counts]
-    fig = figure(title=dict(text=f"Memory per GPU at {context // 1024}K context", y=0.98, yanchor="top"),
-                 height=460, barmode="group", yaxis=dict(title="GB per GPU"),
-                 xaxis=dict(title="weights spread evenly over"), margin=dict(l=60, r=20, t=100, b=110))
-    for label, nbytes, color, group in (("weights, FP8 as released", fp8_bytes, COLORS["blue"], "fp8"),
-                                        ("weights, dequantized to bf16", bf16_bytes, COLORS["orange"], "bf16")):
-        fig.add_trace(go.Bar(x=x, y=[nbytes / g / 1e9 for g in gpu_counts], name=label, marker_color=color,
-                             offsetgroup=group, hovertemplate="%{x}: %{y:,.1f} GB<extra>" + label + "</extra>"))
-        fig.add_trace(go.Bar(x=x, y=[kv_cache_bytes(config, context, batch=sequences[0]) / g / 1e9
-                                     for g in gpu_counts],
-                             base=[nbytes / g / 1e9 for g in gpu_counts], name=f"KV cache ({group} weights)",
-                             marker_color=COLORS["red"], opacity=0.7 if group == "fp8" else 0.45,
-                             offsetgroup=group, showlegend=group == "fp8",
-                             hovertemplate="%{x}: +%{y:,.1f} GB<extra>KV cache</extra>"))
-    fig.add_hline(y=gpu_memory / 1e9, line=dict(color=COLORS["slate"], dash="dash"),
-                  annotation_text=f"{gpu_memory / 1e9:.0f} GB per GPU", annotation_position="top left")
+    fig = figure(
+        title=dict(text=f"Memory per GPU at {context // 1024}K context", y=0.98, yanchor="top"),
+        height=460,
+        barmode="group",
+        yaxis=dict(title="GB per GPU"),
+        xaxis=dict(title="weights spread evenly over"),
+        margin=dict(l=60, r=20, t=100, b=110),
+    )
+    for label, nbytes, color, group in (
+        ("weights, FP8 as released", fp8_bytes, COLORS["blue"], "fp8"),
+        ("weights, dequantized to bf16", bf16_bytes, COLORS["orange"], "bf16"),
+    ):
+        fig.add_trace(
+            go.Bar(
+                x=x,
+                y=[nbytes / g / 1e9 for g in gpu_counts],
+                name=label,
+                marker_color=color,
+                offsetgroup=group,
+                hovertemplate="%{x}: %{y:,.1f} GB<extra>" + label + "</extra>",
+            )
+        )
+        fig.add_trace(
+            go.Bar(
+                x=x,
+                y=[kv_cache_bytes(config, context, batch=sequences[0]) / g / 1e9 for g in gpu_counts],
+                base=[nbytes / g / 1e9 for g in gpu_counts],
+                name=f"KV cache ({group} weights)",
+                marker_color=COLORS["red"],
+                opacity=0.7 if group == "fp8" else 0.45,
+                offsetgroup=group,
+                showlegend=group == "fp8",
+                hovertemplate="%{x}: +%{y:,.1f} GB<extra>KV cache</extra>",
+            )
+        )
+    fig.add_hline(
+        y=gpu_memory / 1e9,
+        line=dict(color=COLORS["slate"], dash="dash"),
+        annotation_text=f"{gpu_memory / 1e9:.0f} GB per GPU",
+        annotation_position="top left",
+    )
     steps = []
     for n in sequences:
         kv = [kv_cache_bytes(config, context, batch=n) / g / 1e9 for g in gpu_counts]
         steps.append(dict(label=str(n), method="restyle", args=[{"y": [kv, kv]}, [1, 3]]))
-    fig.update_layout(sliders=[dict(active=0, steps=steps, y=-0.2, pad=dict(t=10),
-                                    currentvalue=dict(prefix=f"sequences of {context // 1024}K tokens: "))],
-                      legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0.0, xanchor="left"))
+    fig.update_layout(
+        sliders=[
+            dict(
+                active=0,
+                steps=steps,
+                y=-0.2,
+                pad=dict(t=10),
+                currentvalue=dict(prefix=f"sequences of {context // 1024}K tokens: "),
+            )
+        ],
+        legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0.0, xanchor="left"),
+    )
     return fig
 
 

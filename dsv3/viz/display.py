@@ -28,8 +28,9 @@ import platform
 import random
 import subprocess
 import sys
+from collections.abc import Sequence
 from importlib import metadata
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import plotly.graph_objects as go
 import plotly.io as pio
@@ -59,28 +60,36 @@ PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 
 
 def _axis() -> dict:
-    return dict(gridcolor=GRID, zerolinecolor=LINE, linecolor=LINE, tickcolor=LINE, automargin=True,
-                title=dict(standoff=8))
+    return dict(
+        gridcolor=GRID, zerolinecolor=LINE, linecolor=LINE, tickcolor=LINE, automargin=True, title=dict(standoff=8)
+    )
 
 
 def _make_theme() -> go.layout.Template:
     control = dict(bgcolor="rgba(128, 128, 128, 0.15)", bordercolor=LINE, font=dict(color=TEXT))
-    return go.layout.Template(layout=dict(
-        font=dict(family=FONT, size=13, color=TEXT),
-        title=dict(x=0.0, xanchor="left", font=dict(size=15)),
-        colorway=COLORWAY,
-        paper_bgcolor="rgba(0, 0, 0, 0)",  # transparent: the page's own background shows through
-        plot_bgcolor="rgba(0, 0, 0, 0)",
-        xaxis=_axis(), yaxis=_axis(),
-        legend=dict(bgcolor="rgba(0, 0, 0, 0)"),
-        hoverlabel=dict(font=dict(family=FONT)),
-        margin=dict(l=60, r=20, t=50, b=50),
-        modebar=dict(bgcolor="rgba(0, 0, 0, 0)", color=LINE, activecolor=COLORS["blue"]),
-        sliderdefaults=dict(**control, activebgcolor="rgba(128, 128, 128, 0.45)", tickcolor=LINE,
-                            currentvalue=dict(font=dict(color=TEXT))),
-        updatemenudefaults=control,
-        colorscale=dict(sequential="Viridis", diverging="RdBu"),
-    ))
+    return go.layout.Template(
+        layout=dict(
+            font=dict(family=FONT, size=13, color=TEXT),
+            title=dict(x=0.0, xanchor="left", font=dict(size=15)),
+            colorway=COLORWAY,
+            paper_bgcolor="rgba(0, 0, 0, 0)",  # transparent: the page's own background shows through
+            plot_bgcolor="rgba(0, 0, 0, 0)",
+            xaxis=_axis(),
+            yaxis=_axis(),
+            legend=dict(bgcolor="rgba(0, 0, 0, 0)"),
+            hoverlabel=dict(font=dict(family=FONT)),
+            margin=dict(l=60, r=20, t=50, b=50),
+            modebar=dict(bgcolor="rgba(0, 0, 0, 0)", color=LINE, activecolor=COLORS["blue"]),
+            sliderdefaults=dict(
+                **control,
+                activebgcolor="rgba(128, 128, 128, 0.45)",
+                tickcolor=LINE,
+                currentvalue=dict(font=dict(color=TEXT)),
+            ),
+            updatemenudefaults=control,
+            colorscale=dict(sequential="Viridis", diverging="RdBu"),
+        )
+    )
 
 
 theme = _make_theme()
@@ -113,8 +122,10 @@ def summary(fig: go.Figure) -> str:
     for trace in fig.data:
         kinds[trace.type] = kinds.get(trace.type, 0) + 1
     traces = ", ".join(k if n == 1 else f"{k} x{n}" for k, n in kinds.items())
-    parts = [f"Figure {title!r}" if title else "Figure",
-             f"{len(fig.data)} trace{'s' if len(fig.data) != 1 else ''}" + (f": {traces}" if traces else "")]
+    parts = [
+        f"Figure {title!r}" if title else "Figure",
+        f"{len(fig.data)} trace{'s' if len(fig.data) != 1 else ''}" + (f": {traces}" if traces else ""),
+    ]
     if fig.frames:
         parts.append(f"{len(fig.frames)} frames")
     for name, n in (("slider", len(fig.layout.sliders)), ("menu", len(fig.layout.updatemenus))):
@@ -171,9 +182,11 @@ def mimebundle(fig: Any) -> dict[str, Any]:
     script = _SCRIPT % {"id": div_id, "fig": json.dumps(fig_dict, sort_keys=True).replace("</", "<\\/")}
     # A responsive plot takes its container's height: give the container the figure's, or a resize collapses it.
     height = fig_dict.get("layout", {}).get("height") or 450  # plotly's default height
-    html = (f'<div class="dsv3-figure tex2jax_ignore mathjax_ignore">\n'
-            f'<div id="{div_id}" class="dsv3-plotly" style="width: 100%; height: {height}px;"></div>\n'
-            f'<script type="text/javascript">\n{script}\n</script>\n</div>')
+    html = (
+        f'<div class="dsv3-figure tex2jax_ignore mathjax_ignore">\n'
+        f'<div id="{div_id}" class="dsv3-plotly" style="width: 100%; height: {height}px;"></div>\n'
+        f'<script type="text/javascript">\n{script}\n</script>\n</div>'
+    )
     return {PLOTLY_MIMETYPE: fig_dict, "text/html": html, "text/plain": summary(fig)}
 
 
@@ -205,6 +218,7 @@ pio.renderers["dsv3"] = _BookRenderer()
 # ---------------------------------------------------------------------------------------------------------------
 # The first cell of every chapter
 # ---------------------------------------------------------------------------------------------------------------
+
 
 class NotebookSetup(NamedTuple):
     device: str  # "cuda" when a GPU is visible, else "cpu"
@@ -248,8 +262,10 @@ def _device(torch) -> str:
     if forced not in ("", "cpu", "cuda"):
         raise ValueError(f"DSV3_DEVICE={forced!r}: expected 'cpu' or 'cuda'")
     if forced == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("DSV3_DEVICE=cuda but torch sees no CUDA GPU "
-                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+        raise RuntimeError(
+            "DSV3_DEVICE=cuda but torch sees no CUDA GPU "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})"
+        )
     if forced:
         return forced
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -259,7 +275,8 @@ def setup_notebook(seed: int = 0, extras: Sequence[str] = ()) -> NotebookSetup:
     """First cell of a chapter: seeds, device, versions; on Colab also installs ``extras`` and widget support.
 
     Returns ``(device, big)``: ``device`` is ``"cuda"`` when a GPU is visible, otherwise ``"cpu"`` (never fails on
-    a CPU); the environment variable ``DSV3_DEVICE`` (``cpu``/``cuda``) forces the choice; ``big`` is ``device == "cuda"``, the switch chapters use to scale their sizes up on a GPU.
+    a CPU); the environment variable ``DSV3_DEVICE`` (``cpu``/``cuda``) forces the choice; ``big`` is
+    ``device == "cuda"``, the switch chapters use to scale their sizes up on a GPU.
     ``extras`` are pip requirements (``"transformers>=4.46"``) a chapter needs; off Colab a missing one is an
     error naming the pip command, since the book never installs into your own environment.
     """
@@ -271,8 +288,11 @@ def setup_notebook(seed: int = 0, extras: Sequence[str] = ()) -> NotebookSetup:
     else:
         missing = _missing(extras)
         if missing:
-            raise ModuleNotFoundError("this chapter needs " + ", ".join(missing)
-                                      + f"; install with: pip install {' '.join(repr(m) for m in missing)}")
+            raise ModuleNotFoundError(
+                "this chapter needs "
+                + ", ".join(missing)
+                + f"; install with: pip install {' '.join(repr(m) for m in missing)}"
+            )
     pio.renderers.default = "colab" if in_colab() else "dsv3"
     random.seed(seed)
     np.random.seed(seed)
@@ -281,6 +301,8 @@ def setup_notebook(seed: int = 0, extras: Sequence[str] = ()) -> NotebookSetup:
     where = torch.cuda.get_device_name(0) if device == "cuda" else f"{torch.get_num_threads()} threads"
     import dsv3
 
-    print(f"python {platform.python_version()} | torch {torch.__version__} | dsv3 {dsv3.__version__} | "
-          f"plotly {metadata.version('plotly')} | device {device} ({where})" + (" | Colab" if in_colab() else ""))
+    print(
+        f"python {platform.python_version()} | torch {torch.__version__} | dsv3 {dsv3.__version__} | "
+        f"plotly {metadata.version('plotly')} | device {device} ({where})" + (" | Colab" if in_colab() else "")
+    )
     return NotebookSetup(device=device, big=device == "cuda")

@@ -12,10 +12,10 @@
 The chapters put these next to what the book's one-minute runs show (Chapters 4 and 5). The functions format them;
 they compute nothing the paper did not print except differences and counts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 
 _SUFFIX = {"K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
 
@@ -74,57 +74,73 @@ class Ablation:
 MTP_ABLATION = Ablation(
     source="DeepSeek-V3 report, Table 4 (Sec. 4.5.1)",
     caption="Ablation results for the MTP strategy. The MTP strategy consistently enhances the model performance on "
-            "most of the evaluation benchmarks.",
+    "most of the evaluation benchmarks.",
     columns=("Small MoE baseline", "Small MoE w/ MTP", "Large MoE baseline", "Large MoE w/ MTP"),
-    setup={"# Activated Params (Inference)": ("2.4B", "2.4B", "20.9B", "20.9B"),
-           "# Total Params (Inference)": ("15.7B", "15.7B", "228.7B", "228.7B"),
-           "# Training Tokens": ("1.33T", "1.33T", "540B", "540B")},
-    rows={"Pile-test (BPB)": ("-", (0.729, 0.729, 0.658, 0.657)),
-          "BBH (EM)": ("3-shot", (39.0, 41.4, 70.0, 70.7)),
-          "MMLU (EM)": ("5-shot", (50.0, 53.3, 67.5, 66.6)),
-          "DROP (F1)": ("1-shot", (39.2, 41.3, 68.5, 70.6)),
-          "TriviaQA (EM)": ("5-shot", (56.9, 57.7, 67.0, 67.3)),
-          "NaturalQuestions (EM)": ("5-shot", (22.7, 22.3, 27.2, 28.5)),
-          "HumanEval (Pass@1)": ("0-shot", (20.7, 26.8, 44.5, 53.7)),
-          "MBPP (Pass@1)": ("3-shot", (35.8, 36.8, 61.6, 62.2)),
-          "GSM8K (EM)": ("8-shot", (25.4, 31.4, 72.3, 74.0)),
-          "MATH (EM)": ("4-shot", (10.7, 12.6, 38.6, 39.8))},
+    setup={
+        "# Activated Params (Inference)": ("2.4B", "2.4B", "20.9B", "20.9B"),
+        "# Total Params (Inference)": ("15.7B", "15.7B", "228.7B", "228.7B"),
+        "# Training Tokens": ("1.33T", "1.33T", "540B", "540B"),
+    },
+    rows={
+        "Pile-test (BPB)": ("-", (0.729, 0.729, 0.658, 0.657)),
+        "BBH (EM)": ("3-shot", (39.0, 41.4, 70.0, 70.7)),
+        "MMLU (EM)": ("5-shot", (50.0, 53.3, 67.5, 66.6)),
+        "DROP (F1)": ("1-shot", (39.2, 41.3, 68.5, 70.6)),
+        "TriviaQA (EM)": ("5-shot", (56.9, 57.7, 67.0, 67.3)),
+        "NaturalQuestions (EM)": ("5-shot", (22.7, 22.3, 27.2, 28.5)),
+        "HumanEval (Pass@1)": ("0-shot", (20.7, 26.8, 44.5, 53.7)),
+        "MBPP (Pass@1)": ("3-shot", (35.8, 36.8, 61.6, 62.2)),
+        "GSM8K (EM)": ("8-shot", (25.4, 31.4, 72.3, 74.0)),
+        "MATH (EM)": ("4-shot", (10.7, 12.6, 38.6, 39.8)),
+    },
 )
 
 AUX_FREE_ABLATION = Ablation(
     source="DeepSeek-V3 report, Table 5 (Sec. 4.5.2)",
     caption="Ablation results for the auxiliary-loss-free balancing strategy. Compared with the purely "
-            "auxiliary-loss-based method, the auxiliary-loss-free strategy consistently achieves better model "
-            "performance on most of the evaluation benchmarks.",
-    columns=("Small MoE aux-loss-based", "Small MoE aux-loss-free", "Large MoE aux-loss-based",
-             "Large MoE aux-loss-free"),
-    setup={"# Activated Params": ("2.4B", "2.4B", "20.9B", "20.9B"),
-           "# Total Params": ("15.7B", "15.7B", "228.7B", "228.7B"),
-           "# Training Tokens": ("1.33T", "1.33T", "578B", "578B")},
-    rows={"Pile-test (BPB)": ("-", (0.727, 0.724, 0.656, 0.652)),
-          "BBH (EM)": ("3-shot", (37.3, 39.3, 66.7, 67.9)),
-          "MMLU (EM)": ("5-shot", (51.0, 51.8, 68.3, 67.2)),
-          "DROP (F1)": ("1-shot", (38.1, 39.0, 67.1, 67.1)),
-          "TriviaQA (EM)": ("5-shot", (58.3, 58.5, 66.7, 67.7)),
-          "NaturalQuestions (EM)": ("5-shot", (23.2, 23.4, 27.1, 28.1)),
-          "HumanEval (Pass@1)": ("0-shot", (22.0, 22.6, 40.2, 46.3)),
-          "MBPP (Pass@1)": ("3-shot", (36.6, 35.8, 59.2, 61.2)),
-          "GSM8K (EM)": ("8-shot", (27.1, 29.6, 70.7, 74.5)),
-          "MATH (EM)": ("4-shot", (10.9, 11.1, 37.2, 39.6))},
+    "auxiliary-loss-based method, the auxiliary-loss-free strategy consistently achieves better model "
+    "performance on most of the evaluation benchmarks.",
+    columns=(
+        "Small MoE aux-loss-based",
+        "Small MoE aux-loss-free",
+        "Large MoE aux-loss-based",
+        "Large MoE aux-loss-free",
+    ),
+    setup={
+        "# Activated Params": ("2.4B", "2.4B", "20.9B", "20.9B"),
+        "# Total Params": ("15.7B", "15.7B", "228.7B", "228.7B"),
+        "# Training Tokens": ("1.33T", "1.33T", "578B", "578B"),
+    },
+    rows={
+        "Pile-test (BPB)": ("-", (0.727, 0.724, 0.656, 0.652)),
+        "BBH (EM)": ("3-shot", (37.3, 39.3, 66.7, 67.9)),
+        "MMLU (EM)": ("5-shot", (51.0, 51.8, 68.3, 67.2)),
+        "DROP (F1)": ("1-shot", (38.1, 39.0, 67.1, 67.1)),
+        "TriviaQA (EM)": ("5-shot", (58.3, 58.5, 66.7, 67.7)),
+        "NaturalQuestions (EM)": ("5-shot", (23.2, 23.4, 27.1, 28.1)),
+        "HumanEval (Pass@1)": ("0-shot", (22.0, 22.6, 40.2, 46.3)),
+        "MBPP (Pass@1)": ("3-shot", (36.6, 35.8, 59.2, 61.2)),
+        "GSM8K (EM)": ("8-shot", (27.1, 29.6, 70.7, 74.5)),
+        "MATH (EM)": ("4-shot", (10.9, 11.1, 37.2, 39.6)),
+    },
 )
 
 MLA_VS_MHA = Ablation(
     source="DeepSeek-V2 report (arXiv 2405.04434), Appendix D.2, Table 9",
     caption="Comparison between MLA and MHA on hard benchmarks. DeepSeek-V2 shows better performance than MHA, but "
-            "requires a significantly smaller amount of KV cache.",
+    "requires a significantly smaller amount of KV cache.",
     columns=("Small MoE w/ MHA", "Small MoE w/ MLA", "Large MoE w/ MHA", "Large MoE w/ MLA"),
-    setup={"# Activated Params": ("2.5B", "2.4B", "25.0B", "21.5B"),
-           "# Total Params": ("15.8B", "15.7B", "250.8B", "247.4B"),
-           "KV Cache per Token (# Element)": ("110.6K", "15.6K", "860.2K", "34.6K")},
-    rows={"BBH (EM)": ("3-shot", (37.9, 39.0, 46.6, 50.7)),
-          "MMLU (Acc.)": ("5-shot", (48.7, 50.0, 57.5, 59.0)),
-          "C-Eval (Acc.)": ("5-shot", (51.6, 50.9, 57.9, 59.2)),
-          "CMMLU (Acc.)": ("5-shot", (52.3, 53.4, 60.7, 62.5))},
+    setup={
+        "# Activated Params": ("2.5B", "2.4B", "25.0B", "21.5B"),
+        "# Total Params": ("15.8B", "15.7B", "250.8B", "247.4B"),
+        "KV Cache per Token (# Element)": ("110.6K", "15.6K", "860.2K", "34.6K"),
+    },
+    rows={
+        "BBH (EM)": ("3-shot", (37.9, 39.0, 46.6, 50.7)),
+        "MMLU (Acc.)": ("5-shot", (48.7, 50.0, 57.5, 59.0)),
+        "C-Eval (Acc.)": ("5-shot", (51.6, 50.9, 57.9, 59.2)),
+        "CMMLU (Acc.)": ("5-shot", (52.3, 53.4, 60.7, 62.5)),
+    },
 )
 
 # Sec. 4.5.3: "in our experiments with 1B MoE models, the validation losses are: 2.258 (using a sequence-wise

@@ -27,6 +27,7 @@ V3_K = (7168, 18432)  # hidden size, dense FFN intermediate size of DeepSeek-V3
 
 # ---------------------------------------------------------------------------------------------- granularity
 
+
 def roundtrip_error(t: torch.Tensor, tile: tuple[int, int] | None) -> dict[str, float]:
     """Error of t (M, K) after e4m3 with one scale per ``tile`` (None: per tensor): ``rel_error`` = ||q - t|| / ||t||
     (Frobenius), ``median_rel`` = median over nonzero entries of |q - t| / |t|, ``underflow`` = share of nonzero
@@ -35,9 +36,11 @@ def roundtrip_error(t: torch.Tensor, tile: tuple[int, int] | None) -> dict[str, 
     q = quantize_dequantize(t, tile)
     nz = t != 0
     rel = ((q - t).abs() / t.abs())[nz]
-    return {"rel_error": ((q - t).norm() / t.norm()).item(),
-            "median_rel": rel.median().item() if rel.numel() else 0.0,
-            "underflow": ((q == 0) & nz).float().sum().item() / max(int(nz.sum()), 1)}
+    return {
+        "rel_error": ((q - t).norm() / t.norm()).item(),
+        "median_rel": rel.median().item() if rel.numel() else 0.0,
+        "underflow": ((q == 0) & nz).float().sum().item() / max(int(nz.sum()), 1),
+    }
 
 
 def inject_outliers(x: torch.Tensor, n_channels: int = 4, factor: float = 100.0, seed: int = 0) -> torch.Tensor:
@@ -57,8 +60,13 @@ def linear_inputs(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, 
     found, hooks = {}, []
     for name, module in fp8_modules(model).items():
         if isinstance(module, torch.nn.Linear):
-            hooks.append(module.register_forward_hook(
-                lambda m, args, out, name=name: found.__setitem__(name, args[0].detach().reshape(-1, args[0].shape[-1]))))
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, args, out, name=name: found.__setitem__(
+                        name, args[0].detach().reshape(-1, args[0].shape[-1])
+                    )
+                )
+            )
     try:
         model(input_ids, return_mtp=True)
     finally:
@@ -72,26 +80,33 @@ def granularity_table(tensors: Mapping[str, torch.Tensor], tile: tuple[int, int]
     rows = []
     for name, t in tensors.items():
         per_tensor, fine = roundtrip_error(t, None), roundtrip_error(t, tile)
-        rows.append({"tensor": name, "shape": tuple(t.shape),
-                     "amax/rms": (t.abs().max() / t.float().pow(2).mean().sqrt()).item(),
-                     **{f"tensor {k}": v for k, v in per_tensor.items()},
-                     **{f"tile {k}": v for k, v in fine.items()}})
+        rows.append(
+            {
+                "tensor": name,
+                "shape": tuple(t.shape),
+                "amax/rms": (t.abs().max() / t.float().pow(2).mean().sqrt()).item(),
+                **{f"tensor {k}": v for k, v in per_tensor.items()},
+                **{f"tile {k}": v for k, v in fine.items()},
+            }
+        )
     return rows
 
 
 # ---------------------------------------------------------------------------------------------- accumulation
 
+
 def round_bits(v: torch.Tensor, bits: int, mode: str = "truncate") -> torch.Tensor:
     """v (float64) kept to ``bits`` significant bits: "truncate" (toward zero: low bits shifted out while aligning
     addends, as in a fixed-width adder) or "nearest"."""
     m, e = torch.frexp(v)  # v = m * 2^e, 0.5 <= |m| < 1
-    scaled = m * 2.0 ** bits
+    scaled = m * 2.0**bits
     scaled = scaled.trunc() if mode == "truncate" else scaled.round()
     return torch.ldexp(scaled, e - bits)
 
 
-def accumulate(a: torch.Tensor, b: torch.Tensor, bits: int | None = 14, promote_every: int | None = None,
-               mode: str = "truncate") -> torch.Tensor:
+def accumulate(
+    a: torch.Tensor, b: torch.Tensor, bits: int | None = 14, promote_every: int | None = None, mode: str = "truncate"
+) -> torch.Tensor:
     """Dot products of the rows of a (M, K) and b (N, K), summed one product at a time into an accumulator that
     keeps ``bits`` significant bits (None: exact, float64). ``promote_every`` = N_C: every N_C products the
     partial sum is added to an fp32 accumulator and restarts from zero (Sec. 3.3.2, N_C = 128). Returns (M, N)
@@ -112,8 +127,14 @@ def accumulate(a: torch.Tensor, b: torch.Tensor, bits: int | None = 14, promote_
     return (total + part).float().double() if promote_every else part
 
 
-def accumulation_errors(ks: Sequence[int] = (128, 512, 1024, 2048, 4096, 7168, 18432), bits: int = 14,
-                        interval: int = 128, outputs: int = 8, mode: str = "truncate", seed: int = 0) -> list[dict]:
+def accumulation_errors(
+    ks: Sequence[int] = (128, 512, 1024, 2048, 4096, 7168, 18432),
+    bits: int = 14,
+    interval: int = 128,
+    outputs: int = 8,
+    mode: str = "truncate",
+    seed: int = 0,
+) -> list[dict]:
     """For each K: the norm-wise relative error ||y - y_exact|| / ||y_exact|| of ``outputs`` x ``outputs`` dot
     products of e4m3 operands (1 x 128 tile scales applied to whole rows of random normal data), with a ``bits``
     accumulator alone and with promotion to fp32 every ``interval`` products."""
@@ -123,9 +144,14 @@ def accumulation_errors(ks: Sequence[int] = (128, 512, 1024, 2048, 4096, 7168, 1
         a = torch.randn(outputs, K, generator=g).to(FP8_DTYPE).float()  # exact e4m3 values
         b = torch.randn(outputs, K, generator=g).to(FP8_DTYPE).float()
         exact = accumulate(a, b, None)
-        rows.append({"K": K, "limited": norm_error(accumulate(a, b, bits, None, mode), exact),
-                     "promoted": norm_error(accumulate(a, b, bits, interval, mode), exact),
-                     "fp32 matmul": norm_error((a @ b.t()).double(), exact)})
+        rows.append(
+            {
+                "K": K,
+                "limited": norm_error(accumulate(a, b, bits, None, mode), exact),
+                "promoted": norm_error(accumulate(a, b, bits, interval, mode), exact),
+                "fp32 matmul": norm_error((a @ b.t()).double(), exact),
+            }
+        )
     return rows
 
 

@@ -5,7 +5,7 @@ one scale per tensor, computed with ``dsv3.kernels.fp8``."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import plotly.graph_objects as go
 import torch
@@ -29,8 +29,9 @@ def fp8_example_weight(rows: int = 1024, cols: int = 768, seed: int = 0, spread:
     return 0.02 * torch.randn(rows, cols, generator=g) * row_gain * col_gain  # (rows, cols)
 
 
-def fp8_example_activation(width: int = 1024, seed: int = 0, outliers: Sequence[int] = (37, 300, 301),
-                           outlier_scale: float = 1000.0) -> torch.Tensor:
+def fp8_example_activation(
+    width: int = 1024, seed: int = 0, outliers: Sequence[int] = (37, 300, 301), outlier_scale: float = 1000.0
+) -> torch.Tensor:
     """One token's activation row with a few outlier channels (the case Sec. 3.3.2's fine-grained scaling is for)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(width, generator=g)  # (width,)
@@ -50,10 +51,13 @@ def weight_errors(w: torch.Tensor) -> dict[str, torch.Tensor]:
     for the whole tensor (a single block covering it)."""
     q, s = fp8.weight_quant(w)
     q1, s1 = fp8.weight_quant(w, block=max(w.shape))
-    return {"bf16": relative_error(w.bfloat16(), w),
-            "fp8, 128x128 blocks": relative_error(fp8.weight_dequant(q, s, dtype=torch.float32), w),
-            "fp8, one scale per tensor": relative_error(fp8.weight_dequant(q1, s1, block=max(w.shape),
-                                                                           dtype=torch.float32), w)}
+    return {
+        "bf16": relative_error(w.bfloat16(), w),
+        "fp8, 128x128 blocks": relative_error(fp8.weight_dequant(q, s, dtype=torch.float32), w),
+        "fp8, one scale per tensor": relative_error(
+            fp8.weight_dequant(q1, s1, block=max(w.shape), dtype=torch.float32), w
+        ),
+    }
 
 
 def fp8_scale_figure(w: torch.Tensor, block: int = FP8_BLOCK) -> go.Figure:
@@ -62,17 +66,27 @@ def fp8_scale_figure(w: torch.Tensor, block: int = FP8_BLOCK) -> go.Figure:
     z = [significant(row) for row in torch.log10(s).tolist()]
     text = [[f"{v:.1e}" for v in row] for row in s.tolist()]
     fig = figure(title=f"weight_scale_inv: one scale per {block} x {block} block", height=110 + 40 * s.shape[0])
-    fig.add_trace(go.Heatmap(z=z, text=text, texttemplate="%{text}", colorscale="Viridis", xgap=2, ygap=2,
-                             x=[f"cols {j * block}-{min((j + 1) * block, w.shape[1]) - 1}" for j in range(s.shape[1])],
-                             y=[f"rows {i * block}-{min((i + 1) * block, w.shape[0]) - 1}" for i in range(s.shape[0])],
-                             colorbar=dict(title="log10 scale"),
-                             hovertemplate="%{y}, %{x}<br>scale %{text}<extra></extra>"))
+    fig.add_trace(
+        go.Heatmap(
+            z=z,
+            text=text,
+            texttemplate="%{text}",
+            colorscale="Viridis",
+            xgap=2,
+            ygap=2,
+            x=[f"cols {j * block}-{min((j + 1) * block, w.shape[1]) - 1}" for j in range(s.shape[1])],
+            y=[f"rows {i * block}-{min((i + 1) * block, w.shape[0]) - 1}" for i in range(s.shape[0])],
+            colorbar=dict(title="log10 scale"),
+            hovertemplate="%{y}, %{x}<br>scale %{text}<extra></extra>",
+        )
+    )
     fig.update_layout(yaxis=dict(autorange="reversed", showgrid=False), xaxis=dict(showgrid=False, tickangle=-30))
     return fig
 
 
-def error_histogram_figure(errors: dict[str, torch.Tensor], lo: float = -7.0, hi: float = 0.5,
-                           bins: int = 75) -> go.Figure:
+def error_histogram_figure(
+    errors: dict[str, torch.Tensor], lo: float = -7.0, hi: float = 0.5, bins: int = 75
+) -> go.Figure:
     """Histograms of log10 relative error (counts precomputed, so the figure stays small). Errors below 10^lo
     (exact values included) fall into the first bin, errors of 10^hi or more (flushed to zero) into the last."""
     fig = figure(title="Relative error of each weight after rounding", height=460)
@@ -80,16 +94,32 @@ def error_histogram_figure(errors: dict[str, torch.Tensor], lo: float = -7.0, hi
     centers = [round(lo + (i + 0.5) * width, 6) for i in range(bins)]
     colors = [COLORS["blue"], COLORS["green"], COLORS["red"]]
     for (name, err), color in zip(errors.items(), colors):
-        logs = torch.log10(err.clamp_min(10 ** lo)).clamp(max=hi - 1e-9)
+        logs = torch.log10(err.clamp_min(10**lo)).clamp(max=hi - 1e-9)
         counts = torch.histc(logs.float(), bins=bins, min=lo, max=hi)
         share = [round(v, 4) for v in (counts / err.numel() * 100).tolist()]
-        fig.add_trace(go.Bar(x=centers, y=share, name=name, marker_color=color, opacity=0.65, width=width,
-                             hovertemplate="log10 error %{x:.2f}: %{y:.2f}% of weights<extra>" + name + "</extra>"))
+        fig.add_trace(
+            go.Bar(
+                x=centers,
+                y=share,
+                name=name,
+                marker_color=color,
+                opacity=0.65,
+                width=width,
+                hovertemplate="log10 error %{x:.2f}: %{y:.2f}% of weights<extra>" + name + "</extra>",
+            )
+        )
     ticks = list(range(math.ceil(lo), math.floor(hi) + 1))
-    fig.update_layout(barmode="overlay", bargap=0,
-                      xaxis=dict(title="relative error |w<sub>q</sub> − w| / |w| (below 1e-7: first bar)",
-                                 tickvals=ticks, ticktext=[f"1e{t}" if t else "1" for t in ticks]),
-                      yaxis=dict(title="% of weights"), legend=dict(orientation="h", yanchor="top", y=-0.25, x=0))
+    fig.update_layout(
+        barmode="overlay",
+        bargap=0,
+        xaxis=dict(
+            title="relative error |w<sub>q</sub> − w| / |w| (below 1e-7: first bar)",
+            tickvals=ticks,
+            ticktext=[f"1e{t}" if t else "1" for t in ticks],
+        ),
+        yaxis=dict(title="% of weights"),
+        legend=dict(orientation="h", yanchor="top", y=-0.25, x=0),
+    )
     return fig
 
 
@@ -102,9 +132,12 @@ def act_errors(x: torch.Tensor, block: int = FP8_BLOCK) -> dict[str, torch.Tenso
     tiled = fp8.act_dequant_torch(q, s, block)[0]  # (K,)
     whole = fp8.act_dequant_torch(q1, s1, K)[0]  # (K,)
     exact = x.double().abs()
-    return {"1x128 tiles": (tiled.double() - x.double()).abs() / exact,
-            "one scale per row": (whole.double() - x.double()).abs() / exact,
-            "tile scales": s[0], "row scale": s1[0]}
+    return {
+        "1x128 tiles": (tiled.double() - x.double()).abs() / exact,
+        "one scale per row": (whole.double() - x.double()).abs() / exact,
+        "tile scales": s[0],
+        "row scale": s1[0],
+    }
 
 
 def act_tiles_figure(x: torch.Tensor, block: int = FP8_BLOCK) -> go.Figure:
@@ -114,28 +147,83 @@ def act_tiles_figure(x: torch.Tensor, block: int = FP8_BLOCK) -> go.Figure:
     precision falls off."""
     K = x.shape[-1]
     errs = act_errors(x, block)
-    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.16,
-                        subplot_titles=("|x| per channel, and the amax of each tile and of the row",
-                                        "relative error against |x| / scale"))
-    fig.update_layout(height=680, title=f"act_quant: one token, {K} channels, {K // block} tiles",
-                      legend=dict(orientation="h", yanchor="top", y=-0.1, x=0))
-    fig.add_trace(go.Scatter(x0=0, dx=1, y=significant(x.abs().tolist(), 3), mode="markers", name="|x|",
-                             marker=dict(size=3, color=COLORS["slate"])), row=1, col=1)
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        vertical_spacing=0.16,
+        subplot_titles=(
+            "|x| per channel, and the amax of each tile and of the row",
+            "relative error against |x| / scale",
+        ),
+    )
+    fig.update_layout(
+        height=680,
+        title=f"act_quant: one token, {K} channels, {K // block} tiles",
+        legend=dict(orientation="h", yanchor="top", y=-0.1, x=0),
+    )
+    fig.add_trace(
+        go.Scatter(
+            x0=0,
+            dx=1,
+            y=significant(x.abs().tolist(), 3),
+            mode="markers",
+            name="|x|",
+            marker=dict(size=3, color=COLORS["slate"]),
+        ),
+        row=1,
+        col=1,
+    )
     amax = significant((errs["tile scales"] * fp8.FP8_MAX).tolist(), 4)  # one per tile
-    fig.add_trace(go.Scatter(x=[t * block for t in range(len(amax))] + [K - 1], y=amax + amax[-1:], mode="lines",
-                             line=dict(color=COLORS["blue"], shape="hv"), name="tile amax (scale x 448)"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=[0, K - 1], y=significant([float(errs["row scale"][0]) * fp8.FP8_MAX] * 2), mode="lines",
-                             line=dict(color=COLORS["red"], dash="dash"), name="row amax (one scale)"), row=1, col=1)
+    fig.add_trace(
+        go.Scatter(
+            x=[t * block for t in range(len(amax))] + [K - 1],
+            y=amax + amax[-1:],
+            mode="lines",
+            line=dict(color=COLORS["blue"], shape="hv"),
+            name="tile amax (scale x 448)",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[0, K - 1],
+            y=significant([float(errs["row scale"][0]) * fp8.FP8_MAX] * 2),
+            mode="lines",
+            line=dict(color=COLORS["red"], dash="dash"),
+            name="row amax (one scale)",
+        ),
+        row=1,
+        col=1,
+    )
     tile_scale = errs["tile scales"].repeat_interleave(block)[:K]  # (K,) the scale each channel was divided by
     floor = 1e-5
-    for name, scale, color in (("1x128 tiles", tile_scale, COLORS["blue"]),
-                               ("one scale per row", errs["row scale"].expand(K), COLORS["red"])):
-        fig.add_trace(go.Scatter(x=significant((x.abs() / scale).tolist(), 3),
-                                 y=significant(errs[name].clamp_min(floor).tolist(), 3),
-                                 mode="markers", marker=dict(size=4, color=color, opacity=0.6),
-                                 name=f"error, {name}"), row=2, col=1)
-    fig.add_trace(go.Scatter(x=[2 ** -6] * 2, y=[floor, 1.0], mode="lines", name="2<sup>-6</sup>: smallest normal",
-                             line=dict(color=COLORS["slate"], dash="dot", width=1)), row=2, col=1)
+    for name, scale, color in (
+        ("1x128 tiles", tile_scale, COLORS["blue"]),
+        ("one scale per row", errs["row scale"].expand(K), COLORS["red"]),
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=significant((x.abs() / scale).tolist(), 3),
+                y=significant(errs[name].clamp_min(floor).tolist(), 3),
+                mode="markers",
+                marker=dict(size=4, color=color, opacity=0.6),
+                name=f"error, {name}",
+            ),
+            row=2,
+            col=1,
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=[2**-6] * 2,
+            y=[floor, 1.0],
+            mode="lines",
+            name="2<sup>-6</sup>: smallest normal",
+            line=dict(color=COLORS["slate"], dash="dot", width=1),
+        ),
+        row=2,
+        col=1,
+    )
     fig.update_yaxes(type="log", row=1, col=1, title="|x|")
     fig.update_xaxes(title="channel", row=1, col=1)
     fig.update_yaxes(type="log", row=2, col=1, title="relative error")
@@ -143,8 +231,9 @@ def act_tiles_figure(x: torch.Tensor, block: int = FP8_BLOCK) -> go.Figure:
     return fig
 
 
-def gemm_errors(m: int = 16, n: int = 128, k: int = 256, seed: int = 0, x_scale: float = 1.0,
-                device: str = "cpu") -> dict:
+def gemm_errors(
+    m: int = 16, n: int = 128, k: int = 256, seed: int = 0, x_scale: float = 1.0, device: str = "cpu"
+) -> dict:
     """Relative (Frobenius) error of y = x w^T against the exact (fp64) product, for: the FP8 block GEMM through
     the dispatcher (act_quant + fp8_gemm, on `device`), its torch reference (on the CPU), and a bf16 matmul."""
     g = torch.Generator().manual_seed(seed)
@@ -160,5 +249,9 @@ def gemm_errors(m: int = 16, n: int = 128, k: int = 256, seed: int = 0, x_scale:
     def rel(y):
         return float((y.double() - exact).norm() / exact.norm())
 
-    return {"fp8_gemm": rel(fused), "fp8_gemm_torch": rel(ref), "bf16 matmul": rel(bf16),
-            "fp8_gemm vs its reference": float((fused.double() - ref.double()).abs().max() / ref.abs().max())}
+    return {
+        "fp8_gemm": rel(fused),
+        "fp8_gemm_torch": rel(ref),
+        "bf16 matmul": rel(bf16),
+        "fp8_gemm vs its reference": float((fused.double() - ref.double()).abs().max() / ref.abs().max()),
+    }

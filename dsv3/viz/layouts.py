@@ -3,7 +3,7 @@ the kernel's own ``moe_align``) and the paged latent cache of MLA decoding, spli
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import plotly.graph_objects as go
 import torch
@@ -26,7 +26,7 @@ def moe_layout(topk_ids: torch.Tensor, n_experts: int, block_m: int) -> dict:
     for b, e in enumerate(block_expert.tolist()):
         if e >= n_experts:
             continue
-        rows = sorted_pair[b * block_m:(b + 1) * block_m].tolist()
+        rows = sorted_pair[b * block_m : (b + 1) * block_m].tolist()
         blocks.append(dict(expert=e, pairs=[(p // K, p % K) if p < NK else None for p in rows]))
     return dict(blocks=blocks, block_m=block_m, n_experts=n_experts, tokens=topk_ids.shape[0], top_k=K)
 
@@ -46,13 +46,29 @@ def moe_layout_figure(topk_ids: torch.Tensor, n_experts: int, block_m: int) -> g
     for i, c in enumerate(colors):  # one flat band per category: experts 0..E-1, then padding
         scale += [[i / len(colors), c], [(i + 1) / len(colors), c]]
     labels = [f"tile {i}: expert {b['expert']}" for i, b in enumerate(lay["blocks"])]
-    fig = figure(title=f"Fused MoE: {lay['tokens']} tokens x top-{lay['top_k']}, sorted by expert, tiles of "
-                       f"{block_m} rows", height=80 + 34 * len(labels))
-    fig.add_trace(go.Heatmap(z=z, text=text, texttemplate="%{text}", y=labels, x=[f"row {i}" for i in range(block_m)],
-                             colorscale=scale, zmin=-0.5, zmax=E + 0.5, showscale=False, xgap=2, ygap=2,
-                             hovertemplate="%{y}, %{x}: %{text}<extra></extra>"))
-    fig.update_layout(yaxis=dict(autorange="reversed", showgrid=False), xaxis=dict(showgrid=False, side="top"),
-                      margin=dict(t=90))
+    fig = figure(
+        title=f"Fused MoE: {lay['tokens']} tokens x top-{lay['top_k']}, sorted by expert, tiles of {block_m} rows",
+        height=80 + 34 * len(labels),
+    )
+    fig.add_trace(
+        go.Heatmap(
+            z=z,
+            text=text,
+            texttemplate="%{text}",
+            y=labels,
+            x=[f"row {i}" for i in range(block_m)],
+            colorscale=scale,
+            zmin=-0.5,
+            zmax=E + 0.5,
+            showscale=False,
+            xgap=2,
+            ygap=2,
+            hovertemplate="%{y}, %{x}: %{text}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        yaxis=dict(autorange="reversed", showgrid=False), xaxis=dict(showgrid=False, side="top"), margin=dict(t=90)
+    )
     return fig
 
 
@@ -63,8 +79,9 @@ def split_ranges(seq_len: int, num_splits: int, block_n: int) -> list[tuple[int,
     return [(s * split_len, min((s + 1) * split_len, seq_len)) for s in range(num_splits)]
 
 
-def paged_cache_figure(seq_lens: Sequence[int], page: int = 64, num_splits: int = 4, block_n: int = 32,
-                       seed: int = 0) -> go.Figure:
+def paged_cache_figure(
+    seq_lens: Sequence[int], page: int = 64, num_splits: int = 4, block_n: int = 32, seed: int = 0
+) -> go.Figure:
     """A batch of sequences in a paged latent cache: each bar is one page of `page` positions, labeled with the pool
     block the block table maps it to (shuffled, as a serving engine's allocator leaves them) and colored by the
     split-KV program that reads it."""
@@ -72,8 +89,9 @@ def paged_cache_figure(seq_lens: Sequence[int], page: int = 64, num_splits: int 
     n_pages = [cdiv(s, page) for s in seq_lens]
     pool = torch.randperm(sum(n_pages) + 3, generator=g).tolist()
     palette = [COLORS[c] for c in ("blue", "orange", "green", "violet", "cyan", "pink")]
-    fig = figure(title=f"Paged latent cache: pages of {page}, {num_splits} splits per sequence",
-                 height=140 + 48 * len(seq_lens))
+    fig = figure(
+        title=f"Paged latent cache: pages of {page}, {num_splits} splits per sequence", height=140 + 48 * len(seq_lens)
+    )
     at = 0
     shown = set()
     for b, L in enumerate(seq_lens):
@@ -85,15 +103,29 @@ def paged_cache_figure(seq_lens: Sequence[int], page: int = 64, num_splits: int 
                 if a2 >= z2:
                     continue
                 name = f"split {s}"
-                fig.add_trace(go.Bar(
-                    y=[f"seq {b} ({L})"], x=[z2 - a2], base=[a2], orientation="h", name=name,
-                    legendgroup=name, showlegend=name not in shown, marker=dict(color=palette[s % len(palette)],
-                                                                                line=dict(width=1, color="white")),
-                    text=[f"#{pool[at + p]}"] if a2 == lo else [""], textposition="inside", insidetextanchor="start",
-                    hovertemplate=f"seq {b}, positions {a2}-{z2 - 1}<br>page {p} -> pool block {pool[at + p]}"
-                                  f"<br>split {s}<extra></extra>"))
+                fig.add_trace(
+                    go.Bar(
+                        y=[f"seq {b} ({L})"],
+                        x=[z2 - a2],
+                        base=[a2],
+                        orientation="h",
+                        name=name,
+                        legendgroup=name,
+                        showlegend=name not in shown,
+                        marker=dict(color=palette[s % len(palette)], line=dict(width=1, color="white")),
+                        text=[f"#{pool[at + p]}"] if a2 == lo else [""],
+                        textposition="inside",
+                        insidetextanchor="start",
+                        hovertemplate=f"seq {b}, positions {a2}-{z2 - 1}<br>page {p} -> pool block {pool[at + p]}"
+                        f"<br>split {s}<extra></extra>",
+                    )
+                )
                 shown.add(name)
         at += n_pages[b]
-    fig.update_layout(barmode="overlay", xaxis=dict(title="cached position"), yaxis=dict(autorange="reversed"),
-                      legend=dict(orientation="h", y=-0.25))
+    fig.update_layout(
+        barmode="overlay",
+        xaxis=dict(title="cached position"),
+        yaxis=dict(autorange="reversed"),
+        legend=dict(orientation="h", y=-0.25),
+    )
     return fig

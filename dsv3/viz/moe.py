@@ -3,13 +3,14 @@ the router's decisions step by step, group (node)-limited routing, and what the 
 
 Everything is computed from ``dsv3`` objects: the arithmetic from a ``ModelConfig``, the routing walk-through
 from a real ``Router`` (``Router.steps`` asks the router's reference for its intermediate values), and the
-activation views from the ``Routing`` records a ``DeepSeekV3`` forward pass returns. ``tests/test_viz_moe.py`` checks them.
+activation views from the ``Routing`` records a ``DeepSeekV3`` forward pass returns. ``tests/test_viz_moe.py``
+checks them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import plotly.graph_objects as go
 import torch
@@ -19,8 +20,16 @@ from ..config import ModelConfig
 from ..layers.moe import Router
 from .display import COLORS, COLORWAY, figure, theme
 
-GROUP_COLORS = [COLORS["blue"], COLORS["orange"], COLORS["green"], COLORS["violet"], COLORS["cyan"],
-                COLORS["pink"], COLORS["lime"], COLORS["red"]]
+GROUP_COLORS = [
+    COLORS["blue"],
+    COLORS["orange"],
+    COLORS["green"],
+    COLORS["violet"],
+    COLORS["cyan"],
+    COLORS["pink"],
+    COLORS["lime"],
+    COLORS["red"],
+]
 MUTED = "rgba(128, 128, 128, 0.35)"
 TEXT_LINE = "rgba(60, 60, 60, 0.9)"
 
@@ -30,8 +39,14 @@ def book_moe_config(**overrides) -> ModelConfig:
 
     The expert layout is tiny's (1 shared + 16 routed experts in 4 groups, top-2 groups, top-4 experts, 1 dense
     + 2 MoE blocks); only the widths shrink (d = 64, expert width 32), so a few hundred steps fit in seconds."""
-    base = dict(hidden_size=64, intermediate_size=192, moe_intermediate_size=32, kv_lora_rank=32, q_lora_rank=48,
-                num_nextn_predict_layers=0)
+    base = dict(
+        hidden_size=64,
+        intermediate_size=192,
+        moe_intermediate_size=32,
+        kv_lora_rank=32,
+        q_lora_rank=48,
+        num_nextn_predict_layers=0,
+    )
     base.update(overrides)
     return ModelConfig.tiny(**base)
 
@@ -39,6 +54,7 @@ def book_moe_config(**overrides) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------------------------
 # Fine-grained experts: parameters, FLOPs and combinations at equal compute
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def group_limited_combinations(n_experts: int, n_group: int, topk_group: int, top_k: int) -> int:
     """How many different sets of ``top_k`` experts a router may pick when they must lie in at most ``topk_group``
@@ -65,9 +81,19 @@ def granularity_table(config: ModelConfig, splits: Sequence[int] | None = None) 
         if K % m:
             raise ValueError(f"granularity_table: split {m} does not divide num_experts_per_tok={K}")
         n, width, k = N * m // K, w * K // m, m
-        rows.append(dict(split=m, experts=n, width=width, top_k=k, routed_params=n * 3 * d * width,
-                         router_params=n * d, routed_flops=2 * k * 3 * d * width, router_flops=2 * n * d,
-                         combinations=math.comb(n, k)))
+        rows.append(
+            dict(
+                split=m,
+                experts=n,
+                width=width,
+                top_k=k,
+                routed_params=n * 3 * d * width,
+                router_params=n * d,
+                routed_flops=2 * k * 3 * d * width,
+                router_flops=2 * n * d,
+                combinations=math.comb(n, k),
+            )
+        )
     return rows
 
 
@@ -80,17 +106,23 @@ def _si(n: float) -> str:
 
 def granularity_markdown(rows: list[dict]) -> str:
     """``granularity_table`` rows as a Markdown table."""
-    lines = ["| experts x width | top-k | routed params / layer | routed FLOPs / token | router params | "
-             "expert sets a token can use |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| experts x width | top-k | routed params / layer | routed FLOPs / token | router params | "
+        "expert sets a token can use |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['experts']} x {r['width']:,} | {r['top_k']} | {_si(r['routed_params'])} | "
-                     f"{_si(r['routed_flops'])} | {r['router_params']:,} | {r['combinations']:,} |")
+        lines.append(
+            f"| {r['experts']} x {r['width']:,} | {r['top_k']} | {_si(r['routed_params'])} | "
+            f"{_si(r['routed_flops'])} | {r['router_params']:,} | {r['combinations']:,} |"
+        )
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The router, step by step
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def routing_steps(router: Router, x: torch.Tensor) -> dict:
     """Every intermediate value of the biased, group-limited routing of tokens x (N, D) (Eq. 13-16 plus node-limited
@@ -127,52 +159,104 @@ def group_routing_figure(steps: dict, tokens: Sequence[int] = (0, 1, 2, 3, 4, 5)
         text = [f"g = {w:.2f}" for w in steps["weights"][t].tolist()]
         weight_of = dict(zip(steps["ids"][t].tolist(), text))
         return [
-            go.Bar(x=experts, y=_r(steps["scores"][t]), marker=dict(color=colors, line=dict(width=lines,
-                   color=TEXT_LINE)), text=[weight_of.get(e, "") for e in experts], textposition="outside",
-                   textfont=dict(size=11), cliponaxis=False, name="affinity s",
-                   hovertemplate="expert %{x}: s = %{y:.3f}<extra></extra>"),
-            go.Scatter(x=experts, y=_r(steps["biased"][t]), mode="markers", name="s + b (chooses)",
-                       marker=dict(symbol="diamond", size=9, color=COLORS["slate"]),
-                       hovertemplate="expert %{x}: s + b = %{y:.3f}<extra></extra>"),
-            go.Bar(x=[f"group {g}" for g in range(G)], y=_r(steps["group_scores"][t]), name="group score",
-                   marker=dict(color=[GROUP_COLORS[g % len(GROUP_COLORS)] if kept[g] else MUTED for g in range(G)]),
-                   text=["kept" if kept[g] else "masked" for g in range(G)], textposition="outside",
-                   hovertemplate=f"%{{x}}: top-{top} sum of s + b = %{{y:.3f}}<extra></extra>", showlegend=False),
+            go.Bar(
+                x=experts,
+                y=_r(steps["scores"][t]),
+                marker=dict(color=colors, line=dict(width=lines, color=TEXT_LINE)),
+                text=[weight_of.get(e, "") for e in experts],
+                textposition="outside",
+                textfont=dict(size=11),
+                cliponaxis=False,
+                name="affinity s",
+                hovertemplate="expert %{x}: s = %{y:.3f}<extra></extra>",
+            ),
+            go.Scatter(
+                x=experts,
+                y=_r(steps["biased"][t]),
+                mode="markers",
+                name="s + b (chooses)",
+                marker=dict(symbol="diamond", size=9, color=COLORS["slate"]),
+                hovertemplate="expert %{x}: s + b = %{y:.3f}<extra></extra>",
+            ),
+            go.Bar(
+                x=[f"group {g}" for g in range(G)],
+                y=_r(steps["group_scores"][t]),
+                name="group score",
+                marker=dict(color=[GROUP_COLORS[g % len(GROUP_COLORS)] if kept[g] else MUTED for g in range(G)]),
+                text=["kept" if kept[g] else "masked" for g in range(G)],
+                textposition="outside",
+                hovertemplate=f"%{{x}}: top-{top} sum of s + b = %{{y:.3f}}<extra></extra>",
+                showlegend=False,
+            ),
         ]
 
-    fig = make_subplots(rows=2, cols=1, row_heights=[0.62, 0.38], vertical_spacing=0.2,
-                        subplot_titles=("s (bars, color = group) and s + b (◆); chosen: outlined, with g",
-                                        f"group scores: sum of the top-{top} s + b in each group"))
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        row_heights=[0.62, 0.38],
+        vertical_spacing=0.2,
+        subplot_titles=(
+            "s (bars, color = group) and s + b (◆); chosen: outlined, with g",
+            f"group scores: sum of the top-{top} s + b in each group",
+        ),
+    )
     for i, tr in enumerate(traces(tokens[0])):
         fig.add_trace(tr, row=1 if i < 2 else 2, col=1)
     fig.frames = [go.Frame(name=f"token {t}", data=traces(t), traces=[0, 1, 2]) for t in tokens]
     top = max(float(steps["biased"][list(tokens)].max()), float(steps["scores"][list(tokens)].max()))
     low = min(0.0, float(steps["biased"][list(tokens)].min()))
     fig.update_yaxes(range=[low, top * 1.3], title_text="s, s + b", row=1, col=1)
-    fig.update_yaxes(range=[min(0.0, float(steps["group_scores"][list(tokens)].min())),
-                            float(steps["group_scores"][list(tokens)].max()) * 1.3], row=2, col=1)
+    fig.update_yaxes(
+        range=[
+            min(0.0, float(steps["group_scores"][list(tokens)].min())),
+            float(steps["group_scores"][list(tokens)].max()) * 1.3,
+        ],
+        row=2,
+        col=1,
+    )
     fig.update_xaxes(title_text="routed expert", dtick=1, range=[-0.6, E - 0.4], row=1, col=1)
     fig.update_layout(
-        template=theme, height=600, margin=dict(t=90, b=90), barmode="overlay", showlegend=False,
+        template=theme,
+        height=600,
+        margin=dict(t=90, b=90),
+        barmode="overlay",
+        showlegend=False,
         uniformtext=dict(minsize=10, mode="show"),
         title=f"Group-limited routing of one token: keep {steps['topk_group']} of {G} groups, "
-              f"then the top-{steps['ids'].shape[1]} experts",
-        sliders=[dict(active=0, y=-0.08, pad=dict(t=20), currentvalue=dict(prefix=""),
-                      steps=[dict(label=f"token {t}", method="animate",
-                                  args=[[f"token {t}"], dict(mode="immediate", frame=dict(duration=0, redraw=True),
-                                                             transition=dict(duration=0))]) for t in tokens])])
+        f"then the top-{steps['ids'].shape[1]} experts",
+        sliders=[
+            dict(
+                active=0,
+                y=-0.08,
+                pad=dict(t=20),
+                currentvalue=dict(prefix=""),
+                steps=[
+                    dict(
+                        label=f"token {t}",
+                        method="animate",
+                        args=[
+                            [f"token {t}"],
+                            dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0)),
+                        ],
+                    )
+                    for t in tokens
+                ],
+            )
+        ],
+    )
     return fig
 
 
 def _fade(hex_color: str, alpha: float = 0.35) -> str:
     h = hex_color.lstrip("#")
-    r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
     return f"rgba({r}, {g}, {b}, {alpha})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Experts of a trained model
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def domain_expert_loads(model, corpus, batch_size: int = 8, seq_len: int = 64, max_batches: int = 2) -> torch.Tensor:
@@ -229,16 +313,39 @@ def domain_expert_figure(loads: dict[str, torch.Tensor], domains: Sequence[str])
     for i, name in enumerate(names):
         c = loads[name].double()
         share = (100 * c / c.sum(1, keepdim=True)).round(decimals=1)  # (D, E)
-        fig.add_trace(go.Heatmap(z=share.tolist(), x=list(range(c.shape[1])), y=list(domains), visible=i == 0,
-                                 colorscale="Viridis", zmin=0, zmax=max(25.0, float(share.max())),
-                                 colorbar=dict(title="%"), name=name,
-                                 hovertemplate="%{y}, expert %{x}: %{z:.1f}%<extra>" + name + "</extra>"))
+        fig.add_trace(
+            go.Heatmap(
+                z=share.tolist(),
+                x=list(range(c.shape[1])),
+                y=list(domains),
+                visible=i == 0,
+                colorscale="Viridis",
+                zmin=0,
+                zmax=max(25.0, float(share.max())),
+                colorbar=dict(title="%"),
+                name=name,
+                hovertemplate="%{y}, expert %{x}: %{z:.1f}%<extra>" + name + "</extra>",
+            )
+        )
     fig.update_xaxes(title_text="routed expert", dtick=1)
     fig.update_yaxes(autorange="reversed")  # the first domain on top
-    fig.update_layout(margin=dict(t=90), updatemenus=[dict(
-        type="dropdown", x=1.0, xanchor="right", y=1.02, yanchor="bottom", active=0,
-        buttons=[dict(label=name, method="restyle", args=[{"visible": [j == i for j in range(len(names))]}])
-                 for i, name in enumerate(names)])])
+    fig.update_layout(
+        margin=dict(t=90),
+        updatemenus=[
+            dict(
+                type="dropdown",
+                x=1.0,
+                xanchor="right",
+                y=1.02,
+                yanchor="bottom",
+                active=0,
+                buttons=[
+                    dict(label=name, method="restyle", args=[{"visible": [j == i for j in range(len(names))]}])
+                    for i, name in enumerate(names)
+                ],
+            )
+        ],
+    )
     return fig
 
 
@@ -255,18 +362,22 @@ def sentence_routing(model, tokenizer, text: str) -> dict:
     if not ids:
         raise ValueError("sentence_routing: the text encodes to no tokens")
     if len(ids) > model.config.max_position_embeddings:
-        raise ValueError(f"sentence_routing: {len(ids)} tokens exceed the model's context "
-                         f"{model.config.max_position_embeddings}")
+        raise ValueError(
+            f"sentence_routing: {len(ids)} tokens exceed the model's context {model.config.max_position_embeddings}"
+        )
     was_training = model.training
     model.eval()
     out = model(torch.tensor([ids], device=model.device))
     model.train(was_training)
     layers = [i for i in range(model.config.num_hidden_layers) if model.config.is_moe_layer(i)]
-    return dict(pieces=[tokenizer.decode([i]) for i in ids], token_ids=ids,
-                layers=[f"block {i}" for i in layers],
-                ids=[r.topk_ids.cpu().clone() for r in out.routing],
-                weights=[r.topk_weights.cpu().clone() for r in out.routing],
-                n_experts=model.config.n_routed_experts)
+    return dict(
+        pieces=[tokenizer.decode([i]) for i in ids],
+        token_ids=ids,
+        layers=[f"block {i}" for i in layers],
+        ids=[r.topk_ids.cpu().clone() for r in out.routing],
+        weights=[r.topk_weights.cpu().clone() for r in out.routing],
+        n_experts=model.config.n_routed_experts,
+    )
 
 
 def _layer_menu(n_layers: int, per_layer: int, labels: Sequence[str]) -> list:
@@ -288,9 +399,20 @@ def token_expert_heatmap(info: dict, title: str = "Token-by-expert gating weight
         z = torch.full((N, E), float("nan"))
         z.scatter_(1, ids, w.float())
         cells = [[None if v != v else round(v, 3) for v in row] for row in z.tolist()]  # NaN -> a gap
-        fig.add_trace(go.Heatmap(z=cells, x=list(range(E)), y=labels, visible=li == 0, hoverongaps=False,
-                                 colorscale="Viridis", zmin=0, colorbar=dict(title="g"), name=info["layers"][li],
-                                 hovertemplate="%{y} → expert %{x}: g = %{z:.2f}<extra></extra>"))
+        fig.add_trace(
+            go.Heatmap(
+                z=cells,
+                x=list(range(E)),
+                y=labels,
+                visible=li == 0,
+                hoverongaps=False,
+                colorscale="Viridis",
+                zmin=0,
+                colorbar=dict(title="g"),
+                name=info["layers"][li],
+                hovertemplate="%{y} → expert %{x}: g = %{z:.2f}<extra></extra>",
+            )
+        )
     fig.update_xaxes(title_text="routed expert", dtick=1)
     fig.update_yaxes(autorange="reversed", tickfont=dict(size=10), type="category")
     fig.update_layout(updatemenus=_layer_menu(len(info["ids"]), 1, info["layers"]))
@@ -306,18 +428,33 @@ def sentence_experts_figure(info: dict, title: str | None = None) -> go.Figure:
     fig = figure(title=title or "Experts visited by each token", height=420)
     for li, (ids, w) in enumerate(zip(info["ids"], info["weights"])):
         for k in range(K):
-            fig.add_trace(go.Scatter(
-                x=list(range(N)), y=ids[:, k].tolist(), mode="markers", visible=li == 0,
-                name=f"choice {k + 1}", legendgroup=f"choice {k + 1}", showlegend=li == 0,
-                marker=dict(size=[round(6 + 9 * v, 2) for v in w[:, k].tolist()], color=COLORWAY[k % len(COLORWAY)],
-                            line=dict(width=0)),
-                customdata=[[text[n], round(float(w[n, k]), 3)] for n in range(N)],
-                hovertemplate="%{customdata[0]} → expert %{y} (g = %{customdata[1]})<extra>" + info["layers"][li]
-                              + "</extra>"))
+            fig.add_trace(
+                go.Scatter(
+                    x=list(range(N)),
+                    y=ids[:, k].tolist(),
+                    mode="markers",
+                    visible=li == 0,
+                    name=f"choice {k + 1}",
+                    legendgroup=f"choice {k + 1}",
+                    showlegend=li == 0,
+                    marker=dict(
+                        size=[round(6 + 9 * v, 2) for v in w[:, k].tolist()],
+                        color=COLORWAY[k % len(COLORWAY)],
+                        line=dict(width=0),
+                    ),
+                    customdata=[[text[n], round(float(w[n, k]), 3)] for n in range(N)],
+                    hovertemplate="%{customdata[0]} → expert %{y} (g = %{customdata[1]})<extra>"
+                    + info["layers"][li]
+                    + "</extra>",
+                )
+            )
     fig.update_xaxes(tickvals=list(range(N)), ticktext=text, tickangle=-60, tickfont=dict(size=11))
     fig.update_yaxes(title_text="routed expert", range=[-0.7, E - 0.3], dtick=1)
-    fig.update_layout(margin=dict(t=90), updatemenus=_layer_menu(len(info["ids"]), K, info["layers"]),
-                      legend=dict(orientation="h", y=1.02, x=0, xanchor="left", yanchor="bottom"))
+    fig.update_layout(
+        margin=dict(t=90),
+        updatemenus=_layer_menu(len(info["ids"]), K, info["layers"]),
+        legend=dict(orientation="h", y=1.02, x=0, xanchor="left", yanchor="bottom"),
+    )
     return fig
 
 
@@ -327,13 +464,16 @@ def moe_table(configs: dict[str, ModelConfig]) -> str:
     from .overview import HYPERPARAMETERS, config_value
 
     names = list(configs)
-    lines = ["| field | symbol | paper | " + " | ".join(names) + " | meaning |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in names) + " | --- |"]
+    lines = [
+        "| field | symbol | paper | " + " | ".join(names) + " | meaning |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in names) + " | --- |",
+    ]
     for h in HYPERPARAMETERS["MoE"]:
         values = [config_value(c, h.field) for c in configs.values()]
         paper = "—" if h.paper is None else f"{h.paper:,}"
-        lines.append(f"| `{h.field}` | {h.symbol} | {paper} | " + " | ".join(f"{v:,}" for v in values)
-                     + f" | {h.meaning} |")
+        lines.append(
+            f"| `{h.field}` | {h.symbol} | {paper} | " + " | ".join(f"{v:,}" for v in values) + f" | {h.meaning} |"
+        )
     return "\n".join(lines)
 
 
@@ -341,8 +481,24 @@ def moe_table(configs: dict[str, ModelConfig]) -> str:
 # The live view: type a sentence, see its experts (an HTML widget, so the saved notebook and nbval see one widget)
 # ---------------------------------------------------------------------------------------------------------------
 
-EXPERT_PALETTE = ["#3b82f6", "#f59e0b", "#10b981", "#ef4444", "#8b5cf6", "#06b6d4", "#ec4899", "#84cc16",
-                  "#64748b", "#2563eb", "#d97706", "#059669", "#dc2626", "#7c3aed", "#0891b2", "#db2777"]
+EXPERT_PALETTE = [
+    "#3b82f6",
+    "#f59e0b",
+    "#10b981",
+    "#ef4444",
+    "#8b5cf6",
+    "#06b6d4",
+    "#ec4899",
+    "#84cc16",
+    "#64748b",
+    "#2563eb",
+    "#d97706",
+    "#059669",
+    "#dc2626",
+    "#7c3aed",
+    "#0891b2",
+    "#db2777",
+]
 
 
 def sentence_table_html(info: dict) -> str:
@@ -360,14 +516,21 @@ def sentence_table_html(info: dict) -> str:
             for e, g in sorted(zip(ids[t].tolist(), w[t].tolist())):
                 color = EXPERT_PALETTE[e % len(EXPERT_PALETTE)]
                 alpha = round(0.35 + 0.65 * g / top, 2)
-                chips.append(f"<span title='g = {g:.2f}' style='display:inline-block;min-width:1.8em;margin:1px;"
-                             f"padding:0 3px;border-radius:3px;text-align:center;color:white;background:{color};"
-                             f"opacity:{alpha}'>{e}</span>")
+                chips.append(
+                    f"<span title='g = {g:.2f}' style='display:inline-block;min-width:1.8em;margin:1px;"
+                    f"padding:0 3px;border-radius:3px;text-align:center;color:white;background:{color};"
+                    f"opacity:{alpha}'>{e}</span>"
+                )
             cells.append(f"<td style='padding:1px 8px'>{''.join(chips)}</td>")
-        rows.append(f"<tr><td style='padding:1px 8px;font-family:monospace'>{html.escape(show_piece(piece))}</td>"
-                    + "".join(cells) + "</tr>")
-    return ("<table style='border-collapse:collapse;font-size:13px'><tr><th style='padding:2px 8px;"
-            f"text-align:left'>token</th>{head}</tr>" + "".join(rows) + "</table>")
+        rows.append(
+            f"<tr><td style='padding:1px 8px;font-family:monospace'>{html.escape(show_piece(piece))}</td>"
+            + "".join(cells)
+            + "</tr>"
+        )
+    return (
+        "<table style='border-collapse:collapse;font-size:13px'><tr><th style='padding:2px 8px;"
+        f"text-align:left'>token</th>{head}</tr>" + "".join(rows) + "</table>"
+    )
 
 
 def sentence_widget(model, tokenizer, text: str, max_tokens: int = 64):
@@ -376,8 +539,9 @@ def sentence_widget(model, tokenizer, text: str, max_tokens: int = 64):
     notebook keeps the last table in its widget state, and the static site shows it."""
     import ipywidgets as widgets
 
-    box = widgets.Textarea(value=text, description="text", continuous_update=False,
-                           layout=widgets.Layout(width="520px", height="70px"))
+    box = widgets.Textarea(
+        value=text, description="text", continuous_update=False, layout=widgets.Layout(width="520px", height="70px")
+    )
     table = widgets.HTML()
 
     def update(_change=None) -> None:
@@ -389,7 +553,8 @@ def sentence_widget(model, tokenizer, text: str, max_tokens: int = 64):
         if len(ids) > max_tokens:
             value = tokenizer.decode(ids[:max_tokens])
         table.value = sentence_table_html(sentence_routing(model, tokenizer, value)) + (
-            f"<i>(first {max_tokens} tokens)</i>" if len(ids) > max_tokens else "")
+            f"<i>(first {max_tokens} tokens)</i>" if len(ids) > max_tokens else ""
+        )
 
     box.observe(update, names="value")
     update()

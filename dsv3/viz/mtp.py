@@ -1,16 +1,17 @@
 """Figures and helpers of Chapter 5, Multi-Token Prediction (paper Sec. 2.2, Eq. 21-25; Sec. 4.2 for lambda).
 
 Everything here measures a real ``DeepSeekV3``: the causal chain (measured in Chapter 5's own cells by changing one
-input token at a time, recorded in a ``Chain`` and drawn by ``chain_figure``), the sharing of embedding and output head by
-hooks on the model's own modules (``shared_module_calls``), the loss weight from ``dsv3.train.mtp_weight_at``, and
-the MTP head's agreement with the main model from forward passes over validation batches (``mtp_agreement``).
+input token at a time, recorded in a ``Chain`` and drawn by ``chain_figure``), the sharing of embedding and output
+head by hooks on the model's own modules (``shared_module_calls``), the loss weight from
+``dsv3.train.mtp_weight_at``, and the MTP head's agreement with the main model from forward passes over validation
+batches (``mtp_agreement``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import plotly.graph_objects as go
 import torch
@@ -31,6 +32,7 @@ PAPER_DEPTH = 1
 # Token labels
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def token_label(piece: str) -> str:
     """A token's text made visible in a figure cell: spaces as ␣, newlines as ⏎."""
     return piece.replace(" ", "␣").replace("\n", "⏎") or "∅"
@@ -46,6 +48,7 @@ def token_labels(tokenizer, ids: Sequence[int] | torch.Tensor) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # The causal chain, measured
 # ---------------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Chain:
@@ -119,13 +122,22 @@ def chain_figure(chain: Chain, labels: Sequence[str], title: str = "The causal c
     the token it is trained to predict (t_{i+k+1})."""
     D1, T, _ = chain.seen.shape
     if len(labels) != T + 1:
-        raise ValueError(f"labels must name the T + 1 = {T + 1} tokens of the window (inputs and the last label), "
-                         f"got {len(labels)}")
+        raise ValueError(
+            f"labels must name the T + 1 = {T + 1} tokens of the window (inputs and the last label), got {len(labels)}"
+        )
     names = ["main model (k = 0)"] + [f"MTP module k = {k}" for k in range(1, D1)]
     # categories: 0 not seen, 1 seen through the hidden state / attention, 2 read by this depth's embedding, 3 target
     colors = ["rgba(128, 128, 128, 0.12)", "rgba(59, 130, 246, 0.45)", COLORS["orange"], COLORS["green"]]
-    scale = [[0.0, colors[0]], [0.25, colors[0]], [0.25, colors[1]], [0.5, colors[1]], [0.5, colors[2]],
-             [0.75, colors[2]], [0.75, colors[3]], [1.0, colors[3]]]
+    scale = [
+        [0.0, colors[0]],
+        [0.25, colors[0]],
+        [0.25, colors[1]],
+        [0.5, colors[1]],
+        [0.5, colors[2]],
+        [0.75, colors[2]],
+        [0.75, colors[3]],
+        [1.0, colors[3]],
+    ]
 
     def grid(i: int) -> tuple[list[list[int]], list[list[str]], list[list[str]]]:
         z, text, hover = [], [], []
@@ -153,9 +165,21 @@ def chain_figure(chain: Chain, labels: Sequence[str], title: str = "The causal c
 
     def heatmap(i: int) -> go.Heatmap:
         z, text, hover = grid(i)
-        return go.Heatmap(z=z, x=x, y=names, text=text, texttemplate="%{text}", customdata=hover,
-                          hovertemplate="%{customdata}<extra></extra>", colorscale=scale, zmin=-0.5, zmax=3.5,
-                          showscale=False, xgap=2, ygap=2)
+        return go.Heatmap(
+            z=z,
+            x=x,
+            y=names,
+            text=text,
+            texttemplate="%{text}",
+            customdata=hover,
+            hovertemplate="%{customdata}<extra></extra>",
+            colorscale=scale,
+            zmin=-0.5,
+            zmax=3.5,
+            showscale=False,
+            xgap=2,
+            ygap=2,
+        )
 
     start = min(2, T - 1)
     fig = figure(title=title, height=230 + 60 * D1, margin=dict(l=60, r=20, t=80, b=90))
@@ -164,14 +188,31 @@ def chain_figure(chain: Chain, labels: Sequence[str], title: str = "The causal c
     fig.update_layout(
         xaxis=dict(title="token index j in the window", type="category", showgrid=False, zeroline=False),
         yaxis=dict(autorange="reversed", type="category", showgrid=False),
-        sliders=[dict(active=start, currentvalue=dict(prefix="position i = "), pad=dict(t=60),
-                      steps=[dict(label=str(i), method="animate",
-                                  args=[[str(i)], dict(mode="immediate", frame=dict(duration=0, redraw=True),
-                                                       transition=dict(duration=0))])
-                             for i in range(T)])])
+        sliders=[
+            dict(
+                active=start,
+                currentvalue=dict(prefix="position i = "),
+                pad=dict(t=60),
+                steps=[
+                    dict(
+                        label=str(i),
+                        method="animate",
+                        args=[
+                            [str(i)],
+                            dict(mode="immediate", frame=dict(duration=0, redraw=True), transition=dict(duration=0)),
+                        ],
+                    )
+                    for i in range(T)
+                ],
+            )
+        ],
+    )
     for name, color in zip(("seen", "embedding input", "target"), colors[1:]):  # a legend for the categories
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,
-                                 marker=dict(size=12, symbol="square", color=color)))
+        fig.add_trace(
+            go.Scatter(
+                x=[None], y=[None], mode="markers", name=name, marker=dict(size=12, symbol="square", color=color)
+            )
+        )
     fig.update_layout(legend=dict(orientation="h", y=1.02, x=1.0, xanchor="right", yanchor="bottom"))
     return fig
 
@@ -180,14 +221,19 @@ def chain_figure(chain: Chain, labels: Sequence[str], title: str = "The causal c
 # Shared embedding and output head
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def shared_module_calls(model: DeepSeekV3, ids: torch.Tensor) -> dict[str, list[tuple[int, ...]]]:
     """Run ``model(ids, return_mtp=True)`` with hooks on the model's one embedding and one output head, and return
     the input shapes each received: ``{"embed_tokens": [...], "lm_head": [...]}``. With D MTP modules each list has
     1 + D entries (the main pass, then depth k on T - k positions): the MTP modules use these very modules."""
     calls: dict[str, list[tuple[int, ...]]] = {"embed_tokens": [], "lm_head": []}
-    handles = [getattr(model, name).register_forward_hook(
-        lambda mod, inp, out, name=name: calls[name].append(tuple(inp[0].shape))) for name in calls]
+    handles = [
+        getattr(model, name).register_forward_hook(
+            lambda mod, inp, out, name=name: calls[name].append(tuple(inp[0].shape))
+        )
+        for name in calls
+    ]
     try:
         model(ids.to(model.device), return_mtp=True)
     finally:
@@ -207,16 +253,21 @@ def gradient_norms(model: DeepSeekV3, ids: torch.Tensor, labels: torch.Tensor) -
 
     The main loss never reaches the MTP modules (norm 0: they run after the main model's output); the MTP loss
     reaches everything, the main blocks too, through h^0 (Eq. 21). Gradients are cleared afterwards."""
-    parts = {"main blocks": list(model.layers.parameters()) + list(model.norm.parameters()),
-             "shared embedding": [model.embed_tokens.weight], "shared output head": [model.lm_head.weight],
-             "MTP modules": list(model.mtp.parameters())}
+    parts = {
+        "main blocks": list(model.layers.parameters()) + list(model.norm.parameters()),
+        "shared embedding": [model.embed_tokens.weight],
+        "shared output head": [model.lm_head.weight],
+        "MTP modules": list(model.mtp.parameters()),
+    }
     norms: dict[str, dict[str, float]] = {}
     ids, labels = ids.to(model.device), labels.to(model.device)
     for name in ("main_loss", "mtp_loss"):
         model.zero_grad(set_to_none=True)
         getattr(model(ids, labels=labels), name).backward()
-        norms[name] = {part: math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params if p.grad is not None))
-                       for part, params in parts.items()}
+        norms[name] = {
+            part: math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params if p.grad is not None))
+            for part, params in parts.items()
+        }
     model.zero_grad(set_to_none=True)
     return norms
 
@@ -224,6 +275,7 @@ def gradient_norms(model: DeepSeekV3, ids: torch.Tensor, labels: torch.Tensor) -
 # ---------------------------------------------------------------------------------------------------------------
 # The loss weight lambda
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def paper_lambda(fraction: float) -> float:
     """lambda at a fraction of the paper's 14.8T pre-training tokens (Sec. 4.2)."""
@@ -248,8 +300,11 @@ def schedule_table(cfg: TrainConfig, depth: int) -> list[tuple[str, str, str]]:
         ("MTP depth D", str(PAPER_DEPTH), str(depth)),
         ("lambda, first phase", f"{PAPER_LAMBDA[0][1]}", f"{cfg.mtp_weight}"),
         ("lambda, second phase", f"{PAPER_LAMBDA[1][1]}", f"{cfg.mtp_weight_final}"),
-        ("switch after", f"10T of 14.8T tokens ({switch_paper:.1%})",
-         f"step {first_low} of {cfg.steps} ({first_low / cfg.steps:.1%})"),
+        (
+            "switch after",
+            f"10T of 14.8T tokens ({switch_paper:.1%})",
+            f"step {first_low} of {cfg.steps} ({first_low / cfg.steps:.1%})",
+        ),
     ]
 
 
@@ -257,27 +312,68 @@ def lambda_figure(cfg: TrainConfig, history: Sequence[dict] | None = None) -> go
     """Left: the paper's lambda over its 14.8T pre-training tokens. Right: lambda over the optimizer steps of a
     TrainConfig (``mtp_weight_at``), and, when a training ``history`` is given, the lambda each step logged and the
     weighted MTP term lambda x L_MTP it added to the loss (second axis)."""
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, specs=[[{}, {"secondary_y": True}]],
-                        subplot_titles=("paper (Sec. 4.2)", f"dsv3 TrainConfig, {cfg.steps} steps"))
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        horizontal_spacing=0.12,
+        specs=[[{}, {"secondary_y": True}]],
+        subplot_titles=("paper (Sec. 4.2)", f"dsv3 TrainConfig, {cfg.steps} steps"),
+    )
     fig.update_layout(title="MTP loss weight λ over training", height=340, margin=dict(t=80))
     ends = [start for start, _ in PAPER_LAMBDA[1:]] + [PAPER_TOKENS_T]  # each phase runs until the next one
     xs = [x for (start, _), end in zip(PAPER_LAMBDA, ends) for x in (start, end)]
     ys = [lam for _, lam in PAPER_LAMBDA for _ in range(2)]
-    fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="λ, paper", line=dict(color=COLORS["slate"], width=3)),
-                  row=1, col=1)
+    fig.add_trace(
+        go.Scatter(x=xs, y=ys, mode="lines", name="λ, paper", line=dict(color=COLORS["slate"], width=3)), row=1, col=1
+    )
     lam = lambda_schedule(cfg)
-    fig.add_trace(go.Scatter(x=list(range(1, cfg.steps + 1)), y=lam, mode="lines", name="λ, mtp_weight_at",
-                             line=dict(shape="hv", color=COLORS["blue"], width=3)), row=1, col=2)
+    fig.add_trace(
+        go.Scatter(
+            x=list(range(1, cfg.steps + 1)),
+            y=lam,
+            mode="lines",
+            name="λ, mtp_weight_at",
+            line=dict(shape="hv", color=COLORS["blue"], width=3),
+        ),
+        row=1,
+        col=2,
+    )
     if history is not None:
         steps, logged = curves(history, "mtp_weight")
-        fig.add_trace(go.Scatter(x=steps[::5], y=logged[::5], mode="markers", name="λ, logged by train()",
-                                 marker=dict(color=COLORS["blue"], size=5, symbol="circle-open")), row=1, col=2)
+        fig.add_trace(
+            go.Scatter(
+                x=steps[::5],
+                y=logged[::5],
+                mode="markers",
+                name="λ, logged by train()",
+                marker=dict(color=COLORS["blue"], size=5, symbol="circle-open"),
+            ),
+            row=1,
+            col=2,
+        )
         steps, mtp = curves(history, "mtp_loss")
         term = [round(w * m, 4) for w, m in zip(logged, mtp)]
-        fig.add_trace(go.Scatter(x=steps, y=term, mode="lines", name="λ · L<sub>MTP</sub> (right axis)",
-                                 line=dict(color=COLORS["orange"], width=1.5)), row=1, col=2, secondary_y=True)
-        fig.update_yaxes(title_text="λ · L<sub>MTP</sub> (nats)", row=1, col=2, secondary_y=True, showgrid=False,
-                         rangemode="tozero", tickmode="auto")
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=term,
+                mode="lines",
+                name="λ · L<sub>MTP</sub> (right axis)",
+                line=dict(color=COLORS["orange"], width=1.5),
+            ),
+            row=1,
+            col=2,
+            secondary_y=True,
+        )
+        fig.update_yaxes(
+            title_text="λ · L<sub>MTP</sub> (nats)",
+            row=1,
+            col=2,
+            secondary_y=True,
+            showgrid=False,
+            rangemode="tozero",
+            tickmode="auto",
+        )
     fig.update_xaxes(title_text="tokens (trillions)", row=1, col=1)
     fig.update_xaxes(title_text="optimizer step", row=1, col=2)
     fig.update_yaxes(title_text="λ", range=[0, 0.35], row=1, col=1)
@@ -290,12 +386,13 @@ def lambda_figure(cfg: TrainConfig, history: Sequence[dict] | None = None) -> go
 # Training with and without MTP
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def smooth(values: Sequence[float], beta: float = 0.9) -> list[float]:
     """Bias-corrected exponential moving average (as training dashboards draw noisy losses)."""
     out, avg = [], 0.0
     for t, v in enumerate(values, 1):
         avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta ** t))
+        out.append(avg / (1 - beta**t))
     return out
 
 
@@ -310,25 +407,71 @@ def runs_figure(histories: Mapping[str, Sequence[dict]], digits: int = 4) -> go.
     each run that trained its MTP module (lambda > 0 at some step), the depth-1 loss next to its main loss, both on
     the validation batches. Values rounded to
     ``digits`` so that the figure is byte-stable."""
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
-                        subplot_titles=("main next-token loss L<sub>Main</sub>",
-                                        "MTP run: L<sub>Main</sub> vs L<sub>MTP</sub> (validation)"))
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        horizontal_spacing=0.1,
+        subplot_titles=(
+            "main next-token loss L<sub>Main</sub>",
+            "MTP run: L<sub>Main</sub> vs L<sub>MTP</sub> (validation)",
+        ),
+    )
     fig.update_layout(title="Training with and without MTP", height=400, margin=dict(t=90))
     palette = [COLORS["blue"], COLORS["orange"], COLORS["green"], COLORS["violet"]]
     r = lambda xs: [round(v, digits) for v in xs]  # noqa: E731
     for (name, hist), color in zip(histories.items(), palette):
         steps, train = curves(hist, "main_loss")
-        fig.add_trace(go.Scatter(x=steps, y=r(smooth(train)), mode="lines", name=f"{name}: train (smoothed)",
-                                 line=dict(color=color, width=1.5), opacity=0.6, legendgroup=name), row=1, col=1)
+        fig.add_trace(
+            go.Scatter(
+                x=steps,
+                y=r(smooth(train)),
+                mode="lines",
+                name=f"{name}: train (smoothed)",
+                line=dict(color=color, width=1.5),
+                opacity=0.6,
+                legendgroup=name,
+            ),
+            row=1,
+            col=1,
+        )
         vs, val = curves(hist, "val_loss")
-        fig.add_trace(go.Scatter(x=vs, y=r(val), mode="lines+markers", name=f"{name}: validation",
-                                 line=dict(color=color, width=2.5), legendgroup=name), row=1, col=1)
+        fig.add_trace(
+            go.Scatter(
+                x=vs,
+                y=r(val),
+                mode="lines+markers",
+                name=f"{name}: validation",
+                line=dict(color=color, width=2.5),
+                legendgroup=name,
+            ),
+            row=1,
+            col=1,
+        )
         vs, vm = curves(hist, "val_mtp_loss")
         if any(h.get("mtp_weight", 0) > 0 for h in hist) and any(v > 0 for v in vm):  # runs that trained MTP
-            fig.add_trace(go.Scatter(x=vs, y=r(val), mode="lines+markers", name=f"{name}: L<sub>Main</sub>",
-                                     line=dict(color=color, width=2.5), showlegend=False), row=1, col=2)
-            fig.add_trace(go.Scatter(x=vs, y=r(vm), mode="lines+markers", name=f"{name}: L<sub>MTP</sub> (depth 1)",
-                                     line=dict(color=color, width=2.5, dash="dash")), row=1, col=2)
+            fig.add_trace(
+                go.Scatter(
+                    x=vs,
+                    y=r(val),
+                    mode="lines+markers",
+                    name=f"{name}: L<sub>Main</sub>",
+                    line=dict(color=color, width=2.5),
+                    showlegend=False,
+                ),
+                row=1,
+                col=2,
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=vs,
+                    y=r(vm),
+                    mode="lines+markers",
+                    name=f"{name}: L<sub>MTP</sub> (depth 1)",
+                    line=dict(color=color, width=2.5, dash="dash"),
+                ),
+                row=1,
+                col=2,
+            )
     fig.update_xaxes(title_text="optimizer step")
     fig.update_yaxes(title_text="cross-entropy (nats)", col=1)
     fig.update_layout(legend=dict(orientation="h", y=-0.22, x=0, yanchor="top"))
@@ -360,21 +503,37 @@ def mtp_agreement(model: DeepSeekV3, batches: Sequence) -> list[dict[str, float]
             s["mtp_acc"] += int((draft == truth).sum())
             s["agree"] += int((draft == later).sum())
             s["positions"] += truth.numel()
-    return [dict(main_acc=s["main_acc"] / s["positions"], mtp_acc=s["mtp_acc"] / s["positions"],
-                 agree=s["agree"] / s["positions"], positions=s["positions"]) for s in sums]
+    return [
+        dict(
+            main_acc=s["main_acc"] / s["positions"],
+            mtp_acc=s["mtp_acc"] / s["positions"],
+            agree=s["agree"] / s["positions"],
+            positions=s["positions"],
+        )
+        for s in sums
+    ]
 
 
 def agreement_figure(stats: Mapping[str, dict[str, float]], digits: int = 3) -> go.Figure:
     """Grouped bars of ``mtp_agreement`` depth-1 statistics for named models (e.g. at initialization, trained)."""
-    fig = figure(title="Depth-1 MTP head vs the main model (validation, top-1)", height=340,
-                 yaxis=dict(title="fraction of positions", range=[0, 1], tickformat=".0%"), barmode="group")
-    keys = (("main_acc", "main model right about t<sub>i+2</sub> (at position i+1)"),
-            ("mtp_acc", "MTP head right about t<sub>i+2</sub> (at position i)"),
-            ("agree", "MTP head agrees with the main model"))
+    fig = figure(
+        title="Depth-1 MTP head vs the main model (validation, top-1)",
+        height=340,
+        yaxis=dict(title="fraction of positions", range=[0, 1], tickformat=".0%"),
+        barmode="group",
+    )
+    keys = (
+        ("main_acc", "main model right about t<sub>i+2</sub> (at position i+1)"),
+        ("mtp_acc", "MTP head right about t<sub>i+2</sub> (at position i)"),
+        ("agree", "MTP head agrees with the main model"),
+    )
     palette = [COLORS["blue"], COLORS["orange"], COLORS["green"]]
     for (key, label), color in zip(keys, palette):
         y = [round(s[key], digits) for s in stats.values()]
-        fig.add_trace(go.Bar(x=list(stats), y=y, name=label, marker_color=color, text=[f"{v:.1%}" for v in y],
-                             textposition="outside"))
+        fig.add_trace(
+            go.Bar(
+                x=list(stats), y=y, name=label, marker_color=color, text=[f"{v:.1%}" for v in y], textposition="outside"
+            )
+        )
     fig.update_layout(legend=dict(orientation="h", y=-0.15, x=0, yanchor="top"))
     return fig

@@ -9,8 +9,9 @@ instantiated model.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 
@@ -60,17 +61,14 @@ HYPERPARAMETERS: dict[str, tuple[Hyper, ...]] = {
         Hyper("topk_group", "$M$", "groups (nodes) one token may use", 4),
         Hyper("routed_scaling_factor", "", "scale of the routed experts' gating weights"),
     ),
-    "MTP": (
-        Hyper("num_nextn_predict_layers", "$D$", "multi-token prediction depth", 1),
-    ),
+    "MTP": (Hyper("num_nextn_predict_layers", "$D$", "multi-token prediction depth", 1),),
     "RoPE / YaRN": (
         Hyper("rope_theta", "", "RoPE base"),
         Hyper("rope_scaling.original_max_position_embeddings", "", "pre-training context (tokens)", 4096),
         Hyper("rope_scaling.factor", "$s$", "YaRN context scale", 40),
         Hyper("rope_scaling.beta_slow", r"$\alpha$", "YaRN ramp start (rotations per context)", 1),
         Hyper("rope_scaling.beta_fast", r"$\beta$", "YaRN ramp end (rotations per context)", 32),
-        Hyper("yarn_mscale", r"$\sqrt{t}$", "attention temperature $0.1 \\ln s + 1$",
-              round(0.1 * math.log(40) + 1, 4)),
+        Hyper("yarn_mscale", r"$\sqrt{t}$", "attention temperature $0.1 \\ln s + 1$", round(0.1 * math.log(40) + 1, 4)),
         Hyper("max_position_embeddings", "", "longest position the config allows"),
     ),
 }
@@ -224,35 +222,70 @@ def _billions(n: float) -> str:
 
 def parameter_sunburst(config: ModelConfig, title: str = "Where the parameters live") -> go.Figure:
     """Sunburst of ``parameter_parts`` with buttons: all parameters, activated per token, with the MTP module."""
-    views = [("all parameters", False, "total"), ("activated per token", False, "activated"),
-             ("with the MTP module", True, "total")]
-    fig = figure(title=dict(text=title, y=0.98, yanchor="top"), height=580, margin=dict(l=10, r=10, t=110, b=10),
-                 sunburstcolorway=[COLORS[c] for c in ("slate", "green", "lime", "orange", "blue", "violet")],
-                 extendsunburstcolors=True)
+    views = [
+        ("all parameters", False, "total"),
+        ("activated per token", False, "activated"),
+        ("with the MTP module", True, "total"),
+    ]
+    fig = figure(
+        title=dict(text=title, y=0.98, yanchor="top"),
+        height=580,
+        margin=dict(l=10, r=10, t=110, b=10),
+        sunburstcolorway=[COLORS[c] for c in ("slate", "green", "lime", "orange", "blue", "violet")],
+        extendsunburstcolors=True,
+    )
     for i, (name, mtp, kind) in enumerate(views):
         parts = parameter_parts(config, include_mtp=mtp)
         values = [getattr(p, kind) for p in parts]
         root = values[0]
         text = [f"{_billions(v)}<br>{v / root:.1%}" for v in values]
-        fig.add_trace(go.Sunburst(
-            ids=[p.id for p in parts], labels=[p.label for p in parts], parents=[p.parent for p in parts],
-            values=values, branchvalues="total", text=text, textinfo="label+text", name=name,
-            hovertemplate="%{label}: %{text}<extra></extra>", visible=i == 0, sort=False,
-            insidetextorientation="radial",
-        ))
+        fig.add_trace(
+            go.Sunburst(
+                ids=[p.id for p in parts],
+                labels=[p.label for p in parts],
+                parents=[p.parent for p in parts],
+                values=values,
+                branchvalues="total",
+                text=text,
+                textinfo="label+text",
+                name=name,
+                hovertemplate="%{label}: %{text}<extra></extra>",
+                visible=i == 0,
+                sort=False,
+                insidetextorientation="radial",
+            )
+        )
     buttons = []
     for i, (name, mtp, kind) in enumerate(views):
         root = getattr(parameter_parts(config, include_mtp=mtp)[0], kind)
-        buttons.append(dict(label=f"{name} ({_billions(root)})", method="update",
-                            args=[{"visible": [j == i for j in range(len(views))]}]))
-    fig.update_layout(updatemenus=[dict(type="buttons", direction="right", x=0.0, y=1.02, xanchor="left",
-                                        yanchor="bottom", buttons=buttons, showactive=True)])
+        buttons.append(
+            dict(
+                label=f"{name} ({_billions(root)})",
+                method="update",
+                args=[{"visible": [j == i for j in range(len(views))]}],
+            )
+        )
+    fig.update_layout(
+        updatemenus=[
+            dict(
+                type="buttons",
+                direction="right",
+                x=0.0,
+                y=1.02,
+                xanchor="left",
+                yanchor="bottom",
+                buttons=buttons,
+                showactive=True,
+            )
+        ]
+    )
     return fig
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # FLOPs per token and the path of one token
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def attention_flops_per_layer(config: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs of the score and weighted-sum products for one token in one layer: 2 n_h (d_qk + d_v) x the
@@ -280,34 +313,58 @@ def token_flow(config: ModelConfig, seq_len: int = 4096, include_mtp: bool = Tru
     d, V = c.hidden_size, c.vocab_size
     attn = attention_flops_per_layer(c, seq_len)
     K, Nr, Ns = c.num_experts_per_tok, c.n_routed_experts, c.n_shared_experts
-    stages = [Stage("embedding", "embedding", f"token id -> row of a {V:,} x {d:,} table -> h (d={d:,})",
-                    V * d, 0, 0.0)]
+    stages = [
+        Stage("embedding", "embedding", f"token id -> row of a {V:,} x {d:,} table -> h (d={d:,})", V * d, 0, 0.0)
+    ]
     for i in range(c.num_hidden_layers):
         moe = c.is_moe_layer(i)
         total = sum(block_params(c, moe, active=False).values())
         active = sum(block_params(c, moe, active=True).values())
-        ffn = (f"MoE: {Ns} shared + {K} of {Nr} routed experts (width {c.moe_intermediate_size:,})" if moe
-               else f"dense SwiGLU FFN (width {c.intermediate_size:,})")
-        stages.append(Stage(f"block {i}", "moe" if moe else "dense",
-                            f"MLA over {seq_len:,} positions (cache {c.kv_lora_rank}+{c.qk_rope_head_dim}), {ffn}",
-                            total, active, 2 * active + attn))
+        ffn = (
+            f"MoE: {Ns} shared + {K} of {Nr} routed experts (width {c.moe_intermediate_size:,})"
+            if moe
+            else f"dense SwiGLU FFN (width {c.intermediate_size:,})"
+        )
+        stages.append(
+            Stage(
+                f"block {i}",
+                "moe" if moe else "dense",
+                f"MLA over {seq_len:,} positions (cache {c.kv_lora_rank}+{c.qk_rope_head_dim}), {ffn}",
+                total,
+                active,
+                2 * active + attn,
+            )
+        )
     head = 0 if c.tie_word_embeddings else V * d
-    stages.append(Stage("norm + head", "head", f"RMSNorm, then h (d={d:,}) -> {V:,} logits", head + d, head + d,
-                        2 * (head + d)))
+    stages.append(
+        Stage("norm + head", "head", f"RMSNorm, then h (d={d:,}) -> {V:,} logits", head + d, head + d, 2 * (head + d))
+    )
     if include_mtp:
         for k in range(c.num_nextn_predict_layers):
             moe = c.is_moe_layer(c.num_hidden_layers + k)
             own = sum(block_params(c, moe, active=False).values()) + 2 * d * d + 3 * d
             active = sum(block_params(c, moe, active=True).values()) + 2 * d * d + 3 * d
-            stages.append(Stage(f"MTP {k + 1}", "mtp",
-                                f"[enorm(Emb(t_(i+{k + 1}))); hnorm(h)] (2d={2 * d:,}) -> eh_proj -> block -> "
-                                f"shared norm + head -> logits for t_(i+{k + 2})",
-                                own, active + head, 2 * (active + head) + attn))
+            stages.append(
+                Stage(
+                    f"MTP {k + 1}",
+                    "mtp",
+                    f"[enorm(Emb(t_(i+{k + 1}))); hnorm(h)] (2d={2 * d:,}) -> eh_proj -> block -> "
+                    f"shared norm + head -> logits for t_(i+{k + 2})",
+                    own,
+                    active + head,
+                    2 * (active + head) + attn,
+                )
+            )
     return stages
 
 
-_KIND_COLORS = {"embedding": COLORS["slate"], "dense": COLORS["orange"], "moe": COLORS["blue"],
-                "head": COLORS["green"], "mtp": COLORS["violet"]}
+_KIND_COLORS = {
+    "embedding": COLORS["slate"],
+    "dense": COLORS["orange"],
+    "moe": COLORS["blue"],
+    "head": COLORS["green"],
+    "mtp": COLORS["violet"],
+}
 
 
 def token_flow_table(config: ModelConfig, seq_len: int = 4096) -> str:
@@ -318,14 +375,18 @@ def token_flow_table(config: ModelConfig, seq_len: int = 4096) -> str:
             rows[-1].append(s)
         else:
             rows.append([s])
-    lines = ["| stage | what one token goes through | parameters | activated | forward GFLOPs |",
-             "|---|---|---:|---:|---:|"]
+    lines = [
+        "| stage | what one token goes through | parameters | activated | forward GFLOPs |",
+        "|---|---|---:|---:|---:|",
+    ]
     for group in rows:
         s = group[0]
         name = s.name if len(group) == 1 else f"blocks {group[0].name.split()[1]}–{group[-1].name.split()[1]}"
         count = f" ({len(group)} x)" if len(group) > 1 else ""
-        lines.append(f"| {name}{count} | {s.computes} | {_billions(sum(g.params for g in group))} | "
-                     f"{_billions(sum(g.activated for g in group))} | {sum(g.flops for g in group) / 1e9:,.2f} |")
+        lines.append(
+            f"| {name}{count} | {s.computes} | {_billions(sum(g.params for g in group))} | "
+            f"{_billions(sum(g.activated for g in group))} | {sum(g.flops for g in group) / 1e9:,.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -335,35 +396,67 @@ def token_flow_figure(config: ModelConfig, seq_lens: Sequence[int] = (4096, 3276
     flows = [token_flow(config, T) for T in seq_lens]
     short = {"embedding": "emb", "norm + head": "head"}
     names = [short.get(s.name, s.name.replace("block ", "").replace("MTP ", "MTP")) for s in flows[0]]
-    fig = figure(height=460, barmode="stack",
-                 xaxis=dict(title="stage: embedding, blocks 0..L-1, head, MTP", type="category", tickangle=0,
-                            nticks=20),
-                 yaxis=dict(title="GFLOPs per token"), margin=dict(l=60, r=20, t=100, b=110))
-    labels = {"embedding": "embedding (a lookup: 0)", "dense": "dense blocks: weights", "moe": "MoE blocks: weights",
-              "head": "norm + output head", "mtp": "MTP module: weights"}
+    fig = figure(
+        height=460,
+        barmode="stack",
+        xaxis=dict(title="stage: embedding, blocks 0..L-1, head, MTP", type="category", tickangle=0, nticks=20),
+        yaxis=dict(title="GFLOPs per token"),
+        margin=dict(l=60, r=20, t=100, b=110),
+    )
+    labels = {
+        "embedding": "embedding (a lookup: 0)",
+        "dense": "dense blocks: weights",
+        "moe": "MoE blocks: weights",
+        "head": "norm + output head",
+        "mtp": "MTP module: weights",
+    }
     for kind, label in labels.items():
         idx = [i for i, s in enumerate(flows[0]) if s.kind == kind]
         if not idx:
             continue
-        fig.add_trace(go.Bar(x=[names[i] for i in idx], y=[2 * flows[0][i].activated / 1e9 for i in idx], name=label,
-                             marker_color=_KIND_COLORS[kind], customdata=[flows[0][i].computes for i in idx],
-                             hovertemplate="%{customdata}<br>weights: %{y:.3f} GFLOPs<extra></extra>"))
-    fig.add_trace(go.Bar(x=names, y=[(s.flops - 2 * s.activated) / 1e9 for s in flows[0]],
-                         name="attention scores + weighted sums", marker_color=COLORS["red"], opacity=0.75,
-                         hovertemplate="attention: %{y:.3f} GFLOPs<extra></extra>"))
+        fig.add_trace(
+            go.Bar(
+                x=[names[i] for i in idx],
+                y=[2 * flows[0][i].activated / 1e9 for i in idx],
+                name=label,
+                marker_color=_KIND_COLORS[kind],
+                customdata=[flows[0][i].computes for i in idx],
+                hovertemplate="%{customdata}<br>weights: %{y:.3f} GFLOPs<extra></extra>",
+            )
+        )
+    fig.add_trace(
+        go.Bar(
+            x=names,
+            y=[(s.flops - 2 * s.activated) / 1e9 for s in flows[0]],
+            name="attention scores + weighted sums",
+            marker_color=COLORS["red"],
+            opacity=0.75,
+            hovertemplate="attention: %{y:.3f} GFLOPs<extra></extra>",
+        )
+    )
     attn = len(fig.data) - 1
     steps = []
     for T, flow in zip(seq_lens, flows):
         total = sum(s.flops for s in flow if s.kind != "mtp") / 1e9
-        steps.append(dict(label=f"{T // 1024}K", method="update",
-                          args=[{"y": [[(s.flops - 2 * s.activated) / 1e9 for s in flow]]},
-                                {"title.text": f"One token's forward FLOPs at {T // 1024}K context: "
-                                               f"{total:,.1f} GFLOPs (main model)"}, [attn]]))
-    fig.update_layout(title=dict(text=steps[0]["args"][1]["title.text"], y=0.98, yanchor="top"),
-                      sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="context: "), y=-0.18,
-                                    pad=dict(t=10))],
-                      legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0.0, xanchor="left",
-                                  traceorder="normal"))
+        steps.append(
+            dict(
+                label=f"{T // 1024}K",
+                method="update",
+                args=[
+                    {"y": [[(s.flops - 2 * s.activated) / 1e9 for s in flow]]},
+                    {
+                        "title.text": f"One token's forward FLOPs at {T // 1024}K context: "
+                        f"{total:,.1f} GFLOPs (main model)"
+                    },
+                    [attn],
+                ],
+            )
+        )
+    fig.update_layout(
+        title=dict(text=steps[0]["args"][1]["title.text"], y=0.98, yanchor="top"),
+        sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="context: "), y=-0.18, pad=dict(t=10))],
+        legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0.0, xanchor="left", traceorder="normal"),
+    )
     return fig
 
 
@@ -371,28 +464,53 @@ def flops_figure(config: ModelConfig, seq_lens: Sequence[int] | None = None) -> 
     """FLOPs per token vs context length, split into the weight term (2 x activated) and the attention term, with
     buttons for inference (forward) and training (forward + backward = 3 x forward)."""
     if seq_lens is None:
-        seq_lens = [2 ** k for k in range(7, 18)] + [163840]
+        seq_lens = [2**k for k in range(7, 18)] + [163840]
     seq_lens = list(seq_lens)
-    fig = figure(title="FLOPs per token vs context length", height=420,
-                 xaxis=dict(title="context length (tokens)", type="log"),
-                 yaxis=dict(title="GFLOPs per token"))
+    fig = figure(
+        title="FLOPs per token vs context length",
+        height=420,
+        xaxis=dict(title="context length (tokens)", type="log"),
+        yaxis=dict(title="GFLOPs per token"),
+    )
     modes = [("inference (forward)", False), ("training (forward + backward)", True)]
-    for m, (mode, training) in enumerate(modes):
+    for m, (_, training) in enumerate(modes):
         f = [flops_per_token(config, T, training=training) for T in seq_lens]
         mult = 3 if training else 1
-        fig.add_trace(go.Scatter(x=seq_lens, y=[mult * r["matmul"] / 1e9 for r in f], stackgroup=f"s{m}",
-                                 name="weights: 2 x activated", line=dict(color=COLORS["blue"]), visible=m == 0,
-                                 hovertemplate="%{x:,} tokens: %{y:,.1f} GFLOPs<extra>weights</extra>"))
-        fig.add_trace(go.Scatter(x=seq_lens, y=[mult * r["attention"] / 1e9 for r in f], stackgroup=f"s{m}",
-                                 name="attention over the context", line=dict(color=COLORS["red"]), visible=m == 0,
-                                 customdata=[r["attention"] * mult / r["total"] for r in f],
-                                 hovertemplate="%{x:,} tokens: +%{y:,.1f} GFLOPs (%{customdata:.0%} of the total)"
-                                               "<extra>attention</extra>"))
-    buttons = [dict(label=mode, method="update", args=[{"visible": [j // 2 == m for j in range(4)]}])
-               for m, (mode, _) in enumerate(modes)]
-    fig.update_layout(updatemenus=[dict(type="buttons", direction="right", x=0.0, y=1.02, xanchor="left",
-                                        yanchor="bottom", buttons=buttons)],
-                      legend=dict(x=0.02, y=0.9), margin=dict(l=60, r=20, t=90, b=50))
+        fig.add_trace(
+            go.Scatter(
+                x=seq_lens,
+                y=[mult * r["matmul"] / 1e9 for r in f],
+                stackgroup=f"s{m}",
+                name="weights: 2 x activated",
+                line=dict(color=COLORS["blue"]),
+                visible=m == 0,
+                hovertemplate="%{x:,} tokens: %{y:,.1f} GFLOPs<extra>weights</extra>",
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=seq_lens,
+                y=[mult * r["attention"] / 1e9 for r in f],
+                stackgroup=f"s{m}",
+                name="attention over the context",
+                line=dict(color=COLORS["red"]),
+                visible=m == 0,
+                customdata=[r["attention"] * mult / r["total"] for r in f],
+                hovertemplate="%{x:,} tokens: +%{y:,.1f} GFLOPs (%{customdata:.0%} of the total)"
+                "<extra>attention</extra>",
+            )
+        )
+    buttons = [
+        dict(label=mode, method="update", args=[{"visible": [j // 2 == m for j in range(4)]}])
+        for m, (mode, _) in enumerate(modes)
+    ]
+    fig.update_layout(
+        updatemenus=[
+            dict(type="buttons", direction="right", x=0.0, y=1.02, xanchor="left", yanchor="bottom", buttons=buttons)
+        ],
+        legend=dict(x=0.02, y=0.9),
+        margin=dict(l=60, r=20, t=90, b=50),
+    )
     return fig
 
 
@@ -400,13 +518,26 @@ def flops_figure(config: ModelConfig, seq_lens: Sequence[int] | None = None) -> 
 # The tiny model's forward pass
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def expert_counts_figure(counts, layer_ids: Sequence[int], title: str = "Tokens per routed expert") -> go.Figure:
     """Heatmap of ``ModelOutput.expert_counts`` (n_moe_layers, N_r): how many tokens each expert received."""
     z = [[int(v) for v in row] for row in counts.tolist()]
-    fig = figure(title=title, height=120 + 60 * len(z),
-                 xaxis=dict(title="routed expert", dtick=1), yaxis=dict(title="MoE layer", type="category"))
-    fig.add_trace(go.Heatmap(z=z, x=list(range(len(z[0]))), y=[f"layer {i}" for i in layer_ids],
-                             colorscale="Viridis", text=z, texttemplate="%{text}",
-                             hovertemplate="%{y}, expert %{x}: %{z} tokens<extra></extra>",
-                             colorbar=dict(title="tokens")))
+    fig = figure(
+        title=title,
+        height=120 + 60 * len(z),
+        xaxis=dict(title="routed expert", dtick=1),
+        yaxis=dict(title="MoE layer", type="category"),
+    )
+    fig.add_trace(
+        go.Heatmap(
+            z=z,
+            x=list(range(len(z[0]))),
+            y=[f"layer {i}" for i in layer_ids],
+            colorscale="Viridis",
+            text=z,
+            texttemplate="%{text}",
+            hovertemplate="%{y}, expert %{x}: %{z} tokens<extra></extra>",
+            colorbar=dict(title="tokens"),
+        )
+    )
     return fig

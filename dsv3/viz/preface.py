@@ -27,25 +27,78 @@ class Chapter:
 
 
 CHAPTERS = (
-    Chapter("01_overview", "The model at a glance", "overview", ("2 Architecture", "4.2 Hyper-parameters"),
-            ("config.py", "model.py", "accounting.py", "layers/block.py")),
-    Chapter("02_mla", "Multi-head Latent Attention", "MLA", ("2.1.1 MLA",),
-            ("layers/norm.py", "layers/rope.py", "layers/mla.py")),
-    Chapter("03_moe", "DeepSeekMoE", "MoE", ("2.1.2 DeepSeekMoE",), ("layers/moe.py",)),
-    Chapter("04_load_balancing", "Auxiliary-loss-free load balancing", "load balancing", ("2.1.2 DeepSeekMoE",),
-            ("balance.py", "train.py", "data.py")),
+    Chapter(
+        "01_overview",
+        "The model at a glance",
+        "overview",
+        ("2 Architecture", "4.2 Hyper-parameters"),
+        ("config.py", "model.py", "accounting.py", "layers/block.py"),
+    ),
+    Chapter(
+        "02_mla",
+        "Multi-head Latent Attention",
+        "MLA",
+        ("2.1.1 MLA",),
+        ("layers/norm.py", "layers/rope.py", "layers/mla.py"),
+    ),
+    Chapter("03_moe", "DeepSeekMoE", "MoE", ("2.1.2 DeepSeekMoE",), ("layers/moe.py", "layers/reference.py")),
+    Chapter(
+        "04_load_balancing",
+        "Auxiliary-loss-free load balancing",
+        "load balancing",
+        ("2.1.2 DeepSeekMoE",),
+        ("balance.py", "train.py", "rundir.py", "data.py"),
+    ),
     Chapter("05_mtp", "Multi-Token Prediction", "MTP", ("2.2 MTP",), ("layers/mtp.py", "train.py")),
-    Chapter("06_speculative", "Speculative decoding with MTP", "speculative decoding",
-            ("2.2 MTP", "5.4.3 MTP evaluation"), ("generate.py",)),
-    Chapter("07_kernels", "Triton kernels", "kernels", ("3 Infrastructures",), ("kernels/",)),
-    Chapter("08_checkpoints", "Loading the released weights", "checkpoints", ("3.3 FP8 training",),
-            ("checkpoint.py",)),
+    Chapter(
+        "06_speculative",
+        "Speculative decoding with MTP",
+        "speculative decoding",
+        ("2.2 MTP", "5.4.3 MTP evaluation"),
+        ("generate.py",),
+    ),
+    Chapter(
+        "07_kernels",
+        "Triton kernels",
+        "kernels",
+        ("3 Infrastructures",),
+        ("kernels/", "layers/reference.py", "timing.py"),
+    ),
+    Chapter(
+        "08_checkpoints",
+        "Loading the released weights",
+        "checkpoints",
+        ("3.3 FP8 training",),
+        ("checkpoint.py", "atomic.py"),
+    ),
 )
 
 # Reading order of the package (STYLE.md): rows of the module table follow it; unknown modules go last.
-READING_ORDER = ("config.py", "layers/norm.py", "layers/rope.py", "layers/mla.py", "layers/moe.py",
-                 "layers/block.py", "layers/mtp.py", "model.py", "accounting.py", "balance.py", "checkpoint.py",
-                 "generate.py", "train.py", "data.py", "kernels/", "viz/", "__main__.py")
+READING_ORDER = (
+    "config.py",
+    "layers/norm.py",
+    "layers/rope.py",
+    "layers/mla.py",
+    "layers/moe.py",
+    "layers/block.py",
+    "layers/mtp.py",
+    "layers/reference.py",
+    "model.py",
+    "accounting.py",
+    "balance.py",
+    "atomic.py",
+    "checkpoint.py",
+    "generate.py",
+    "train.py",
+    "rundir.py",
+    "data.py",
+    "parallel/",
+    "kernels/",
+    "timing.py",
+    "viz/",
+    "cli.py",
+    "__main__.py",
+)
 EXPANDED = ("layers",)  # subpackages listed module by module; the others get one row
 
 
@@ -108,8 +161,9 @@ def module_table() -> str:
 def chapter_map() -> go.Figure:
     """Sankey figure: paper section -> chapter -> dsv3 module, for the modules that exist in the installed package."""
     existing = {name for name, _ in package_map()}
-    sections = sorted({s for ch in CHAPTERS for s in ch.sections},
-                      key=lambda s: [int(x) for x in s.split()[0].split(".")])
+    sections = sorted(
+        {s for ch in CHAPTERS for s in ch.sections}, key=lambda s: [int(x) for x in s.split()[0].split(".")]
+    )
     chapters = [f"ch. {ch.file[:2]} {ch.short}" for ch in CHAPTERS]
     modules = [m for m in READING_ORDER if m in existing and any(m in ch.modules for ch in CHAPTERS)]
     labels = sections + chapters + [f"dsv3/{m}" for m in modules]
@@ -123,13 +177,16 @@ def chapter_map() -> go.Figure:
             if m in existing:
                 source.append(index[name]), target.append(index[f"dsv3/{m}"])
                 colors.append("rgba(16, 185, 129, 0.35)")
-    node_colors = ([COLORS["blue"]] * len(sections) + [COLORS["orange"]] * len(chapters)
-                   + [COLORS["green"]] * len(modules))
+    node_colors = (
+        [COLORS["blue"]] * len(sections) + [COLORS["orange"]] * len(chapters) + [COLORS["green"]] * len(modules)
+    )
     fig = figure(title="Paper section → chapter → dsv3 module", height=520, margin=dict(l=10, r=10, t=50, b=10))
-    fig.add_trace(go.Sankey(
-        arrangement="fixed",
-        node=dict(label=labels, color=node_colors, pad=12, thickness=14, line=dict(width=0)),
-        link=dict(source=source, target=target, value=[1] * len(source), color=colors),
-        hoverinfo="none",
-    ))
+    fig.add_trace(
+        go.Sankey(
+            arrangement="fixed",
+            node=dict(label=labels, color=node_colors, pad=12, thickness=14, line=dict(width=0)),
+            link=dict(source=source, target=target, value=[1] * len(source), color=colors),
+            hoverinfo="none",
+        )
+    )
     return fig
