@@ -69,7 +69,7 @@ CHAPTERS = (
         "Loading the released weights",
         "checkpoints",
         ("3.3 FP8 training",),
-        ("checkpoint.py", "atomic.py"),
+        ("checkpoint.py", "atomic.py", "fp8.py"),
     ),
 )
 
