@@ -88,6 +88,7 @@ READING_ORDER = (
     "balance.py",
     "atomic.py",
     "checkpoint.py",
+    "fp8.py",
     "generate.py",
     "train.py",
     "rundir.py",
