@@ -395,6 +395,11 @@ def train(
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"train_config must be a dsv3.TrainConfig, got {type(cfg).__name__}")
     cfg.validate()
+    if model_config.n_routed_experts == 0:
+        raise ValueError(
+            "ModelConfig.n_routed_experts=0: dsv3.train trains DeepSeekMoE models (its history, balancing "
+            "and checkpoints are per MoE layer); give the config routed experts"
+        )
     if cfg.seq_len > model_config.max_position_embeddings:
         raise ValueError(
             f"TrainConfig.seq_len={cfg.seq_len} exceeds the model's max_position_embeddings="

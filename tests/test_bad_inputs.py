@@ -993,3 +993,9 @@ def test_cli_empty_checkpoint_path_is_refused(capsys):
 def test_cli_empty_device_is_refused(model_dir, capsys):
     assert main(["generate", "--checkpoint", str(model_dir), "--prompt-ids", "1", "--device", ""]) == 2  # was auto
     assert "TrainConfig.device '' is not a device" in capsys.readouterr().err
+
+
+def test_training_a_model_without_moe_layers_is_refused_up_front(tmp_path):
+    with pytest.raises(ValueError, match=r"ModelConfig\.n_routed_experts=0: dsv3\.train trains DeepSeekMoE models"):
+        train(small_config(n_routed_experts=0), TrainConfig(steps=1, out_dir=str(tmp_path / "run"), progress=False))
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
