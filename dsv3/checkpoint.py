@@ -301,9 +301,15 @@ def _read_tensor(f, file: Path, key: str, keys: set[str]) -> torch.Tensor:
 
 
 def load_pretrained(
-    path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None, strict: bool = True
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    strict: bool = True,
+    keep_fp8: bool = False,
 ):
-    """A ``DeepSeekV3`` from a directory in the released layout (FP8 weights are dequantized on load).
+    """A ``DeepSeekV3`` from a directory in the released layout (FP8 weights are dequantized on load, unless
+    ``keep_fp8=True``: then the e4m3 weights and their ``weight_scale_inv`` stay as they are, in ``dsv3.fp8``
+    modules that run ``act_quant`` + ``fp8_gemm``; inference only, and never ``.to(dtype)`` such a model).
 
     ``dtype`` defaults to the config's ``torch_dtype`` (bfloat16 for the release); routers stay fp32. Tensors are
     read one at a time from memory-mapped shards straight into the allocated model. Every tensor is checked: name,
@@ -337,6 +343,8 @@ def load_pretrained(
         layer.gate.float()
     model.to_empty(device=device)
     model.rotary = type(model.rotary)(config).to(device)  # non-persistent buffers are recomputed, not loaded
+    if keep_fp8:
+        _keep_fp8_storage(model, files, config, device)
     params = dict(model.state_dict(keep_vars=True))
     if config.tie_word_embeddings:
         params.pop("lm_head.weight")  # the embedding; a copy in the file must equal it
@@ -395,7 +403,13 @@ def load_pretrained(
                     raise CheckpointError(
                         f"{file}: tensor {key} has shape {shape}, the config expects {tuple(dest.shape)}"
                     )
-                tensor = _read_tensor(f, file, key, keys)
+                tensor = _read_tensor(f, file, key, keys)  # checked (and dequantized) as always
+                if dest.dtype == torch.float8_e4m3fn:  # keep_fp8: the e4m3 bits and their scale go in as they are
+                    scale_dest = params[name + "_scale_inv"]
+                    with torch.no_grad():
+                        (scale_dest if expert is None else scale_dest[expert]).copy_(f.get_tensor(key + "_scale_inv"))
+                    filled[name + "_scale_inv"].add(expert)
+                    tensor = f.get_tensor(key)
                 if dest.is_floating_point() and not tensor.is_floating_point():
                     raise CheckpointError(
                         f"{file}: tensor {key} has dtype {tensor.dtype}; a floating-point weight "
@@ -410,7 +424,7 @@ def load_pretrained(
                     )
                 filled[name].add(expert)
     for name, got in filled.items():
-        need = set(range(params[name].shape[0])) if EXPERT_PARAM.match(name) else {None}
+        need = set(range(params[name].shape[0])) if EXPERT_PARAM.match(name.removesuffix("_scale_inv")) else {None}
         missing = need - got
         if missing:
             first = hf_names(name, config)[min(missing)] if EXPERT_PARAM.match(name) else hf_names(name, config)[0]
@@ -431,6 +445,23 @@ def load_pretrained(
                 f"tensor lm_head.weight differs from model.embed_tokens.weight"
             )
     return model.eval()
+
+
+def _keep_fp8_storage(model, files: list[Path], config: ModelConfig, device) -> None:
+    """keep_fp8: e4m3 storage for every FP8 module whose weight the checkpoint holds in e4m3 (headers only)."""
+    from safetensors import safe_open
+
+    from .fp8 import keep_fp8_storage
+
+    names = set()
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                keys = set(f.keys())
+        except Exception:  # noqa: S112 -- the load names the unreadable file
+            continue
+        names |= {target[0] for k in keys if k + "_scale_inv" in keys and (target := our_name(k, config)) is not None}
+    keep_fp8_storage(model, names, device)
 
 
 def _check_device(device) -> torch.device:

@@ -259,6 +259,7 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--balance", choices=bal.BALANCE_MODES, default=None, help=f"default {d.balance!r}")
     p.add_argument("--dtype", choices=DTYPES, default=None, help=f"default {d.dtype!r}")
+    p.add_argument("--fp8", action="store_true", default=None, help="the paper's FP8 recipe (Sec. 3.3)")
     p.add_argument(
         "--domains",
         default=None,

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from . import balance as bal
-from . import rundir
+from . import fp8, rundir
 from .accounting import count_parameters
 from .checkpoint import load_pretrained
 from .config import ModelConfig
@@ -97,6 +97,8 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # autocast: "auto" = bf16 on cuda / fp32 on cpu, "float32", "bfloat16"
     progress: bool = True  # tqdm progress bar (tqdm.auto: a widget in notebooks)
+    fp8: bool = False  # the paper's FP8 recipe (Sec. 3.3, dsv3.fp8): attention and expert GEMMs in e4m3
+    moment_dtype: str = "auto"  # AdamW moments: "auto" = bfloat16 with fp8 (Sec. 3.3.3), else float32
 
     def __post_init__(self) -> None:
         if isinstance(self.domains, str):
@@ -166,6 +168,12 @@ class TrainConfig:
         number("mtp_weight_switch", 0.0, hi=1.0)
         if self.capacity_factor is not None:
             number("capacity_factor", 0.0, strict=True)
+        if not isinstance(self.fp8, bool):
+            raise ValueError(f"TrainConfig.fp8 must be True or False, got {self.fp8!r}")
+        if self.moment_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(
+                f"TrainConfig.moment_dtype must be 'auto', 'float32' or 'bfloat16', got {self.moment_dtype!r}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not isinstance(self.device, str) or not self.device:
@@ -264,13 +272,17 @@ def make_data(cfg: TrainConfig, model_config: ModelConfig | None = None):
     return corpus, iterator, val
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices, embeddings and stacked experts, none on norms and biases."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices, embeddings and stacked experts, none on norms and biases; its moments
+    in bf16 (``dsv3.fp8.AdamW``) when ``cfg.moment_dtype`` says so ("auto": with fp8, as the paper does)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    moments = cfg.moment_dtype if cfg.moment_dtype != "auto" else ("bfloat16" if cfg.fp8 else "float32")
+    if moments == "bfloat16":
+        return fp8.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, moment_dtype=torch.bfloat16)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 
@@ -314,7 +326,7 @@ def _check_compatible(ckpt: Path, state: dict, model_config: ModelConfig, cfg: T
     for key in mine:
         if key in RESUMABLE_CHANGES:
             continue
-        if saved.get(key) != mine[key]:
+        if saved.get(key, getattr(TrainConfig, key, None)) != mine[key]:  # a field newer than the run: its default
             raise ValueError(
                 f"{ckpt} holds another run: it was trained with TrainConfig.{key}={saved.get(key)!r}, "
                 f"this run asks for {key}={mine[key]!r}; choose another out_dir"
@@ -469,6 +481,8 @@ def _train(
         model = init_model(model_config, cfg.seed)
         step, history = 0, []
     model.to(device).train()
+    if cfg.fp8:
+        fp8.apply_fp8(model)  # the FP8 GEMMs; master weights stay fp32
     layers = model.moe_layers()
     for layer in layers:
         layer.set_capacity(cfg.capacity_factor)

@@ -281,20 +281,21 @@ def _cases():
                 ("qk_scale",),
             )
         )
-    for arch, native, bm, bn, warps, stages in (
-        (90, True, 16, 64, 4, 4),
-        (90, True, 128, 128, 8, 4),
-        (89, True, 128, 128, 8, 4),
-        (75, False, 64, 64, 4, 2),
-    ):
+    for arch, native, bm, bn, warps, stages, rows in (
+        (90, True, 16, 64, 4, 4, False),
+        (90, True, 128, 128, 8, 4, False),
+        (89, True, 128, 128, 8, 4, False),
+        (75, False, 64, 64, 4, 2, False),
+        (90, True, 128, 128, 8, 4, True),
+    ):  # rows: Wgrad's 1x128 W tiles
         op = "*fp8e4nv" if native else "*u8"
         cases.append(
             (
-                f"fp8_gemm-{'native' if native else 'decode'}-{bm}x{bn}-sm{arch}",
+                f"fp8_gemm-{'native' if native else 'decode'}-{bm}x{bn}-sm{arch}{'-rowscale' if rows else ''}",
                 "fp8_triton",
                 "_fp8_gemm_kernel",
                 dict(A=op, AS="*fp32", W=op, WS="*fp32", C="*bf16" if arch >= 80 else "*fp16"),
-                dict(NATIVE=native, QBLOCK=128, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8),
+                dict(NATIVE=native, QBLOCK=128, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, W_ROW_SCALE=rows),
                 arch,
                 warps,
                 stages,

@@ -82,3 +82,19 @@ def test_training_flops_from_the_tables_setup():
         ev.parse_count("2.4")
     assert ev.AUX_FREE_ABLATION.training_flops(0) == 6 * 2.4e9 * 1.33e12
     assert ev.MTP_ABLATION.training_flops(2) == 6 * 20.9e9 * 540e9
+
+
+def test_larger_recipe_is_priced_by_the_package():
+    from dsv3 import count_parameters
+    from dsv3.accounting import flops_per_token
+    from dsv3.viz.roofline import H200_MEASURED
+
+    r = ev.larger_recipe(tokens=1e9, seq_len=1024, batch_size=8, utilization=0.5)
+    c = r["config"]
+    assert c.num_experts_per_tok % c.topk_group == 0 and c.num_experts_per_tok // c.topk_group == 2  # as V3
+    assert 0.8e9 < r["total"] < 1.2e9 and r["total"] == count_parameters(c)["total"]  # the report's 1B scale
+    assert r["steps"] == round(1e9 / (8 * 1024))
+    per_token = flops_per_token(c, seq_len=1024, training=True)["total"]
+    assert r["flops"] == per_token * 1e9
+    assert r["h200_days"] == r["flops"] / (H200_MEASURED.bf16 * 0.5) / 86400
+    assert ev.larger_recipe(tokens=2e9)["h200_days"] == 2 * ev.larger_recipe(tokens=1e9)["h200_days"]

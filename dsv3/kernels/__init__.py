@@ -17,6 +17,7 @@ re-exported here, the others (FP8, cross-entropy, SDPA) sit beside their dispatc
 | mla_decode                | Sec. 2.1.1       | absorbed attention over a (paged) latent cache, split-KV      |
 | attention_prefill         | Sec. 2.1.1       | flash-attention forward (training uses SDPA)                  |
 | act_quant, weight_dequant, weight_quant, fp8_gemm, fp8_linear | Sec. 3.3 | 1x128 / 128x128 block-scaled FP8 |
+| fp8_gemm_tiles, fp8_training_linear | Sec. 3.3 | FP8 training: Fprop, Dgrad, Wgrad (1x128 tiles on both operands) |
 | linear_cross_entropy      | Sec. 2, 2.2      | vocabulary-chunked LM head + CE, no (N, V) logits             |
 
 Triton is optional: this package imports without it, and the kernel modules load on first use.
@@ -31,9 +32,13 @@ from .fp8 import (
     act_quant_torch,
     act_quant_triton,
     fp8_gemm,
+    fp8_gemm_tiles,
+    fp8_gemm_tiles_torch,
+    fp8_gemm_tiles_triton,
     fp8_gemm_torch,
     fp8_gemm_triton,
     fp8_linear,
+    fp8_training_linear,
     weight_dequant,
     weight_dequant_torch,
     weight_dequant_triton,
@@ -89,6 +94,10 @@ __all__ = [
     "fp8_gemm_torch",
     "fp8_gemm_triton",
     "fp8_linear",
+    "fp8_gemm_tiles",
+    "fp8_gemm_tiles_torch",
+    "fp8_gemm_tiles_triton",
+    "fp8_training_linear",
     "linear_cross_entropy",
     "linear_cross_entropy_torch",
     "linear_cross_entropy_triton",

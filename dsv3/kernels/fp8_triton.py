@@ -101,7 +101,7 @@ def _fp8_gemm_kernel(
     swn,
     swk,
     swsn,
-    swsk,  # w (N, K) e4m3 (uint8 bits unless NATIVE), w_scale (Nb, Kb)
+    swsk,  # w (N, K) e4m3 (uint8 bits unless NATIVE), w_scale (Nb, Kb), or (N, Kb) if W_ROW_SCALE
     scm,
     scn,
     NATIVE: tl.constexpr,  # fp8 tensor-core dot (sm >= 89, K % QBLOCK == 0); else decode to fp16 dots
@@ -109,9 +109,11 @@ def _fp8_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
+    W_ROW_SCALE: tl.constexpr = False,  # W quantized per 1 x QBLOCK tile like A (the Wgrad GEMM of training)
 ):
-    """C = sum over K blocks kb of (A[:, kb] @ W[:, kb]^T) * a_scale[:, kb] * w_scale[n // QBLOCK, kb].
-    BLOCK_N divides QBLOCK, so each program's columns share one weight scale per K block."""
+    """C = sum over K blocks kb of (A[:, kb] @ W[:, kb]^T) * a_scale[:, kb] * w_scale[n // QBLOCK, kb]
+    (or * w_scale[n, kb] with W_ROW_SCALE). BLOCK_N divides QBLOCK, so each program's columns share one weight
+    scale per K block."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -131,6 +133,7 @@ def _fp8_gemm_kernel(
     w_ptr = W + rows_w[:, None].to(tl.int64) * swn + offs_k[None, :] * swk
     as_ptr = AS + rows_a.to(tl.int64) * sasm
     ws_ptr = WS + (pid_n * BLOCK_N // QBLOCK) * swsn  # BLOCK_N divides QBLOCK: one weight scale per tile row
+    ws_rows = WS + rows_w.to(tl.int64) * swsn  # (BLOCK_N,) with W_ROW_SCALE: one scale per row of W and K block
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, QBLOCK)):
         if NATIVE:
@@ -143,8 +146,12 @@ def _fp8_gemm_kernel(
             w = tl.load(w_ptr, mask=k_mask[None, :], other=0)
             part = tl.dot(_e4m3_decode(a).to(tl.float16), tl.trans(_e4m3_decode(w).to(tl.float16)))
         a_s = tl.load(as_ptr + kb * sask)  # (BLOCK_M,) activation scales of this K block
-        w_s = tl.load(ws_ptr + kb * swsk)  # scalar: weight scale of this (N block, K block)
-        acc += part * (a_s * w_s)[:, None]
+        if W_ROW_SCALE:
+            w_rows = tl.load(ws_rows + kb * swsk)  # (BLOCK_N,) scales of W's rows in this K block
+            acc += part * a_s[:, None] * w_rows[None, :]  # promoted to fp32 every QBLOCK elements of K
+        else:
+            w_s = tl.load(ws_ptr + kb * swsk)  # scalar: weight scale of this (N block, K block)
+            acc += part * (a_s * w_s)[:, None]
         a_ptr += QBLOCK * sak
         w_ptr += QBLOCK * swk
     c_off = offs_m[:, None].to(tl.int64) * scm + offs_n[None, :] * scn
@@ -204,8 +211,19 @@ def native_fp8(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def fp8_gemm(a_fp8, a_scale, w_fp8, w_scale_inv, out_dtype=torch.bfloat16, block: int = 128, native=None, config=None):
-    """config: optional (BLOCK_M, BLOCK_N, num_warps, num_stages) override (the benchmark sweeps it)."""
+def fp8_gemm(
+    a_fp8,
+    a_scale,
+    w_fp8,
+    w_scale_inv,
+    out_dtype=torch.bfloat16,
+    block: int = 128,
+    native=None,
+    config=None,
+    w_row_scale: bool = False,
+):
+    """config: optional (BLOCK_M, BLOCK_N, num_warps, num_stages) override (the benchmark sweeps it).
+    w_row_scale: w_scale_inv is (N, ceil(K/block)), one scale per 1 x block tile of w (as for activations)."""
     K = a_fp8.shape[-1]
     N = w_fp8.shape[0]
     if block < 16 or block & (block - 1):
@@ -258,6 +276,7 @@ def fp8_gemm(a_fp8, a_scale, w_fp8, w_scale_inv, out_dtype=torch.bfloat16, block
             BLOCK_M=BLOCK_M,
             BLOCK_N=BLOCK_N,
             GROUP_M=8,
+            W_ROW_SCALE=w_row_scale,
             num_warps=warps,
             num_stages=stages,
         )

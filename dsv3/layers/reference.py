@@ -127,7 +127,7 @@ def expert_counts(topk_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     return torch.bincount(topk_ids.reshape(-1), minlength=n_experts)
 
 
-def moe_experts_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids):
+def moe_experts_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids, linear=None):
     """The routed experts of DeepSeekMoE (paper Sec. 2.1.2, Eq. 12): every token n goes to K experts and
 
         out_n = sum_k g[n, k] * FFN_e(x_n),   e = ids[n, k],   FFN_e(x) = W_down,e (silu(W_gate,e x) * (W_up,e x))
@@ -135,6 +135,8 @@ def moe_experts_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids):
     x (N, D); w_gate, w_up (E, I, D) and w_down (E, D, I) as nn.Linear stores them; topk_weights/topk_ids (N, K).
     The (token, slot) pairs are sorted by expert and each expert that received tokens runs once on its contiguous
     slice (a loop over experts, never over tokens), then one ``index_add_`` sums the weighted rows per token.
+    ``linear(rows, w, e)`` computes rows @ w[e]^T for one of the stacked weights w (default: a plain matmul);
+    the FP8 recipe (``dsv3.fp8``) passes its FP8 GEMM here.
     """
     N, D = x.shape
     E = w_gate.shape[0]
@@ -148,15 +150,21 @@ def moe_experts_torch(x, w_gate, w_up, w_down, topk_weights, topk_ids):
         return out.to(x.dtype)
     counts = expert_counts(flat_ids, E).tolist()
     gate_w = topk_weights.reshape(-1)[order, None].to(acc_dtype)  # (N*K, 1)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate, w_up, w_down, topk_weights))):
+    if linear is None and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate, w_up, w_down, topk_weights))
+    ):
         return _moe_experts_no_grad(x, w_gate, w_up, w_down, gate_w, token, counts, out)
     ys, start = [], 0
     for e, c in enumerate(counts):
         if c == 0:
             continue
         xe = x[token[start : start + c]]  # (c, D) the rows this expert serves
-        h = F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())  # (c, I)
-        ys.append(h @ w_down[e].t())  # (c, D)
+        if linear is None:
+            h = F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())  # (c, I)
+            ys.append(h @ w_down[e].t())  # (c, D)
+        else:
+            h = F.silu(linear(xe, w_gate, e)) * linear(xe, w_up, e)  # (c, I)
+            ys.append(linear(h, w_down, e))  # (c, D)
         start += c
     out.index_add_(0, token, torch.cat(ys).to(acc_dtype) * gate_w)  # each token sums its K weighted rows
     return out.to(x.dtype)

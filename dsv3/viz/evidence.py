@@ -160,3 +160,54 @@ def balance_scope_markdown() -> str:
     for model, losses in BALANCE_SCOPE.items():
         lines.append(f"| {model} | " + " | ".join(f"{losses[m]:.3f}" for m in methods) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A larger recipe: the smallest scale at which the papers measured the effects, priced on one GPU
+# ---------------------------------------------------------------------------------------------------------------
+RECIPE_SOURCE = (
+    "DeepSeek-V3 report Sec. 4.5.3 (1B and 3B MoE models, BALANCE_SCOPE above); Loss-Free Balancing (Wang et al., "
+    "2024), abstract: validated 'on MoE models with up to 3B parameters trained on up to 200B tokens'"
+)
+
+
+def recipe_config():
+    """A DeepSeek-V3-shaped model of about 1B parameters (the size of the report's smallest Sec. 4.5.3 ablation):
+    MLA, 1 shared + 64 routed experts in 8 groups, top-8 within 4 groups (K_r/M = 2, as V3), one MTP module."""
+    from ..config import ModelConfig
+
+    return ModelConfig.tiny(
+        vocab_size=32768, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=384, num_hidden_layers=12,
+        num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=256, q_lora_rank=512, qk_rope_head_dim=32,
+        qk_nope_head_dim=64, v_head_dim=64, n_routed_experts=64, n_group=8, topk_group=4, num_experts_per_tok=8,
+        n_shared_experts=1, first_k_dense_replace=1, max_position_embeddings=4096, rope_scaling=None,
+        torch_dtype="bfloat16",
+    )  # fmt: skip
+
+
+def larger_recipe(tokens: float = 100e9, seq_len: int = 4096, batch_size: int = 512,
+                  utilization: float = 0.4) -> dict:  # fmt: skip
+    """Size, steps and time on one H200 of training ``recipe_config()`` on ``tokens`` tokens: the scale at which the
+    papers above report the balancing (and, at 3B, the MTP) effects, which the book's one-minute runs cannot reach.
+
+    FLOPs are ``dsv3.accounting.flops_per_token(training=True)`` per token; time is those FLOPs at ``utilization``
+    of the H200's measured bf16 matmul rate (``roofline.H200_MEASURED``), an assumption, not a measurement."""
+    from ..accounting import count_parameters, flops_per_token
+    from .roofline import H200_MEASURED
+
+    config = recipe_config()
+    counts = count_parameters(config)
+    flops = flops_per_token(config, seq_len=seq_len, training=True)["total"] * tokens
+    seconds = flops / (H200_MEASURED.bf16 * utilization)
+    return {
+        "config": config,
+        "total": counts["total"],
+        "activated": counts["activated"],
+        "mtp": counts["mtp"],
+        "tokens": tokens,
+        "batch_tokens": batch_size * seq_len,
+        "steps": round(tokens / (batch_size * seq_len)),
+        "flops": flops,
+        "utilization": utilization,
+        "h200_days": seconds / 86400,
+    }

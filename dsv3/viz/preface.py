@@ -69,7 +69,7 @@ CHAPTERS = (
         "Loading the released weights",
         "checkpoints",
         ("3.3 FP8 training",),
-        ("checkpoint.py", "atomic.py"),
+        ("checkpoint.py", "atomic.py", "fp8.py"),
     ),
     Chapter(
         "09_parallel",
@@ -95,6 +95,7 @@ READING_ORDER = (
     "balance.py",
     "atomic.py",
     "checkpoint.py",
+    "fp8.py",
     "generate.py",
     "train.py",
     "rundir.py",

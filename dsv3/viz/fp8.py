@@ -1,0 +1,169 @@
+"""The numerics behind the FP8 recipe (paper Sec. 3.3.2), measured: used by ``benchmarks/bench_fp8.py`` and
+Chapter 10.
+
+- Scaling granularity: the e4m3 round-trip error of per-tensor vs 1 x 128 (activations) / 128 x 128 (weights)
+  scales, on the inputs of a trained model's linear layers, with and without injected outlier channels. One large
+  value sets the scale of everything that shares it: per tensor, the small values fall below e4m3's range
+  (subnormal or zero); per 1 x 128 tile only the outlier's own tile pays.
+- Accumulation precision: an FP8 GEMM on the H800 keeps "around 14 bits" in its tensor-core accumulator (Sec.
+  3.3.2). ``accumulate`` emulates such an accumulator, alone or with the fix of the paper (copy the partial sum to
+  an fp32 register every 128 elements of K), and ``accumulation_errors`` measures the error against an exact sum
+  as K grows (V3's K: 7168 = hidden size, 18432 = dense FFN width).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..fp8 import fp8_modules
+from ..kernels.fp8 import FP8_DTYPE, quantize_dequantize
+
+ACT_TILE = (1, 128)
+WEIGHT_TILE = (128, 128)
+V3_K = (7168, 18432)  # hidden size, dense FFN intermediate size of DeepSeek-V3
+
+
+# ---------------------------------------------------------------------------------------------- granularity
+
+
+def roundtrip_error(t: torch.Tensor, tile: tuple[int, int] | None) -> dict[str, float]:
+    """Error of t (M, K) after e4m3 with one scale per ``tile`` (None: per tensor): ``rel_error`` = ||q - t|| / ||t||
+    (Frobenius), ``median_rel`` = median over nonzero entries of |q - t| / |t|, ``underflow`` = share of nonzero
+    entries that became 0."""
+    t = t.float()
+    q = quantize_dequantize(t, tile)
+    nz = t != 0
+    rel = ((q - t).abs() / t.abs())[nz]
+    return {
+        "rel_error": ((q - t).norm() / t.norm()).item(),
+        "median_rel": rel.median().item() if rel.numel() else 0.0,
+        "underflow": ((q == 0) & nz).float().sum().item() / max(int(nz.sum()), 1),
+    }
+
+
+def inject_outliers(x: torch.Tensor, n_channels: int = 4, factor: float = 100.0, seed: int = 0) -> torch.Tensor:
+    """x (M, K) with ``n_channels`` random channels multiplied by ``factor``: the few huge channels that LLM
+    activations develop (the case fine-grained scaling is for)."""
+    g = torch.Generator().manual_seed(seed)
+    channels = torch.randperm(x.shape[-1], generator=g)[:n_channels]
+    out = x.clone()
+    out[..., channels] *= factor
+    return out
+
+
+@torch.no_grad()
+def linear_inputs(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input of every linear layer the FP8 recipe covers (attention projections, dense/shared FFN; MTP modules
+    included), as (tokens, in_features), from one forward of ``model`` on ``input_ids``."""
+    found, hooks = {}, []
+    for name, module in fp8_modules(model).items():
+        if isinstance(module, torch.nn.Linear):
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, args, out, name=name: found.__setitem__(
+                        name, args[0].detach().reshape(-1, args[0].shape[-1])
+                    )
+                )
+            )
+    try:
+        model(input_ids, return_mtp=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def granularity_table(tensors: Mapping[str, torch.Tensor], tile: tuple[int, int] = ACT_TILE) -> list[dict]:
+    """One row per tensor: its round-trip errors with one scale per tensor and with one per ``tile``."""
+    rows = []
+    for name, t in tensors.items():
+        per_tensor, fine = roundtrip_error(t, None), roundtrip_error(t, tile)
+        rows.append(
+            {
+                "tensor": name,
+                "shape": tuple(t.shape),
+                "amax/rms": (t.abs().max() / t.float().pow(2).mean().sqrt()).item(),
+                **{f"tensor {k}": v for k, v in per_tensor.items()},
+                **{f"tile {k}": v for k, v in fine.items()},
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- accumulation
+
+
+def round_bits(v: torch.Tensor, bits: int, mode: str = "truncate") -> torch.Tensor:
+    """v (float64) kept to ``bits`` significant bits: "truncate" (toward zero: low bits shifted out while aligning
+    addends, as in a fixed-width adder) or "nearest"."""
+    m, e = torch.frexp(v)  # v = m * 2^e, 0.5 <= |m| < 1
+    scaled = m * 2.0**bits
+    scaled = scaled.trunc() if mode == "truncate" else scaled.round()
+    return torch.ldexp(scaled, e - bits)
+
+
+def accumulate(
+    a: torch.Tensor, b: torch.Tensor, bits: int | None = 14, promote_every: int | None = None, mode: str = "truncate"
+) -> torch.Tensor:
+    """Dot products of the rows of a (M, K) and b (N, K), summed one product at a time into an accumulator that
+    keeps ``bits`` significant bits (None: exact, float64). ``promote_every`` = N_C: every N_C products the
+    partial sum is added to an fp32 accumulator and restarts from zero (Sec. 3.3.2, N_C = 128). Returns (M, N)
+    float64."""
+    a, b = a.double(), b.double()
+    M, K = a.shape
+    N = b.shape[0]
+    prods = (a.t()[:, :, None] * b.t()[:, None, :]).contiguous()  # (K, M, N) each exact: e4m3 x e4m3 in float64
+    if bits is None:
+        return prods.sum(0)
+    total = torch.zeros(M, N, dtype=torch.float64)  # the fp32 register of the promotion
+    part = torch.zeros(M, N, dtype=torch.float64)  # the limited tensor-core accumulator
+    for k in range(K):
+        part = round_bits(part + prods[k], bits, mode)
+        if promote_every and (k + 1) % promote_every == 0:
+            total = (total + part).float().double()
+            part.zero_()
+    return (total + part).float().double() if promote_every else part
+
+
+def accumulation_errors(
+    ks: Sequence[int] = (128, 512, 1024, 2048, 4096, 7168, 18432),
+    bits: int = 14,
+    interval: int = 128,
+    outputs: int = 8,
+    mode: str = "truncate",
+    seed: int = 0,
+) -> list[dict]:
+    """For each K: the norm-wise relative error ||y - y_exact|| / ||y_exact|| of ``outputs`` x ``outputs`` dot
+    products of e4m3 operands (1 x 128 tile scales applied to whole rows of random normal data), with a ``bits``
+    accumulator alone and with promotion to fp32 every ``interval`` products."""
+    rows = []
+    for K in ks:
+        g = torch.Generator().manual_seed(seed + K)
+        a = torch.randn(outputs, K, generator=g).to(FP8_DTYPE).float()  # exact e4m3 values
+        b = torch.randn(outputs, K, generator=g).to(FP8_DTYPE).float()
+        exact = accumulate(a, b, None)
+        rows.append(
+            {
+                "K": K,
+                "limited": norm_error(accumulate(a, b, bits, None, mode), exact),
+                "promoted": norm_error(accumulate(a, b, bits, interval, mode), exact),
+                "fp32 matmul": norm_error((a @ b.t()).double(), exact),
+            }
+        )
+    return rows
+
+
+def norm_error(y: torch.Tensor, exact: torch.Tensor) -> float:
+    """||y - exact|| / ||exact|| (Frobenius)."""
+    return ((y - exact).norm() / exact.norm()).item()
+
+
+def format_table(rows: Sequence[dict], digits: int = 4) -> str:
+    """Rows of dicts as an aligned text table (floats in ``digits`` significant digits)."""
+    keys = list(rows[0])
+    table = [keys] + [[f"{r[k]:.{digits}g}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(keys))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
