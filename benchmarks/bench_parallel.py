@@ -18,7 +18,6 @@ processes time-share 2 cores; these numbers show the protocol works and what it 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
@@ -27,32 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from dsv3 import ModelConfig
-from dsv3.kernels import router_topk_torch
 from dsv3.parallel import plan_topology
-from dsv3.parallel.expert import copies_per_token
+from dsv3.parallel.cost import cost_rows, expected_nodes_uniform, sampled_copies
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TOKENS = 16384
-
-
-def sampled(config: ModelConfig, topo, topk_group: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(N_TOKENS, config.n_routed_experts, generator=g)
-    _, ids = router_topk_torch(
-        logits,
-        None,
-        config.num_experts_per_tok,
-        config.n_group,
-        topk_group,
-        config.routed_scaling_factor,
-        config.norm_topk_prob,
-    )
-    src = torch.randint(0, topo.n_nodes, (N_TOKENS,), generator=g)
-    c = copies_per_token(ids, topo, src)
-    return {k: v.float().mean().item() for k, v in c.items()} | {"nodes_max": int(c["nodes"].max())}
 
 
 def routing_table(name: str, config: ModelConfig, topo, hidden_bytes: int) -> list[str]:
@@ -66,21 +45,14 @@ def routing_table(name: str, config: ModelConfig, topo, hidden_bytes: int) -> li
         "vs lower bound |",
         "|---|---|---|---|---|---|",
     ]
-    for limit in (config.topk_group, config.n_group):
-        s = sampled(config, topo, limit)
-        label = f"M = {limit}" if limit < config.n_group else f"none (M = {limit} = n_group)"
-        lb = s["dedup"]
-        for kind, copies in (("deduplicated (one per node)", s["dedup"]), ("per expert", s["no_dedup"])):
-            lines.append(
-                f"| {label} | {kind} | {s['nodes']:.2f} ({s['nodes_max']}) | {copies:.2f} | "
-                f"{copies * hidden_bytes:,.0f} | {copies / lb:.2f} |"
-            )
+    for r in cost_rows(config, topo, hidden_bytes, n_tokens=N_TOKENS):
+        label = f"M = {r['M']}" if r["limited"] else f"none (M = {r['M']} = n_group)"
+        kind = "deduplicated (one per node)" if r["dispatch"] == "deduplicated" else r["dispatch"]
+        lines.append(
+            f"| {label} | {kind} | {r['nodes']:.2f} ({r['nodes_max']}) | {r['ib_copies']:.2f} | "
+            f"{r['ib_bytes']:,.0f} | {r['vs_lower_bound']:.2f} |"
+        )
     return lines + [""]
-
-
-def v3_closed_form() -> float:
-    """Expected distinct nodes of 8 experts drawn uniformly from 256 in 8 nodes of 32 (no node limit)."""
-    return 8 * (1 - math.comb(224, 8) / math.comb(256, 8))
 
 
 def run(nproc: int, out: Path, extra: list[str]) -> dict:
@@ -145,10 +117,11 @@ def main() -> None:
     v3 = ModelConfig.deepseek_v3()
     v3_topo = plan_topology(64, 64, v3.n_routed_experts, v3.n_group, ranks_per_node=8)
     lines += routing_table("DeepSeek-V3", v3, v3_topo, v3.hidden_size * 2)
-    unl = sampled(v3, v3_topo, v3.n_group)
+    unl = sampled_copies(v3, v3_topo, v3.n_group, n_tokens=N_TOKENS)
+    closed = expected_nodes_uniform(v3.n_routed_experts, v3_topo.n_nodes, v3.num_experts_per_tok)
     lines += [
         f"Check: without the node limit a V3 token reaches {unl['nodes']:.3f} distinct nodes in the sample, "
-        f"{v3_closed_form():.3f} in closed form (8 (1 - C(224,8)/C(256,8))).",
+        f"{closed:.3f} in closed form (8 (1 - C(224,8)/C(256,8))).",
         "",
     ]
     tiny = ModelConfig.tiny()

@@ -71,6 +71,13 @@ CHAPTERS = (
         ("3.3 FP8 training",),
         ("checkpoint.py", "atomic.py", "fp8.py"),
     ),
+    Chapter(
+        "09_parallel",
+        "Training across nodes",
+        "expert parallelism",
+        ("2.1.2 DeepSeekMoE", "3.2 Training framework"),
+        ("parallel/",),
+    ),
 )
 
 # Reading order of the package (STYLE.md): rows of the module table follow it; unknown modules go last.
