@@ -71,6 +71,13 @@ CHAPTERS = (
         ("3.3 FP8 training",),
         ("checkpoint.py", "atomic.py", "fp8.py"),
     ),
+    Chapter(
+        "10_fp8_training",
+        "Training in FP8",
+        "FP8 training",
+        ("3.3 FP8 training",),
+        ("fp8.py",),
+    ),
 )
 
 # Reading order of the package (STYLE.md): rows of the module table follow it; unknown modules go last.
