@@ -63,3 +63,27 @@ def test_linear_inputs_and_table():
     assert text.splitlines()[0].split() == ["K", "err"] and "0.1235" in text and "1e-05" in text
     with pytest.raises(ValueError):
         nx.roundtrip_error(torch.ones(3), None)
+
+
+def test_outlier_sweep_and_figures():
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(32, 256), "b": torch.randn(16, 384)}
+    rows = nx.outlier_sweep(tensors, factors=(1.0, 1e5), n_channels=2)
+    assert [r["factor"] for r in rows] == [1.0, 1e5]
+    clean = nx.granularity_table(tensors)
+    assert rows[0]["tile median_rel"] == sum(r["tile median_rel"] for r in clean) / 2  # factor 1: untouched
+    assert rows[1]["tensor underflow"] > 0.3 > rows[1]["tile underflow"]
+    fig = nx.granularity_figure(rows)
+    assert len(fig.data) == 4 and fig.layout.xaxis.type == "log"
+    assert list(fig.data[1].y) == [float(f"{r['tile median_rel']:.4g}") for r in rows]
+
+    acc = [{"K": 128, "limited": 1e-3, "promoted": 1e-3}, {"K": 8192, "limited": 0.1, "promoted": 2e-4}]
+    fig = nx.accumulation_figure(acc)
+    assert [tr.name for tr in fig.data] == ["14-bit accumulator only", "promoted to fp32 every 128"]
+    assert "7,168" in " ".join(a.text for a in fig.layout.annotations)  # 18432 lies outside the K range shown
+    assert "18,432" not in " ".join(a.text for a in fig.layout.annotations)
+
+    hist = [{"step": 1, "main_loss": 6.0}, {"step": 2, "main_loss": 5.5, "val_loss": 5.6}]
+    fig = nx.loss_curves_figure({"fp32": hist, "FP8": hist})
+    assert [tr.name for tr in fig.data] == ["fp32 train", "fp32 validation", "FP8 train", "FP8 validation"]
+    assert list(fig.data[1].x) == [2] and list(fig.data[0].y) == [6.0, 5.5]

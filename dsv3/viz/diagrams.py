@@ -12,7 +12,8 @@ marker) with the numbers behind it. Sizes and counts in the labels come from the
 - ``bias_loop_diagram`` (Chapter 4): the feedback loop of auxiliary-loss-free balancing;
 - ``mtp_diagram`` (Chapter 5): the chain of MTP modules with the shared embedding and output head;
 - ``speculative_round_diagram`` (Chapter 6): one draft-and-verify round, accepted and rejected;
-- ``expert_placement_diagram`` (Chapter 9): routed experts placed on the GPUs of the nodes, one token's nodes.
+- ``expert_placement_diagram`` (Chapter 9): routed experts placed on the GPUs of the nodes, one token's nodes;
+- ``fp8_linear_diagram`` (Chapter 10): one FP8 linear layer in training, forward, backward and update.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import plotly.graph_objects as go
 import torch
 
 from dsv3.config import ModelConfig
+from dsv3.fp8 import BLOCK, cached_input_bytes
 from dsv3.layers.moe import Router
 
 from .display import COLORS, figure
@@ -751,4 +753,70 @@ def expert_placement_diagram(
         f"GPU): one token reaches {len(hit)} GPUs on {len({g // gpus_per_node for g in hit})} nodes "
         f"(at most {c.topk_group})",
         120 + int(d.height * 60),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chapter 10: FP8 training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fp8_linear_diagram(config: ModelConfig, tokens: int = 4096) -> go.Figure:
+    """One FP8 linear layer in training (Sec. 3.3, Fig. 6): an expert's ``up_proj`` (d -> d_e of the config) as
+    ``dsv3.kernels.fp8_training_linear`` runs it. Forward: the input quantized per 1 x 128 tile, the fp32 master
+    weight per 128 x 128 block, the Fprop GEMM accumulating in fp32. Backward: the output gradient quantized per tile
+    for Dgrad and (transposed) for Wgrad, which reads the input from its FP8 copy (the one thing cached,
+    highlighted); the weight gradient updates the fp32 master through AdamW with bf16 moments."""
+    c = config
+    d_in, d_out = c.hidden_size, c.moe_intermediate_size
+    fp8_bytes, bf16_bytes = cached_input_bytes(tokens, d_in), cached_input_bytes(tokens, d_in, fp8=False)
+    d = Diagram(14, 6.6)
+    d.frame(0.1, 3.5, 13.9, 6.5, "forward (Fprop)")
+    d.frame(0.1, 0.1, 13.9, 3.3, "backward (Dgrad, Wgrad) and update")
+    x = d.box(0.3, 5.0, 2.5, 6.0, f"X  (M × {d_in})<br>bf16 input", COLORS["slate"])
+    xq = d.box(
+        3.3,
+        5.0,
+        6.1,
+        6.0,
+        f"X̂ e4m3 + scale per<br>1 × {BLOCK} tile",
+        hover=f"cached for the backward: {fp8_bytes / tokens / d_in:.3f} bytes per element instead of 2 "
+        f"({fp8_bytes / bf16_bytes:.0%} of bf16) for {tokens:,} tokens",
+        highlight=True,
+    )
+    w = d.box(0.3, 3.7, 2.5, 4.7, f"W  ({d_out} × {d_in})<br>fp32 master", COLORS["green"])
+    wq = d.box(3.3, 3.7, 6.1, 4.7, f"Ŵ e4m3 + scale per<br>{BLOCK} × {BLOCK} block", COLORS["blue"])
+    fprop = d.box(
+        7.0,
+        4.3,
+        10.0,
+        5.5,
+        f"Fprop  Y = X̂ Ŵᵀ<br>fp32 accumulation,<br>promoted every {BLOCK}",
+        COLORS["violet"],
+        "tensor cores multiply e4m3 tiles; every 128 products the partial sum is scaled and added in fp32",
+    )
+    y = d.box(11.0, 4.4, 13.7, 5.4, f"Y  (M × {d_out})<br>bf16 output", COLORS["slate"])
+    d.link(x, xq, "act_quant")
+    d.link(w, wq, "weight_quant")
+    d.link(xq, fprop)
+    d.link(wq, fprop)
+    d.link(fprop, y)
+    dy = d.box(11.0, 1.9, 13.7, 2.9, f"dY  (M × {d_out})<br>from the next layer", COLORS["slate"])
+    dyq = d.box(7.6, 1.9, 10.2, 2.9, f"dŶ e4m3 per 1 × {BLOCK}<br>(along {d_out})", COLORS["blue"])
+    dgrad = d.box(4.2, 1.9, 6.8, 2.9, "Dgrad  dX = dŶ Ŵ<br>→ previous layer", COLORS["violet"])
+    dytq = d.box(7.6, 0.3, 10.2, 1.3, f"dŶᵀ, X̂ᵀ e4m3 per 1 × {BLOCK}<br>(along the M tokens)", COLORS["blue"])
+    wgrad = d.box(4.2, 0.3, 6.8, 1.3, "Wgrad  dW = dŶᵀ X̂<br>fp32", COLORS["violet"])
+    opt = d.box(0.3, 0.3, 3.4, 1.3, "AdamW: moments bf16,<br>update fp32 master W", COLORS["green"])
+    d.link(dy, dyq, "act_quant")
+    d.link(dyq, dgrad)
+    d.arrow(12.35, 1.9, 10.2, 0.8)
+    d.link(dytq, wgrad)
+    d.link(wgrad, opt)
+    d.arrow(wq.cx, wq.y0, dgrad.cx, dgrad.y1, "Ŵ reused", dashed=True)
+    d.arrow(xq.x1, xq.y0, dytq.x0 + 0.15, dytq.y1, "X̂ from the cache", color=CACHED, dashed=True)
+    d.arrow(1.4, 1.3, 1.4, 3.7, dashed=True)
+    return d.figure(
+        f"An FP8 linear layer in training (expert up_proj, {d_in} → {d_out}): every GEMM in e4m3, the input cached "
+        "in FP8",
+        470,
     )

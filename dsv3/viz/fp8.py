@@ -9,16 +9,23 @@ Chapter 10.
   3.3.2). ``accumulate`` emulates such an accumulator, alone or with the fix of the paper (copy the partial sum to
   an fp32 register every 128 elements of K), and ``accumulation_errors`` measures the error against an exact sum
   as K grows (V3's K: 7168 = hidden size, 18432 = dense FFN width).
+
+Chapter 10's figures: ``outlier_sweep`` + ``granularity_figure`` (per-tensor vs per-tile error as outliers grow),
+``accumulation_figure`` (error vs K) and ``loss_curves_figure`` (an FP8 and an fp32 training run side by side).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
+import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
 
 from ..fp8 import fp8_modules
 from ..kernels.fp8 import FP8_DTYPE, quantize_dequantize
+from .display import COLORS, figure, significant
 
 ACT_TILE = (1, 128)
 WEIGHT_TILE = (128, 128)
@@ -167,3 +174,122 @@ def format_table(rows: Sequence[dict], digits: int = 4) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(keys))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def outlier_sweep(
+    tensors: Mapping[str, torch.Tensor],
+    factors: Sequence[float] = (1.0, 1e2, 1e3, 1e4, 1e5),
+    n_channels: int = 4,
+    tile: tuple[int, int] = ACT_TILE,
+) -> list[dict]:
+    """For each outlier ``factor`` (1: the tensors as they are): the round-trip errors of every tensor after
+    ``inject_outliers`` (seed = the tensor's position), per tensor and per ``tile``, averaged over the tensors."""
+    rows = []
+    for factor in factors:
+        table = granularity_table(
+            {
+                n: inject_outliers(t, n_channels, factor, seed=i) if factor != 1 else t
+                for i, (n, t) in enumerate(tensors.items())
+            },
+            tile,
+        )
+        keys = [k for k in table[0] if k.startswith(("tensor ", "tile "))]
+        rows.append({"factor": float(factor), **{k: sum(r[k] for r in table) / len(table) for k in keys}})
+    return rows
+
+
+def granularity_figure(rows: Sequence[dict], title: str = "") -> go.Figure:
+    """``outlier_sweep`` rows: median elementwise relative error and share of values flushed to zero, one scale per
+    tensor vs one per tile, against the outliers' factor (log axes)."""
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        horizontal_spacing=0.12,
+        subplot_titles=("median relative error", "share of values that become 0"),
+    )
+    x = [r["factor"] for r in rows]
+    for col, metric in ((1, "median_rel"), (2, "underflow")):
+        for scope, color, label in (
+            ("tensor", COLORS["red"], "one scale per tensor"),
+            ("tile", COLORS["blue"], "one scale per 1 × 128 tile"),
+        ):
+            fig.add_scatter(
+                x=x,
+                y=significant([r[f"{scope} {metric}"] for r in rows]),
+                mode="lines+markers",
+                name=label,
+                legendgroup=scope,
+                showlegend=col == 1,
+                line=dict(color=color),
+                row=1,
+                col=col,
+            )
+    fig.update_xaxes(type="log", title="outlier factor (4 channels × factor)")
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_yaxes(tickformat=".0%", row=1, col=2)
+    fig.update_layout(
+        title=title or "e4m3 round trip of the linear layers' inputs, outliers injected",
+        height=380,
+        legend=dict(orientation="h", y=-0.25),
+    )
+    return fig
+
+
+def accumulation_figure(rows: Sequence[dict], bits: int = 14, interval: int = 128) -> go.Figure:
+    """``accumulation_errors`` rows: relative error of a ``bits``-bit accumulator alone and promoted to fp32 every
+    ``interval`` products, against K (log-log), with V3's two inner dimensions marked."""
+    fig = figure(
+        title=f"Accumulating e4m3 products: {bits}-bit accumulator vs promotion every {interval}",
+        height=380,
+        xaxis=dict(type="log", title="inner dimension K"),
+        yaxis=dict(type="log", title="relative error ‖y − y<sub>exact</sub>‖ / ‖y<sub>exact</sub>‖"),
+        legend=dict(orientation="h", y=-0.25),
+    )
+    ks = [r["K"] for r in rows]
+    for key, color, label in (
+        ("limited", COLORS["red"], f"{bits}-bit accumulator only"),
+        ("promoted", COLORS["blue"], f"promoted to fp32 every {interval}"),
+    ):
+        fig.add_scatter(
+            x=ks, y=significant([r[key] for r in rows]), mode="lines+markers", name=label, line=dict(color=color)
+        )
+    for K, what in zip(V3_K, ("hidden size", "dense FFN width")):
+        if min(ks) <= K <= max(ks):
+            fig.add_vline(x=K, line=dict(color=COLORS["slate"], dash="dot", width=1))
+            fig.add_annotation(
+                x=math.log10(K), y=1, yref="paper", text=f"V3 {what}<br>K = {K:,}", showarrow=False, yanchor="bottom"
+            )
+    return fig
+
+
+def loss_curves_figure(histories: Mapping[str, Sequence[dict]], title: str = "") -> go.Figure:
+    """Training runs side by side: the training loss per step (lines) and the validation loss (markers), one
+    colour per run (``{"fp32": result.history, "FP8": ...}``)."""
+    palette = [COLORS["slate"], COLORS["orange"], COLORS["blue"], COLORS["green"]]
+    fig = figure(
+        title=title or "Training loss, FP8 recipe vs fp32",
+        height=380,
+        xaxis=dict(title="step"),
+        yaxis=dict(title="loss (cross-entropy, nats)"),
+        legend=dict(orientation="h", y=-0.25),
+    )
+    for (label, history), color in zip(histories.items(), palette):
+        fig.add_scatter(
+            x=[h["step"] for h in history],
+            y=significant([h["main_loss"] for h in history]),
+            mode="lines",
+            name=f"{label} train",
+            line=dict(color=color),
+        )
+        val = [h for h in history if "val_loss" in h]
+        fig.add_scatter(
+            x=[h["step"] for h in val],
+            y=significant([h["val_loss"] for h in val]),
+            mode="markers",
+            name=f"{label} validation",
+            marker=dict(color=color, size=9, symbol="diamond"),
+        )
+    return fig

@@ -78,6 +78,13 @@ CHAPTERS = (
         ("2.1.2 DeepSeekMoE", "3.2 Training framework"),
         ("parallel/",),
     ),
+    Chapter(
+        "10_fp8_training",
+        "Training in FP8",
+        "FP8 training",
+        ("3.3 FP8 training",),
+        ("fp8.py",),
+    ),
 )
 
 # Reading order of the package (STYLE.md): rows of the module table follow it; unknown modules go last.
