@@ -1,4 +1,4 @@
-"""Chapter 7's cost models and figures (dsv3.viz.roofline, fp8_numerics, layouts, kernels) against dsv3's own
+"""Chapter 7's cost models and figures (dsv3.viz.roofline, fp8, layouts, kernels) against dsv3's own
 computations: the cache bytes of dsv3.kv_cache_bytes, real tensors' sizes, the fused MoE kernel's moe_align,
 dsv3.kernels.fp8, and a random-routing simulation."""
 
@@ -11,7 +11,7 @@ from dsv3 import ModelConfig, kv_cache_bytes
 from dsv3 import kernels as K
 from dsv3.kernels import fp8
 from dsv3.timing import median_time
-from dsv3.viz import fp8_numerics as vf
+from dsv3.viz import fp8 as vf
 from dsv3.viz import kernels as kv
 from dsv3.viz import layouts as vl
 from dsv3.viz import roofline as vr
