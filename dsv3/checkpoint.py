@@ -271,32 +271,42 @@ def _check_finite(t: torch.Tensor, file: Path, key: str) -> None:
         raise CheckpointError(f"{file}: tensor {key} holds {bad} non-finite values (NaN or Inf)")
 
 
-def _read_tensor(f, file: Path, key: str, keys: set[str]) -> torch.Tensor:
-    """One tensor of an open safetensors file, dequantized when it carries a ``weight_scale_inv``, checked finite."""
+def _read_scaled(f, file: Path, key: str, keys: set[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One tensor of an open safetensors file as stored, with its ``weight_scale_inv`` (or None), both checked: an
+    FP8 weight needs a positive, finite scale, a scale needs an FP8 weight, no value is NaN or Inf."""
     try:
         tensor = f.get_tensor(key)
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{file}: tensor {key} cannot be read ({e}); is the file truncated?") from None
     scale_key = key + "_scale_inv"
-    if scale_key in keys:
-        if tensor.dtype not in FP8_WEIGHT_DTYPES:
-            raise CheckpointError(
-                f"{file}: tensor {key} has a {scale_key} but dtype {tensor.dtype}; block scales are "
-                f"only defined for FP8 weights ({', '.join(str(d) for d in FP8_WEIGHT_DTYPES)})"
-            )
-        scale = f.get_tensor(scale_key)
-        if not scale.is_floating_point():
-            raise CheckpointError(f"{file}: {scale_key} has dtype {scale.dtype}, expected a float scale")
-        _check_finite(scale, file, scale_key)
-        if not bool((scale > 0).all()):
-            raise CheckpointError(
-                f"{file}: {scale_key} holds {int((scale <= 0).sum())} scales <= 0; block scales "
-                f"are positive (a zero scale erases its block, a negative one flips its sign)"
-            )
+    if scale_key not in keys:
+        if tensor.dtype in FP8_WEIGHT_DTYPES:
+            raise CheckpointError(f"{file}: FP8 tensor {key} has no {scale_key} in the same file")
+        _check_finite(tensor, file, key)
+        return tensor, None
+    if tensor.dtype not in FP8_WEIGHT_DTYPES:
+        raise CheckpointError(
+            f"{file}: tensor {key} has a {scale_key} but dtype {tensor.dtype}; block scales are "
+            f"only defined for FP8 weights ({', '.join(str(d) for d in FP8_WEIGHT_DTYPES)})"
+        )
+    scale = f.get_tensor(scale_key)
+    if not scale.is_floating_point():
+        raise CheckpointError(f"{file}: {scale_key} has dtype {scale.dtype}, expected a float scale")
+    _check_finite(scale, file, scale_key)
+    if not bool((scale > 0).all()):
+        raise CheckpointError(
+            f"{file}: {scale_key} holds {int((scale <= 0).sum())} scales <= 0; block scales "
+            f"are positive (a zero scale erases its block, a negative one flips its sign)"
+        )
+    return tensor, scale
+
+
+def _read_tensor(f, file: Path, key: str, keys: set[str]) -> torch.Tensor:
+    """One tensor of an open safetensors file, dequantized when it carries a ``weight_scale_inv``, checked finite."""
+    tensor, scale = _read_scaled(f, file, key, keys)
+    if scale is not None:
         tensor = _dequant(tensor, scale, file, key)
-    elif tensor.dtype in FP8_WEIGHT_DTYPES:
-        raise CheckpointError(f"{file}: FP8 tensor {key} has no {scale_key} in the same file")
-    _check_finite(tensor, file, key)
+        _check_finite(tensor, file, key)  # NaN codes of the FP8 weight, or a product that overflows
     return tensor
 
 
@@ -403,13 +413,15 @@ def load_pretrained(
                     raise CheckpointError(
                         f"{file}: tensor {key} has shape {shape}, the config expects {tuple(dest.shape)}"
                     )
-                tensor = _read_tensor(f, file, key, keys)  # checked (and dequantized) as always
                 if dest.dtype == torch.float8_e4m3fn:  # keep_fp8: the e4m3 bits and their scale go in as they are
+                    tensor, scale = _read_scaled(f, file, key, keys)
+                    _check_finite(tensor.float(), file, key)  # e4m3 has NaN codes (and no Inf)
                     scale_dest = params[name + "_scale_inv"]
                     with torch.no_grad():
-                        (scale_dest if expert is None else scale_dest[expert]).copy_(f.get_tensor(key + "_scale_inv"))
+                        (scale_dest if expert is None else scale_dest[expert]).copy_(scale)
                     filled[name + "_scale_inv"].add(expert)
-                    tensor = f.get_tensor(key)
+                else:
+                    tensor = _read_tensor(f, file, key, keys)  # checked, and dequantized when it is FP8
                 if dest.is_floating_point() and not tensor.is_floating_point():
                     raise CheckpointError(
                         f"{file}: tensor {key} has dtype {tensor.dtype}; a floating-point weight "
