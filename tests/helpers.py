@@ -3,6 +3,10 @@ Fixtures stay in conftest.py; pytest puts tests/ on sys.path, so this module is 
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 
 from dsv3 import DeepSeekV3, ModelConfig
@@ -67,3 +71,16 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if scale == 0:
         raise ValueError("rel_err: the reference is all zeros; compare with an absolute tolerance instead")
     return (diff / scale).item()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name: str, relpath: str):
+    """A book tool that is not a package module (``book/_tools/run_notebook.py``, ``book/_ext/dsv3_site.py``),
+    imported from its file under the name ``name``."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look a module up by name while it loads
+    spec.loader.exec_module(module)
+    return module

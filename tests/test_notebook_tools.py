@@ -6,7 +6,6 @@ branch of the first cell is tested without network or Colab.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -22,19 +21,13 @@ import torch
 import dsv3
 from dsv3.viz import display as viz
 from dsv3.viz import preface
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-run_notebook = _load("run_notebook", ROOT / "book" / "_tools" / "run_notebook.py")
-dsv3_site = _load("dsv3_site", ROOT / "book" / "_ext" / "dsv3_site.py")
+run_notebook = load_tool("run_notebook", "book/_tools/run_notebook.py")
+dsv3_site = load_tool("dsv3_site", "book/_ext/dsv3_site.py")
 
 
 @pytest.fixture(autouse=True)

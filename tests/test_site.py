@@ -10,7 +10,6 @@ The browser is Debian's ``chromium`` (``make browser``, or ``$CHROMIUM``) driven
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -25,23 +24,17 @@ import plotly
 import pytest
 import yaml
 
+from helpers import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "_build" / "screenshots"
 PLOTLY_MIMETYPE = "application/vnd.plotly.v1+json"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-browser_tools = _load("dsv3_book_browser", ROOT / "book" / "_tools" / "browser.py")
-vendor_js = _load("dsv3_book_vendor_js", ROOT / "book" / "_tools" / "vendor_js.py")
-run_notebook = _load("dsv3_book_run_notebook", ROOT / "book" / "_tools" / "run_notebook.py")
+browser_tools = load_tool("dsv3_book_browser", "book/_tools/browser.py")
+vendor_js = load_tool("dsv3_book_vendor_js", "book/_tools/vendor_js.py")
+run_notebook = load_tool("dsv3_book_run_notebook", "book/_tools/run_notebook.py")
 
 
 def toc_files() -> list[str]:

@@ -6,7 +6,6 @@ whole chapter): every ``autograde`` cell must fail on the empty ``exercise`` stu
 
 from __future__ import annotations
 
-import importlib.util
 import zipfile
 from pathlib import Path
 
@@ -14,18 +13,13 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
+from helpers import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-student = _load("dsv3_book_student", ROOT / "book" / "_tools" / "student.py")
-dsv3_site = _load("dsv3_site_for_labs", ROOT / "book" / "_ext" / "dsv3_site.py")
+student = load_tool("dsv3_book_student", "book/_tools/student.py")
+dsv3_site = load_tool("dsv3_site_for_labs", "book/_ext/dsv3_site.py")
 
 WRITTEN_EXERCISE = """## Exercises
 
