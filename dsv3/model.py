@@ -199,14 +199,32 @@ class DeepSeekV3(nn.Module):
             x, r = block(x, cos, sin, starts, cache, start, latent)  # (B, T, D)
             if r is not None:
                 routing.append(r)
-        hidden = self.norm(x)  # (B, T, D)
         if cache is not None:
             cache.length = start + T
-        out = ModelOutput(hidden=hidden, head=self.lm_head, routing=routing)
-
         if return_mtp is None:
             return_mtp = labels is not None
-        if return_mtp and len(self.mtp) > 0 and cache is None:
+        return_mtp = return_mtp and cache is None  # the MTP modules train; decoding drafts with mtp_step
+        return self.head_outputs(x, routing, input_ids, labels, position_ids, starts, latent, mtp_weight, return_mtp)
+
+    def head_outputs(
+        self,
+        x: torch.Tensor,
+        routing: list[Routing],
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        starts: torch.Tensor | None = None,
+        latent: bool = False,
+        mtp_weight: float = 0.3,
+        return_mtp: bool = True,
+    ) -> ModelOutput:
+        """The end of ``forward`` after the last block: final norm, the MTP modules (when ``return_mtp``; they need
+        the input ids for their embeddings), logits or the fused loss, and the losses. x (B, T, D) is the residual
+        stream after the last block; ``routing`` the main blocks' routings. The last stage of a pipeline-parallel
+        run (``dsv3.parallel.pipeline``) calls it with the blocks of the earlier stages run elsewhere."""
+        hidden = self.norm(x)  # (B, T, D)
+        out = ModelOutput(hidden=hidden, head=self.lm_head, routing=routing)
+        if return_mtp and len(self.mtp) > 0:
             self._run_mtp(out, input_ids, position_ids, starts, latent)
         # the fused loss needs no logits: they are then computed only when asked for
         fused = labels is not None and self._fused_loss(hidden, labels)

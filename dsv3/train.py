@@ -278,12 +278,18 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay, no_decay)[optimizer_group(p)].append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     moments = cfg.moment_dtype if cfg.moment_dtype != "auto" else ("bfloat16" if cfg.fp8 else "float32")
     if moments == "bfloat16":
         return fp8.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, moment_dtype=torch.bfloat16)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+
+
+def optimizer_group(p: torch.Tensor) -> int:
+    """The group ``make_optimizer`` puts a parameter in: 0 (weight decay) for matrices, embeddings and stacked
+    experts, 1 (none) for norms and biases."""
+    return 0 if p.dim() >= 2 else 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -510,6 +516,8 @@ def _train(
         return result
 
     params = [p for p in model.parameters() if p.requires_grad]
+    # a pipeline runs each micro-batch through its schedule; everything else runs the model here
+    micro_step = getattr(parallel, "micro_step", None) or _micro_step
     micro_tokens = (cfg.batch_size // cfg.grad_accum) * cfg.seq_len
     from tqdm.auto import tqdm
 
@@ -546,27 +554,13 @@ def _train(
                 ids, labels = batch.input_ids.to(device), batch.labels.to(device)  # (b, T) each
                 if parallel is not None:
                     ids, labels = parallel.local_batch(ids, labels)  # this rank's rows of the global batch
-                with _autocast(device, cfg.dtype):
-                    # make_data checked the tokenizer against the vocabulary once: no per-forward id check
-                    out = model(ids, labels=labels, mtp_weight=lam, check_ids=False)
-                    routings = out.routing + out.mtp_routing
-                    balance_term = bal.balance_loss(routings, cfg.balance, cfg.seq_aux_alpha, cfg.aux_alpha).to(
-                        out.loss.device
-                    )
-                    total = out.loss + balance_term
-                (total / cfg.grad_accum).backward()
-                mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros((), device=out.loss.device)
-                micro.append(
-                    torch.stack([t.detach().double() for t in (total, out.loss, out.main_loss, mtp, balance_term)])
+                parts, step_loads, step_groups, step_dropped = micro_step(
+                    model, ids, labels, lam, cfg, _autocast(device, cfg.dtype)
                 )
-                loads += bal.expert_loads(routings)
-                groups += bal.mean_groups_per_token(routings, model_config.n_group) / cfg.grad_accum
-                dropped += (
-                    torch.stack(
-                        [torch.as_tensor(r.dropped, dtype=torch.float64, device=device) for r in routings]
-                    ).float()
-                    / cfg.grad_accum
-                )
+                micro.append(parts)
+                loads += step_loads
+                groups += step_groups / cfg.grad_accum
+                dropped += step_dropped / cfg.grad_accum
             if parallel is not None:  # over the ranks: global means, loads of the global batch, the global norm
                 micro, loads, groups = parallel.reduce_step(micro, loads, groups)
                 grad_norm = parallel.clip_grad_norm_(params, cfg.grad_clip)
@@ -650,6 +644,29 @@ def _train(
     return result
 
 
+def _micro_step(model, ids, labels, lam: float, cfg: TrainConfig, autocast) -> tuple:
+    """Forward and backward of one micro-batch, its gradient scaled by 1 / grad_accum. Returns, on the device:
+    the (5,) fp64 loss parts (total, loss, main, MTP, balance), the (L, N_r) expert loads, the (L,) mean groups
+    per token and the (L,) dropped fractions of its MoE layers."""
+    with autocast:
+        # make_data checked the tokenizer against the vocabulary once: no per-forward id check
+        out = model(ids, labels=labels, mtp_weight=lam, check_ids=False)
+        routings = out.routing + out.mtp_routing
+        balance_term = bal.balance_loss(routings, cfg.balance, cfg.seq_aux_alpha, cfg.aux_alpha).to(out.loss.device)
+        total = out.loss + balance_term
+    (total / cfg.grad_accum).backward()
+    mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros((), device=out.loss.device)
+    parts = torch.stack([t.detach().double() for t in (total, out.loss, out.main_loss, mtp, balance_term)])
+    device = out.loss.device
+    dropped = torch.stack([torch.as_tensor(r.dropped, dtype=torch.float64, device=device) for r in routings])
+    return (
+        parts,
+        bal.expert_loads(routings),
+        bal.mean_groups_per_token(routings, model.config.n_group),
+        dropped.float(),
+    )
+
+
 def _read_once(**tensors: torch.Tensor) -> dict:
     """Read device tensors back to the host in one transfer (one synchronization instead of one per value): each
     comes back as ``tolist()`` returns it (a number for a 0-dim tensor, nested lists otherwise, ints for integer
@@ -697,22 +714,20 @@ def evaluate(
     model.eval()
     device = torch.device(device)
     losses, loads = [], None  # per batch: () main and MTP loss on the device; (L, N_r) loads summed on the device
+    eval_batch = getattr(parallel, "eval_batch", None) or _eval_batch
     for b in batches:
         ids, labels = b.input_ids.to(device), b.labels.to(device)
         if parallel is not None:
             ids, labels = parallel.local_batch(ids, labels)
         with _autocast(device, dtype):
-            # make_data checked the tokenizer against the vocabulary once: no per-forward id check
-            out = model(ids, labels=labels, mtp_weight=mtp_weight, check_ids=False)
-        mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros((), device=out.main_loss.device)
-        losses.append(torch.stack([out.main_loss.double(), mtp.double()]))
-        step_loads = bal.expert_loads(out.routing + out.mtp_routing)  # (L, N_r)
+            batch_losses, step_loads = eval_batch(model, ids, labels, mtp_weight)  # (2,) fp64, (L, N_r)
+        losses.append(batch_losses)
         loads = step_loads if loads is None else loads + step_loads
     model.train(was_training)
     if parallel is not None:  # global means and loads over the ranks
         losses, loads = parallel.reduce_eval(losses, loads)
     vio = bal.max_vio(loads)  # (L,)
-    n_main = len(out.routing) if n_main is None else n_main
+    n_main = len(model.moe_layers(include_mtp=False)) if n_main is None else n_main
     read = _read_once(
         losses=torch.stack(losses),
         max_vio=vio[:n_main].mean() if n_main else torch.zeros(()),
@@ -730,3 +745,11 @@ def evaluate(
         "val_max_vio_layers": read["max_vio_layers"],
         "val_loads": read["loads"],
     }
+
+
+def _eval_batch(model, ids, labels, mtp_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One validation batch: (main loss, MTP loss) as (2,) fp64 and the (L, N_r) expert loads, on the device."""
+    # make_data checked the tokenizer against the vocabulary once: no per-forward id check
+    out = model(ids, labels=labels, mtp_weight=mtp_weight, check_ids=False)
+    mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros((), device=out.main_loss.device)
+    return torch.stack([out.main_loss.double(), mtp.double()]), bal.expert_loads(out.routing + out.mtp_routing)

@@ -30,6 +30,8 @@ from ..model import DeepSeekV3
 from ..train import TrainConfig, TrainResult, train
 from .comm import CommStats
 from .expert import ExpertParallelExperts, apply_expert_parallel
+from .pipeline import Pipeline, split_stages, stages_per_rank
+from .state import load_optimizer_entries, one_process_copy
 from .topology import DEFAULT_TIMEOUT_S, Topology, build_mesh, init_distributed, plan_topology
 
 
@@ -193,45 +195,18 @@ class Distributed:
         opt_full = self._full_state(opt)
         if self.rank != 0:
             return None, None
-        plain = DeepSeekV3(self.model_config).float()
-        plain.load_state_dict(weights)
-        params = dict(plain.named_parameters())
-        groups = [
-            {**{k: v for k, v in g.items() if k != "params"}, "params": [params[names[id(p)]] for p in g["params"]]}
-            for g in optimizer.param_groups
-        ]
-        plain_opt = type(optimizer)(groups)  # every group carries its own hyperparameters
-        for p, st in optimizer.state.items():
-            n = names[id(p)]
-            plain_opt.state[params[n]] = {
-                k: (
-                    opt_full[f"{n}.{k}"]
-                    if isinstance(v, torch.Tensor) and v.dim() > 0
-                    else (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v)
-                )
-                for k, v in st.items()
-            }
-        return plain, plain_opt
+        return one_process_copy(self.model_config, weights, model, optimizer, opt_full)
 
     def load_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict) -> None:
         """Shard a checkpoint's full optimizer state (``optimizer.<param>.<key>`` tensors) like the parameters."""
         lo, hi = self.topology.expert_range()
-        for name, p in model.named_parameters():
-            prefix = f"optimizer.{name}."
-            state = {}
-            for k, v in tensors.items():
-                if not k.startswith(prefix) or "." in k[len(prefix) :]:
-                    continue
-                key = k[len(prefix) :]
-                if v.dim() > 0:
-                    if self._is_expert(name):
-                        v = v[lo:hi]
-                    v = v.to(self.device)
-                    if hasattr(p, "device_mesh"):
-                        v = distribute_tensor(v, p.device_mesh, p.placements)
-                state[key] = v
-            if state:
-                optimizer.state[p] = state
+
+        def shard(name, p, v):
+            if self._is_expert(name):
+                v = v[lo:hi]
+            return distribute_tensor(v, p.device_mesh, p.placements) if hasattr(p, "device_mesh") else v
+
+        load_optimizer_entries(model, optimizer, tensors, self.device, shard)
 
     def barrier(self) -> None:
         dist.barrier()
@@ -263,26 +238,80 @@ def setup(
 def train_distributed(
     model_config: ModelConfig,
     train_config: TrainConfig,
-    expert_parallel: int,
+    expert_parallel: int | None = None,
     data_parallel: int | None = None,
     ranks_per_node: int | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     resume: bool = False,
     callback=None,
+    pipeline_parallel: int | None = None,
+    schedule: str = "1f1b",
+    microbatches: int | None = None,
 ) -> TrainResult:
-    """``dsv3.train.train`` in every torchrun process, with the model parallelized from outside. Returns the
-    ``TrainResult`` (identical history on every rank). The process group stays up; the caller ends it."""
+    """``dsv3.train.train`` in every torchrun process, with the model parallelized from outside: expert and data
+    parallel (``expert_parallel``, ``data_parallel``, ``ranks_per_node``) or a pipeline (``pipeline_parallel`` ranks,
+    ``schedule`` "1f1b" or "dualpipev", each step's micro-batch cut into ``microbatches`` pieces, default the number
+    of stages). Returns the ``TrainResult`` (identical history on every rank). The process group stays up; the caller
+    ends it."""
     for bad, why in (
         (train_config.balance == "aux", "balance='aux' (its batch-wise loss needs the global batch)"),
         (train_config.capacity_factor is not None, "a capacity factor (token dropping)"),
     ):
         if bad:
             raise ValueError(f"distributed training does not support {why}; V3 uses balance='bias' without dropping")
-    par = setup(model_config, expert_parallel, data_parallel, ranks_per_node, timeout_s)
-    micro = train_config.batch_size // train_config.grad_accum
-    if micro % par.world_size:
-        raise ValueError(
-            f"batch_size / grad_accum = {micro} sequences do not split over the world of {par.world_size} ranks"
+    if pipeline_parallel is not None:
+        par = setup_pipeline(
+            model_config, pipeline_parallel, schedule, microbatches, timeout_s, expert_parallel, data_parallel
         )
+        micro = train_config.batch_size // train_config.grad_accum
+        if micro % par.microbatches:
+            raise ValueError(
+                f"batch_size / grad_accum = {micro} sequences do not split into {par.microbatches} pipeline "
+                f"micro-batches"
+            )
+    else:
+        if expert_parallel is None:
+            raise ValueError("give expert_parallel (and data_parallel) or pipeline_parallel")
+        par = setup(model_config, expert_parallel, data_parallel, ranks_per_node, timeout_s)
+        micro = train_config.batch_size // train_config.grad_accum
+        if micro % par.world_size:
+            raise ValueError(
+                f"batch_size / grad_accum = {micro} sequences do not split over the world of {par.world_size} ranks"
+            )
     cfg = train_config.replace(device=str(par.device), progress=train_config.progress and par.rank == 0)
     return train(model_config, cfg, resume=resume, callback=callback, parallel=par)
+
+
+def setup_pipeline(
+    model_config: ModelConfig,
+    pipeline_parallel: int,
+    schedule: str,
+    microbatches: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    expert_parallel: int | None = None,
+    data_parallel: int | None = None,
+) -> Pipeline:
+    """Join torchrun's world as one pipeline of ``pipeline_parallel`` ranks; every count is checked before any model
+    exists."""
+    for name, v in (("pipeline_parallel", pipeline_parallel), ("microbatches", microbatches)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    stages_per_rank(schedule)  # a bad schedule name fails here
+    if (expert_parallel or 1) != 1 or (data_parallel or 1) != 1:
+        raise ValueError(
+            f"pipeline parallelism does not combine with expert or data parallelism yet (got expert_parallel="
+            f"{expert_parallel}, data_parallel={data_parallel}): the whole world is one pipeline"
+        )
+    n_stages = pipeline_parallel * stages_per_rank(schedule)
+    split_stages(model_config.num_hidden_layers, model_config.num_nextn_predict_layers, n_stages)
+    n = microbatches if microbatches is not None else n_stages
+    if schedule == "dualpipev" and n < n_stages:
+        raise ValueError(
+            f"the DualPipeV schedule needs at least as many micro-batches as its {n_stages} stages, got {n}"
+        )
+    rank, world, device = init_distributed(timeout_s)
+    if world != pipeline_parallel:
+        raise ValueError(
+            f"world size {world} is not pipeline_parallel={pipeline_parallel}: the whole world is one pipeline"
+        )
+    return Pipeline(pipeline_parallel, schedule, n, device)
