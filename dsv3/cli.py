@@ -295,6 +295,27 @@ def _add_train(sub) -> None:
         "(default: the processes torchrun started on this machine)",
     )
     g.add_argument(
+        "--pipeline-parallel",
+        type=positive_int,
+        default=None,
+        help="pipeline stages' ranks: the blocks cut into stages, trained with --schedule (the whole world is one "
+        "pipeline; does not combine with --expert-parallel or --data-parallel)",
+    )
+    g.add_argument(
+        "--schedule",
+        choices=("1f1b", "dualpipev"),
+        default=None,
+        help="pipeline schedule (default 1f1b): 1f1b (one stage per rank) or dualpipev (DeepSeek's DualPipe "
+        "folded into a V: two stages per rank, backward split into input and weight gradients)",
+    )
+    g.add_argument(
+        "--microbatches",
+        type=positive_int,
+        default=None,
+        help="pipeline micro-batches per step's micro-batch (default: the number of stages); must divide "
+        "--batch-size / --grad-accum",
+    )
+    g.add_argument(
         "--dist-timeout",
         type=positive_float,
         default=None,
@@ -329,12 +350,14 @@ def _cmd_train(args) -> int:
     else:
         cfg = TrainConfig(**given)
         model_config = config_from_arg(args.config or "tiny")
-    distributed = args.expert_parallel is not None or args.data_parallel is not None
+    distributed = any(v is not None for v in (args.expert_parallel, args.data_parallel, args.pipeline_parallel))
     if not distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(
             f"torchrun started {os.environ['WORLD_SIZE']} processes: say how to split the work with "
-            f"--expert-parallel and/or --data-parallel"
+            f"--expert-parallel and/or --data-parallel, or --pipeline-parallel"
         )
+    if args.pipeline_parallel is None and (args.microbatches is not None or args.schedule is not None):
+        raise ValueError("--schedule and --microbatches describe a pipeline: give --pipeline-parallel too")
     try:
         if distributed:
             result = _train_distributed(args, model_config, cfg)
@@ -359,27 +382,35 @@ def _cmd_train(args) -> int:
 
 
 def _train_distributed(args, model_config, cfg):
-    """One rank of ``torchrun ... -m dsv3 train --expert-parallel E [--data-parallel D] [--ranks-per-node R]``."""
+    """One rank of ``torchrun ... -m dsv3 train --expert-parallel E [--data-parallel D] [--ranks-per-node R]`` or
+    ``... --pipeline-parallel P [--schedule 1f1b|dualpipev] [--microbatches M]``."""
     import torch.distributed as dist
 
     from .parallel.topology import DEFAULT_TIMEOUT_S
     from .parallel.training import train_distributed
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    ep, dp = args.expert_parallel, args.data_parallel
-    if ep is None:
-        if world % dp:
-            raise ValueError(f"world size {world} is not a multiple of --data-parallel {dp}")
-        ep = world // dp
+    ep, dp, pp = args.expert_parallel, args.data_parallel, args.pipeline_parallel
+    if pp is not None:
+        if ep is not None or dp is not None or args.ranks_per_node is not None:
+            raise ValueError(
+                "--pipeline-parallel does not combine with --expert-parallel, --data-parallel or "
+                "--ranks-per-node yet: the whole world is one pipeline"
+            )
+        layout = dict(pipeline_parallel=pp, schedule=args.schedule or "1f1b", microbatches=args.microbatches)
+    else:
+        if ep is None:
+            if world % dp:
+                raise ValueError(f"world size {world} is not a multiple of --data-parallel {dp}")
+            ep = world // dp
+        layout = dict(expert_parallel=ep, data_parallel=dp, ranks_per_node=args.ranks_per_node)
     try:
         return train_distributed(
             model_config,
             cfg,
-            expert_parallel=ep,
-            data_parallel=dp,
-            ranks_per_node=args.ranks_per_node,
             timeout_s=args.dist_timeout or DEFAULT_TIMEOUT_S,
             resume=args.resume,
+            **layout,
         )
     finally:
         if dist.is_initialized():

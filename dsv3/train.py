@@ -364,6 +364,7 @@ class TrainResult:
     elapsed_s: float = 0.0
     stopped_early: bool = False
     tokenizer: Any = None
+    parallel: Any = None  # the distributed strategy of this rank (dsv3.parallel), None in one process
 
     @property
     def val_history(self) -> list[dict]:
@@ -511,7 +512,9 @@ def _train(
             torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
     names = moe_layer_names(model)
     n_main = sum(1 for n in names if n.startswith("layers."))
-    result = TrainResult(model, history, cfg, model_config, names, run_dir, ckpt, tokenizer=corpus.tokenizer)
+    result = TrainResult(
+        model, history, cfg, model_config, names, run_dir, ckpt, tokenizer=corpus.tokenizer, parallel=parallel
+    )
     if step >= cfg.steps:
         return result
 

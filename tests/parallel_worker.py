@@ -92,7 +92,8 @@ def train_config(args):
         batch_size=args.batch,
         seq_len=args.seq,
         warmup_steps=2,
-        eval_every=0,
+        eval_every=args.val,
+        eval_batches=2,
         save_every=args.save_every,
         progress=False,
         out_dir=args.run_dir,
@@ -113,19 +114,25 @@ def train(args, out: Path) -> dict:
         if args.die_at and entry["step"] == args.die_at and dist.get_rank() == 1:
             os.kill(os.getpid(), 9)
 
+    if args.pp:
+        layout = dict(pipeline_parallel=args.pp, schedule=args.schedule, microbatches=args.microbatches)
+    else:
+        layout = dict(expert_parallel=args.ep, data_parallel=args.dp, ranks_per_node=args.rpn)
     result = train_distributed(
         train_cfg_model(args),
         train_config(args),
-        expert_parallel=args.ep,
-        data_parallel=args.dp,
-        ranks_per_node=args.rpn,
         timeout_s=args.timeout,
         resume=args.resume,
         callback=callback,
+        **layout,
     )
     keys = (
         "loss",
         "main_loss",
+        "mtp_loss",
+        "balance_loss",
+        "val_loss",
+        "val_mtp_loss",
         "grad_norm",
         "biases",
         "loads",
@@ -135,7 +142,16 @@ def train(args, out: Path) -> dict:
         "nodes_per_token_max",
         "nodes_per_token_mean",
     )
-    return {"rank": dist.get_rank(), "history": [{k: h[k] for k in keys} for h in result.history]}
+    out = {"rank": dist.get_rank(), "history": [{k: h[k] for k in keys if k in h} for h in result.history]}
+    if args.pp:  # what the schedule planned and what this rank ran in the last step
+        from dsv3.parallel.pipeline import schedule_actions
+
+        par = result.parallel
+        planned = schedule_actions(par.pipeline_order())[dist.get_rank()]
+        out["planned"] = [[a.stage, a.kind, a.microbatch] for a in planned]
+        out["executed"] = [[s, k, m] for s, k, m, *_ in par.executed]
+        out["pipeline_bytes"] = [h["pipeline_bytes"] for h in result.history]
+    return out
 
 
 def main() -> None:
@@ -156,6 +172,10 @@ def main() -> None:
     p.add_argument("--run-dir", default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--die-at", type=int, default=0)
+    p.add_argument("--pp", type=int, default=0)
+    p.add_argument("--schedule", default="1f1b")
+    p.add_argument("--microbatches", type=int, default=None)
+    p.add_argument("--val", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(1)
     result = {"grads": grads, "train": train}[args.scenario](args, Path(args.out))

@@ -290,7 +290,9 @@ class Pipeline:
         self.owner = stage_ranks(schedule, pipeline_parallel)  # rank of each stage
         self.my_stages = [s for s, r in enumerate(self.owner) if r == self.rank]
         self.modules: list[PipelineStageModule] = []
-        self.executed: list[tuple[int, str, int]] = []  # (stage, kind, microbatch) in the order this rank ran them
+        # the last schedule step's compute actions on this rank, in the order they ran:
+        # (stage, kind, microbatch, start, end) with perf_counter times
+        self.executed: list[tuple[int, str, int, float, float]] = []
         self._record = False
         self._tied_group = None
         self._embed_replica = False
@@ -380,6 +382,7 @@ class Pipeline:
         for m in self.modules:
             m.tally, m.options = tally, options
         schedule = self._schedule(n, B // n, ids.shape[1])
+        self.executed.clear()
         args = (ids,) if self.owner[0] == self.rank else ()
         with autocast:
             schedule.step(*args, target=labels, tokens=ids, labels=labels, return_outputs=False)
@@ -540,14 +543,30 @@ class _RecordingStage(PipelineStage):
         super().__init__(module, module.index, module.n_stages, device, input_args=x, output_args=y, group=owner.group)
         self._log = owner.executed
 
+    def _timed(self, kind: str, chunk: int, run):
+        t0 = time.perf_counter()
+        try:
+            return run()
+        finally:
+            self._log.append((self.stage_index, kind, chunk, t0, time.perf_counter()))
+
     def forward_one_chunk(self, fwd_chunk_id, *args, **kwargs):
-        self._log.append((self.stage_index, "F", fwd_chunk_id, time.perf_counter()))
-        return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+        return self._timed(
+            "F", fwd_chunk_id, lambda: super(_RecordingStage, self).forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+        )
 
     def backward_one_chunk(self, bwd_chunk_id, *args, full_backward: bool = True, **kwargs):
-        self._log.append((self.stage_index, "B" if full_backward else "I", bwd_chunk_id, time.perf_counter()))
-        return super().backward_one_chunk(bwd_chunk_id, *args, full_backward=full_backward, **kwargs)
+        return self._timed(
+            "B" if full_backward else "I",
+            bwd_chunk_id,
+            lambda: super(_RecordingStage, self).backward_one_chunk(
+                bwd_chunk_id, *args, full_backward=full_backward, **kwargs
+            ),
+        )
 
     def backward_weight_one_chunk(self, bwd_chunk_id, *args, **kwargs):
-        self._log.append((self.stage_index, "W", bwd_chunk_id, time.perf_counter()))
-        return super().backward_weight_one_chunk(bwd_chunk_id, *args, **kwargs)
+        return self._timed(
+            "W",
+            bwd_chunk_id,
+            lambda: super(_RecordingStage, self).backward_weight_one_chunk(bwd_chunk_id, *args, **kwargs),
+        )
