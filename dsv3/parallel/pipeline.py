@@ -42,6 +42,7 @@ from ..model import DeepSeekV3
 from .state import load_optimizer_entries, one_process_copy
 
 SCHEDULES = ("1f1b", "dualpipev")
+PIPELINE_TRACE = "pipeline.json"  # written beside the checkpoints of a pipeline run: what its schedule ran
 
 
 # ---------------------------------------------------------------------- where every layer goes
@@ -213,6 +214,14 @@ def schedule_actions(order: dict[int, list]) -> dict[int, list[Action]]:
                     rows.append(Action(int(p.stage_index), kind, int(p.microbatch_index), slot))
         out[int(rank)] = rows
     return out
+
+
+def trace_actions(trace: dict) -> dict[int, list[Action]]:
+    """The actions each rank ran, in order, from a run's ``pipeline.json`` (``Pipeline.trace``): one slot each."""
+    return {
+        int(rank): [Action(a["stage"], a["kind"], a["microbatch"], slot) for slot, a in enumerate(acts)]
+        for rank, acts in trace["executed"].items()
+    }
 
 
 def schedule_timeline(
@@ -464,6 +473,64 @@ class Pipeline:
         loads = loads.clone()
         dist.all_reduce(loads, group=self.group)
         return list(t.unbind(0)), loads
+
+    # ------------------------------------------------------------------ what ran
+    def executed_any(self) -> bool:
+        """Whether any rank ran a schedule step in this process (a resumed run may have had none left)."""
+        t = torch.tensor([len(self.executed)], device=self.device)
+        dist.all_reduce(t, group=self.group)
+        return bool(t)
+
+    def trace(self) -> dict | None:
+        """The layout and the last step's compute actions of every rank, in the order each ran them, with their
+        times in seconds from that rank's first action (each rank's own clock); on rank 0, None elsewhere. For a
+        DualPipeV run also torch's plan (``planned``), which the runtime follows action by action. Every rank must
+        call it (it gathers)."""
+        kinds = "FBIW"
+        rows = torch.tensor(
+            [[s, kinds.index(k), m, t0, t1] for s, k, m, t0, t1 in self.executed], dtype=torch.float64
+        ).reshape(-1, 5)
+        if len(rows):
+            rows[:, 3:] -= rows[0, 3].item()
+        n = torch.tensor([len(rows)], device=self.device)
+        counts = [torch.empty_like(n) for _ in range(self.world_size)]
+        dist.all_gather(counts, n, group=self.group)
+        longest = int(max(counts))
+        padded = torch.zeros(longest, 5, dtype=torch.float64, device=self.device)
+        padded[: len(rows)] = rows.to(self.device)
+        every = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(every, padded, group=self.group)
+        if self.rank != 0:
+            return None
+        executed = {
+            r: [
+                {"stage": int(a[0]), "kind": kinds[int(a[1])], "microbatch": int(a[2]), "start": a[3], "end": a[4]}
+                for a in every[r][: int(counts[r])].tolist()
+            ]
+            for r in range(self.world_size)
+        }
+        planned = None
+        if self.schedule_name == "dualpipev" and getattr(self, "_shape", None) is not None:
+            plan = schedule_actions(self.pipeline_order())
+            planned = {r: [[a.stage, a.kind, a.microbatch] for a in acts] for r, acts in plan.items()}
+        stages = [
+            {
+                "stage": s,
+                "rank": self.owner[s],
+                "blocks": list(self.ranges[s]),
+                "embedding": s == 0,
+                "head_and_mtp": s == self.n_stages - 1,
+            }
+            for s in range(self.n_stages)
+        ]
+        return {
+            "schedule": self.schedule_name,
+            "pipeline_parallel": self.pp,
+            "microbatches": self.microbatches,
+            "stages": stages,
+            "executed": executed,
+            "planned": planned,
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def _owners(self, named: dict[str, torch.Tensor]) -> list[int]:

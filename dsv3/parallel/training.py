@@ -19,18 +19,22 @@ the ``Distributed`` object at the few places where a distributed step differs:
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import distribute_tensor
 
+from ..atomic import atomic_write_text
 from ..config import ModelConfig
 from ..model import DeepSeekV3
 from ..train import TrainConfig, TrainResult, train
 from .comm import CommStats
 from .expert import ExpertParallelExperts, apply_expert_parallel
-from .pipeline import Pipeline, split_stages, stages_per_rank
+from .pipeline import PIPELINE_TRACE, Pipeline, split_stages, stages_per_rank
 from .state import load_optimizer_entries, one_process_copy
 from .topology import DEFAULT_TIMEOUT_S, Topology, build_mesh, init_distributed, plan_topology
 
@@ -279,7 +283,13 @@ def train_distributed(
                 f"batch_size / grad_accum = {micro} sequences do not split over the world of {par.world_size} ranks"
             )
     cfg = train_config.replace(device=str(par.device), progress=train_config.progress and par.rank == 0)
-    return train(model_config, cfg, resume=resume, callback=callback, parallel=par)
+    result = train(model_config, cfg, resume=resume, callback=callback, parallel=par)
+    if pipeline_parallel is not None and cfg.out_dir is not None and par.executed_any():
+        trace = par.trace()  # every rank gathers; rank 0 writes what the schedule ran beside the checkpoints
+        if trace is not None:
+            atomic_write_text(Path(cfg.out_dir) / PIPELINE_TRACE, json.dumps(trace, indent=1) + "\n")
+        par.barrier()
+    return result
 
 
 def setup_pipeline(

@@ -1,6 +1,7 @@
-"""Figures of Chapter 9 ("Training across nodes", paper Sec. 2.1.2 and 3.2.2): what the node limit and the
-deduplicated dispatch save on InfiniBand. The data come from ``dsv3.parallel.cost``; ``tests/test_viz_parallel.py``
-checks them."""
+"""Figures of Chapter 9 ("Training across nodes", paper Sec. 2.1.2, 3.2.1 and 3.2.2): what the node limit and the
+deduplicated dispatch save on InfiniBand (data from ``dsv3.parallel.cost``), and the pipeline schedules a run
+executed, laid out in time (``dsv3.parallel.pipeline.schedule_timeline``). ``tests/test_viz_parallel.py`` checks
+them."""
 
 from __future__ import annotations
 
@@ -44,4 +45,62 @@ def node_limit_figure(rows: list[dict], config: ModelConfig) -> go.Figure:
         annotation_text=f"V3: M = {config.topk_group}",
         annotation_position="top",
     )
+    return fig
+
+
+PIPELINE_KINDS = {
+    "F": ("forward", COLORS["blue"]),
+    "B": ("backward (input and weights)", COLORS["orange"]),
+    "I": ("backward: input gradient", COLORS["red"]),
+    "W": ("backward: weight gradient", COLORS["green"]),
+}
+
+
+def pipeline_figure(timelines: dict[str, list[dict]], n_ranks: int) -> go.Figure:
+    """One row per rank and schedule, one bar per action of ``schedule_timeline`` (colour: forward, backward, input
+    or weight gradient; label: the micro-batch; hatched: the stages a DualPipeV rank holds on the way back up);
+    the blank space is the bubble. ``timelines``: schedule name -> rows."""
+    if not timelines:
+        raise ValueError("pipeline_figure: no timelines given")
+    names = list(timelines)
+    rows_y = [f"{name} · rank {r}" for name in names for r in range(n_ranks)]
+    end = max(r["end"] for rows in timelines.values() for r in rows)
+    fig = figure(
+        title="What each rank ran, laid out in time",
+        height=120 + 46 * len(rows_y),
+        barmode="overlay",
+        xaxis=dict(title="time (1 = one rank's forward over its blocks on one micro-batch)", range=[0, end + 0.5]),
+        yaxis=dict(categoryorder="array", categoryarray=list(reversed(rows_y)), title=None),
+        legend=dict(orientation="h", y=1.0, yanchor="bottom", x=0),
+        margin=dict(t=110),
+    )
+    shown = set()
+    for name, rows in timelines.items():
+        stages = max(r["stage"] for r in rows) + 1
+        for kind, (label, color) in PIPELINE_KINDS.items():
+            for back in (False, True):
+                sel = [r for r in rows if r["kind"] == kind and (r["stage"] >= n_ranks) == back]
+                if not sel:
+                    continue
+                fig.add_bar(
+                    y=[f"{name} · rank {r['rank']}" for r in sel],
+                    x=[r["end"] - r["start"] for r in sel],
+                    base=[r["start"] for r in sel],
+                    orientation="h",
+                    name=label,
+                    legendgroup=label,
+                    showlegend=label not in shown,
+                    marker=dict(
+                        color=color,
+                        line=dict(color="white", width=1),
+                        pattern=dict(shape="/" if back else "", fillmode="overlay", fgcolor="white", fgopacity=0.45),
+                    ),
+                    text=[str(r["microbatch"]) for r in sel],
+                    textposition="inside",
+                    insidetextanchor="middle",
+                    customdata=[[r["stage"], stages, r["microbatch"]] for r in sel],
+                    hovertemplate=f"{label}: stage %{{customdata[0]}} of %{{customdata[1]}}, micro-batch "
+                    "%{customdata[2]}, t = %{base} to %{x}<extra></extra>",
+                )
+                shown.add(label)
     return fig
