@@ -285,7 +285,7 @@ def _add_train(sub) -> None:
         type=positive_int,
         default=None,
         help="replicas of the experts; the dense part is sharded (FSDP2) over every rank "
-        "(default: world size / --expert-parallel)",
+        "(default: world size / --expert-parallel); with --pipeline-parallel: copies of the whole pipeline",
     )
     g.add_argument(
         "--ranks-per-node",
@@ -298,8 +298,8 @@ def _add_train(sub) -> None:
         "--pipeline-parallel",
         type=positive_int,
         default=None,
-        help="pipeline stages' ranks: the blocks cut into stages, trained with --schedule (the whole world is one "
-        "pipeline; does not combine with --expert-parallel or --data-parallel)",
+        help="ranks of one pipeline: the blocks cut into stages, trained with --schedule; with --data-parallel D "
+        "the world is D pipelines (default: one); does not combine with --expert-parallel",
     )
     g.add_argument(
         "--schedule",
@@ -392,12 +392,14 @@ def _train_distributed(args, model_config, cfg):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ep, dp, pp = args.expert_parallel, args.data_parallel, args.pipeline_parallel
     if pp is not None:
-        if ep is not None or dp is not None or args.ranks_per_node is not None:
+        if ep is not None or args.ranks_per_node is not None:
             raise ValueError(
-                "--pipeline-parallel does not combine with --expert-parallel, --data-parallel or "
-                "--ranks-per-node yet: the whole world is one pipeline"
+                "--pipeline-parallel does not combine with --expert-parallel or --ranks-per-node yet: each "
+                "pipeline stage holds all the experts of its layers (--data-parallel copies whole pipelines)"
             )
-        layout = dict(pipeline_parallel=pp, schedule=args.schedule or "1f1b", microbatches=args.microbatches)
+        layout = dict(
+            pipeline_parallel=pp, data_parallel=dp, schedule=args.schedule or "1f1b", microbatches=args.microbatches
+        )
     else:
         if ep is None:
             if world % dp:

@@ -115,7 +115,8 @@ def train(args, out: Path) -> dict:
             os.kill(os.getpid(), 9)
 
     if args.pp:
-        layout = dict(pipeline_parallel=args.pp, schedule=args.schedule, microbatches=args.microbatches)
+        layout = dict(pipeline_parallel=args.pp, data_parallel=args.dp, schedule=args.schedule)
+        layout["microbatches"] = args.microbatches
     else:
         layout = dict(expert_parallel=args.ep, data_parallel=args.dp, ranks_per_node=args.rpn)
     result = train_distributed(
@@ -147,10 +148,11 @@ def train(args, out: Path) -> dict:
         from dsv3.parallel.pipeline import schedule_actions
 
         par = result.parallel
-        planned = schedule_actions(par.pipeline_order())[dist.get_rank()]
+        planned = schedule_actions(par.pipeline_order())[par.pp_rank]
         out["planned"] = [[a.stage, a.kind, a.microbatch] for a in planned]
         out["executed"] = [[s, k, m] for s, k, m, *_ in par.executed]
         out["pipeline_bytes"] = [h["pipeline_bytes"] for h in result.history]
+        out["pp_rank"] = par.pp_rank
     return out
 
 

@@ -288,16 +288,34 @@ def bubble_fraction(timeline: list[dict]) -> float:
 # ---------------------------------------------------------------------- the strategy
 class Pipeline:
     """The strategy object ``dsv3.train.train(..., parallel=...)`` consults for a pipeline-parallel run (one per
-    process; the world is the pipeline)."""
+    process). The world is ``data_parallel`` pipelines of ``pipeline_parallel`` ranks, a (dp, pp) DeviceMesh:
+    global rank = dp_rank * pipeline_parallel + pp_rank. Each pipeline trains on its rows of every global batch; the
+    gradients of its stages are averaged with the other pipelines' copies of the same stages before the step."""
 
-    def __init__(self, pipeline_parallel: int, schedule: str, microbatches: int | None, device: torch.device):
-        self.pp, self.schedule_name, self.device = pipeline_parallel, schedule, device
+    def __init__(
+        self,
+        pipeline_parallel: int,
+        schedule: str,
+        microbatches: int | None,
+        device: torch.device,
+        data_parallel: int = 1,
+    ):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.pp, self.dp, self.schedule_name, self.device = pipeline_parallel, data_parallel, schedule, device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.group = dist.group.WORLD
+        if self.world_size != pipeline_parallel * data_parallel:
+            raise ValueError(
+                f"world size {self.world_size} is not data_parallel x pipeline_parallel = {data_parallel} x "
+                f"{pipeline_parallel}"
+            )
+        self.mesh = init_device_mesh(device.type, (data_parallel, pipeline_parallel), mesh_dim_names=("dp", "pp"))
+        self.group, self.dp_group = self.mesh.get_group("pp"), self.mesh.get_group("dp")
+        self.pp_rank, self.dp_rank = self.rank % pipeline_parallel, self.rank // pipeline_parallel
         self.n_stages = pipeline_parallel * stages_per_rank(schedule)
         self.microbatches = microbatches if microbatches is not None else self.n_stages
-        self.owner = stage_ranks(schedule, pipeline_parallel)  # rank of each stage
-        self.my_stages = [s for s, r in enumerate(self.owner) if r == self.rank]
+        self.owner = stage_ranks(schedule, pipeline_parallel)  # pipeline rank of each stage
+        self.my_stages = [s for s, r in enumerate(self.owner) if r == self.pp_rank]
         self.modules: list[PipelineStageModule] = []
         # the last schedule step's compute actions on this rank, in the order they ran:
         # (stage, kind, microbatch, start, end) with perf_counter times
@@ -325,11 +343,15 @@ class Pipeline:
                 for name, p in list(mod.named_parameters(recurse=False)):
                     if id(p) not in keep:  # another rank's layer: shape only, no memory, not trained here
                         setattr(mod, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
-        # the embedding's second home: the last stage's MTP modules, on another rank under 1F1B
+        # the embedding's second home: the last stage's MTP modules, on another rank under 1F1B (one pair of ranks
+        # per pipeline; every rank creates every group, in the same order)
         holders = sorted({self.owner[0], self.owner[-1]}) if len(model.mtp) else [self.owner[0]]
         if len(holders) > 1:
-            self._tied_group = dist.new_group(holders)
-            self._embed_replica = self.rank == holders[-1]
+            for d in range(self.dp):
+                group = dist.new_group([d * self.pp + h for h in holders])
+                if d == self.dp_rank:
+                    self._tied_group = group
+            self._embed_replica = self.pp_rank == holders[-1]
         self._embed = model.embed_tokens.weight
         return model
 
@@ -357,7 +379,17 @@ class Pipeline:
         return self._schedule(self.microbatches, *self._shape).pipeline_order
 
     def local_batch(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return input_ids, labels  # every rank feeds the whole batch; the schedule cuts it into micro-batches
+        """This pipeline's rows of a global (micro-)batch (every rank of a pipeline feeds the same rows; the schedule
+        cuts them into micro-batches)."""
+        B = input_ids.shape[0]
+        if B % self.dp:
+            raise ValueError(
+                f"a global micro-batch of {B} sequences does not split over {self.dp} data-parallel pipelines; "
+                f"choose batch_size / grad_accum divisible by data_parallel"
+            )
+        b = B // self.dp
+        rows = slice(self.dp_rank * b, (self.dp_rank + 1) * b)
+        return input_ids[rows], labels[rows]
 
     # ------------------------------------------------------------------ the step
     def _tally(self, n_layers: int) -> _Tally:
@@ -392,7 +424,7 @@ class Pipeline:
             m.tally, m.options = tally, options
         schedule = self._schedule(n, B // n, ids.shape[1])
         self.executed.clear()
-        args = (ids,) if self.owner[0] == self.rank else ()
+        args = (ids,) if self.owner[0] == self.pp_rank else ()
         with autocast:
             schedule.step(*args, target=labels, tokens=ids, labels=labels, return_outputs=False)
         for m in self.modules:
@@ -405,18 +437,28 @@ class Pipeline:
         return tally.parts / chunks, tally.loads, tally.groups / chunks, torch.zeros(len(layers), device=self.device)
 
     def reduce_step(self, micro: list[torch.Tensor], loads: torch.Tensor, groups: torch.Tensor):
-        """Every stage measured its own layers and loss terms: the sums over the ranks are the step's values."""
+        """Every stage measured its own layers and loss terms on its pipeline's rows: summed over a pipeline's ranks
+        and averaged over the pipelines they are the step's values; the loads are summed over the whole world."""
         t = torch.cat([torch.stack(micro).reshape(-1), groups.double()])
-        dist.all_reduce(t, group=self.group)
+        dist.all_reduce(t)
+        t /= self.dp
         loads = loads.clone()
-        dist.all_reduce(loads, group=self.group)
+        dist.all_reduce(loads)
         n = len(micro) * micro[0].numel()
         return list(t[:n].view(len(micro), -1).unbind(0)), loads, t[n:].to(groups.dtype)
 
     def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float):
-        """Sum the embedding's two copies' gradients, then clip by the global norm (each parameter counted once)."""
+        """Sum the embedding's two copies' gradients, average every gradient over the pipelines, then clip by the
+        global norm (each parameter counted once)."""
         if self._tied_group is not None:
             dist.all_reduce(self._embed.grad, group=self._tied_group)
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.dp > 1 and grads:  # one flat all-reduce over the copies of this rank's stages
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.dp_group)
+            flat /= self.dp
+            for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(piece.view_as(g))
         grads = [p.grad for p in params if p.grad is not None and not (self._embed_replica and p is self._embed)]
         sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum().double() if grads else None
         sq = sq if sq is not None else torch.zeros((), dtype=torch.float64, device=self.device)
@@ -433,7 +475,7 @@ class Pipeline:
         """A pipeline keeps every expert of a layer on one rank: no all-to-all, each token's experts on one node.
         ``pipeline_bytes``: activations and their gradients sent between stages on different ranks (fp32)."""
         t = torch.tensor([self.boundary_bytes], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.group)
+        dist.all_reduce(t)
         self.boundary_bytes = 0
         return {
             "internode_bytes": 0,
@@ -457,35 +499,38 @@ class Pipeline:
         for s, m in zip(self.my_stages, self.modules):
             if s == 0:
                 x = ids
-            elif self.owner[s - 1] != self.rank:
+            elif self.owner[s - 1] != self.pp_rank:
                 x = torch.empty(*ids.shape, self.model_config.hidden_size, device=self.device)
-                dist.recv(x, src=self.owner[s - 1], group=self.group)
+                dist.recv(x, group=self.group, group_src=self.owner[s - 1])
             x = m(x, ids, labels)
-            if s < self.n_stages - 1 and self.owner[s + 1] != self.rank:
-                dist.send(x.contiguous(), dst=self.owner[s + 1], group=self.group)
+            if s < self.n_stages - 1 and self.owner[s + 1] != self.pp_rank:
+                dist.send(x.contiguous(), group=self.group, group_dst=self.owner[s + 1])
         for m in self.modules:
             m.tally = None
         return tally.parts[[2, 3]], tally.loads
 
     def reduce_eval(self, losses: list[torch.Tensor], loads: torch.Tensor):
         t = torch.stack(losses).double()
-        dist.all_reduce(t, group=self.group)
+        dist.all_reduce(t)
+        t /= self.dp
         loads = loads.clone()
-        dist.all_reduce(loads, group=self.group)
+        dist.all_reduce(loads)
         return list(t.unbind(0)), loads
 
     # ------------------------------------------------------------------ what ran
     def executed_any(self) -> bool:
         """Whether any rank ran a schedule step in this process (a resumed run may have had none left)."""
         t = torch.tensor([len(self.executed)], device=self.device)
-        dist.all_reduce(t, group=self.group)
+        dist.all_reduce(t)
         return bool(t)
 
     def trace(self) -> dict | None:
         """The layout and the last step's compute actions of every rank, in the order each ran them, with their
         times in seconds from that rank's first action (each rank's own clock); on rank 0, None elsewhere. For a
-        DualPipeV run also torch's plan (``planned``), which the runtime follows action by action. Every rank must
-        call it (it gathers)."""
+        DualPipeV run also torch's plan (``planned``), which the runtime follows action by action. The first
+        pipeline's ranks must call it (they gather); for the others it is None at once."""
+        if self.dp_rank != 0:
+            return None
         kinds = "FBIW"
         rows = torch.tensor(
             [[s, kinds.index(k), m, t0, t1] for s, k, m, t0, t1 in self.executed], dtype=torch.float64
@@ -493,21 +538,21 @@ class Pipeline:
         if len(rows):
             rows[:, 3:] -= rows[0, 3].item()
         n = torch.tensor([len(rows)], device=self.device)
-        counts = [torch.empty_like(n) for _ in range(self.world_size)]
+        counts = [torch.empty_like(n) for _ in range(self.pp)]
         dist.all_gather(counts, n, group=self.group)
         longest = int(max(counts))
         padded = torch.zeros(longest, 5, dtype=torch.float64, device=self.device)
         padded[: len(rows)] = rows.to(self.device)
-        every = [torch.empty_like(padded) for _ in range(self.world_size)]
+        every = [torch.empty_like(padded) for _ in range(self.pp)]
         dist.all_gather(every, padded, group=self.group)
-        if self.rank != 0:
+        if self.pp_rank != 0:
             return None
         executed = {
             r: [
                 {"stage": int(a[0]), "kind": kinds[int(a[1])], "microbatch": int(a[2]), "start": a[3], "end": a[4]}
                 for a in every[r][: int(counts[r])].tolist()
             ]
-            for r in range(self.world_size)
+            for r in range(self.pp)
         }
         planned = None
         if self.schedule_name == "dualpipev" and getattr(self, "_shape", None) is not None:
@@ -526,6 +571,7 @@ class Pipeline:
         return {
             "schedule": self.schedule_name,
             "pipeline_parallel": self.pp,
+            "data_parallel": self.dp,
             "microbatches": self.microbatches,
             "stages": stages,
             "executed": executed,
@@ -536,7 +582,7 @@ class Pipeline:
     def _owners(self, named: dict[str, torch.Tensor]) -> list[int]:
         """For each entry (same names on every rank), the lowest rank that holds it for real."""
         held = torch.tensor([0 if t.is_meta else 1 for t in named.values()], dtype=torch.long, device=self.device)
-        every = [torch.empty_like(held) for _ in range(self.world_size)]
+        every = [torch.empty_like(held) for _ in range(self.pp)]
         dist.all_gather(every, held, group=self.group)
         table = torch.stack(every)  # (world, entries)
         if not bool(table.any(0).all()):
@@ -544,25 +590,29 @@ class Pipeline:
         return table.float().argmax(0).tolist()  # the first rank with a 1
 
     def _collect(self, named: dict[str, torch.Tensor], like: dict[str, tuple]) -> dict[str, torch.Tensor]:
-        """Every entry's full tensor on rank 0 (sent by its owner), {} elsewhere. ``like``: name -> (shape, dtype)."""
+        """Every entry's full tensor on the pipeline's rank 0 (sent by its owner), {} elsewhere. ``like``: name ->
+        (shape, dtype)."""
         owners = self._owners(named)
         out = {}
         for (name, t), owner in zip(named.items(), owners):
             if owner == 0:
-                if self.rank == 0:
+                if self.pp_rank == 0:
                     out[name] = t.detach().cpu()
                 continue
-            if self.rank == owner:
-                dist.send(t.detach().contiguous(), dst=0, group=self.group)
-            elif self.rank == 0:
+            if self.pp_rank == owner:
+                dist.send(t.detach().contiguous(), group=self.group, group_dst=0)
+            elif self.pp_rank == 0:
                 shape, dtype = like[name]
                 buf = torch.empty(shape, dtype=dtype, device=self.device)
-                dist.recv(buf, src=owner, group=self.group)
+                dist.recv(buf, group=self.group, group_src=owner)
                 out[name] = buf.cpu()
         return out
 
     def gather_state(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        """(a one-process DeepSeekV3, an AdamW with the full optimizer state) on rank 0, (None, None) elsewhere."""
+        """(a one-process DeepSeekV3, an AdamW with the full optimizer state) on rank 0, (None, None) elsewhere. The
+        first pipeline gathers its stages; the others hold the same values and return at once."""
+        if self.dp_rank != 0:
+            return None, None
         state = dict(model.state_dict())
         weights = self._collect(state, {n: (t.shape, t.dtype) for n, t in state.items()})
         params = dict(model.named_parameters())
@@ -595,7 +645,7 @@ class Pipeline:
         load_optimizer_entries(model, optimizer, tensors, self.device)
 
     def barrier(self) -> None:
-        dist.barrier(group=self.group)
+        dist.barrier()
 
 
 def _identity_loss(output, target):

@@ -268,9 +268,12 @@ def train_distributed(
             model_config, pipeline_parallel, schedule, microbatches, timeout_s, expert_parallel, data_parallel
         )
         micro = train_config.batch_size // train_config.grad_accum
-        if micro % par.microbatches:
+        if micro % (par.dp * par.microbatches):
             raise ValueError(
-                f"batch_size / grad_accum = {micro} sequences do not split into {par.microbatches} pipeline "
+                f"batch_size / grad_accum = {micro} sequences do not split into {par.dp} data-parallel pipelines "
+                f"of {par.microbatches} pipeline micro-batches"
+                if par.dp > 1
+                else f"batch_size / grad_accum = {micro} sequences do not split into {par.microbatches} pipeline "
                 f"micro-batches"
             )
     else:
@@ -301,16 +304,20 @@ def setup_pipeline(
     expert_parallel: int | None = None,
     data_parallel: int | None = None,
 ) -> Pipeline:
-    """Join torchrun's world as one pipeline of ``pipeline_parallel`` ranks; every count is checked before any model
-    exists."""
-    for name, v in (("pipeline_parallel", pipeline_parallel), ("microbatches", microbatches)):
+    """Join torchrun's world as ``data_parallel`` pipelines of ``pipeline_parallel`` ranks (default: the world is one
+    pipeline); every count is checked before any model exists."""
+    for name, v in (
+        ("pipeline_parallel", pipeline_parallel),
+        ("microbatches", microbatches),
+        ("data_parallel", data_parallel),
+    ):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     stages_per_rank(schedule)  # a bad schedule name fails here
-    if (expert_parallel or 1) != 1 or (data_parallel or 1) != 1:
+    if (expert_parallel or 1) != 1:
         raise ValueError(
-            f"pipeline parallelism does not combine with expert or data parallelism yet (got expert_parallel="
-            f"{expert_parallel}, data_parallel={data_parallel}): the whole world is one pipeline"
+            f"pipeline parallelism does not combine with expert parallelism yet (got expert_parallel="
+            f"{expert_parallel}): each stage holds all the experts of its layers"
         )
     n_stages = pipeline_parallel * stages_per_rank(schedule)
     split_stages(model_config.num_hidden_layers, model_config.num_nextn_predict_layers, n_stages)
@@ -320,8 +327,11 @@ def setup_pipeline(
             f"the DualPipeV schedule needs at least as many micro-batches as its {n_stages} stages, got {n}"
         )
     rank, world, device = init_distributed(timeout_s)
-    if world != pipeline_parallel:
+    dp = data_parallel if data_parallel is not None else world // pipeline_parallel
+    if dp * pipeline_parallel != world:
         raise ValueError(
-            f"world size {world} is not pipeline_parallel={pipeline_parallel}: the whole world is one pipeline"
+            f"world size {world} is not data_parallel x pipeline_parallel = {dp} x {pipeline_parallel}"
+            if data_parallel is not None
+            else f"world size {world} is not a multiple of pipeline_parallel={pipeline_parallel}"
         )
-    return Pipeline(pipeline_parallel, schedule, n, device)
+    return Pipeline(pipeline_parallel, schedule, n, device, data_parallel=dp)
