@@ -1,4 +1,5 @@
-"""Expert-parallel communication and throughput (paper Sec. 2.1.2 "Node-Limited Routing", Sec. 3.2.2).
+"""Expert-parallel communication and throughput (paper Sec. 2.1.2 "Node-Limited Routing", Sec. 3.2.2), and the
+pipeline schedules (Sec. 3.2.1).
 
     PYTHONPATH=. python benchmarks/bench_parallel.py            # writes benchmarks/results/bench_parallel.md
 
@@ -13,6 +14,10 @@ Bytes per token assume a BF16 hidden state (V3 dispatches in FP8 with 1x128 scal
 Part 2 -- real runs of ``torchrun -m dsv3 train`` with the tiny model on this machine's CPU (gloo): tokens/s for 1, 2
 and 4 processes and the measured per-step byte counters. Honest label: this machine has 2 shared CPU cores, so 4
 processes time-share 2 cores; these numbers show the protocol works and what it costs here, not a scaling curve.
+
+Part 3 -- the same for pipeline parallelism (1F1B and DualPipeV on 2 ranks, and 2 data-parallel pipelines): tokens/s
+against the one-process run of part 2, the activation bytes sent between stages per step, and the bubble of the
+schedule each run executed (``pipeline.json``), laid out with unit costs (forward 1, backward 2 per rank's share).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 from dsv3 import ModelConfig
 from dsv3.parallel import plan_topology
 from dsv3.parallel.cost import cost_rows, expected_nodes_uniform, sampled_copies
+from dsv3.parallel.pipeline import PIPELINE_TRACE, bubble_fraction, schedule_timeline, trace_actions
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TOKENS = 16384
@@ -101,7 +107,8 @@ def run(nproc: int, out: Path, extra: list[str]) -> dict:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     tps = float(re.search(r"throughput ([\d,]+) tokens/s", proc.stdout).group(1).replace(",", ""))
     history = json.loads((out / "checkpoint-000006" / "trainer.json").read_text())["history"]
-    return {"tokens_per_s": tps, "wall_s": time.perf_counter() - t0, "history": history}
+    trace = json.loads((out / PIPELINE_TRACE).read_text()) if (out / PIPELINE_TRACE).exists() else None
+    return {"tokens_per_s": tps, "wall_s": time.perf_counter() - t0, "history": history, "trace": trace}
 
 
 def main() -> None:
@@ -165,6 +172,7 @@ def main() -> None:
             r = run(n, tmp / f"run{i}", extra)
             h = r["history"]
             if n == 1:
+                one_process = r["tokens_per_s"]
                 lines.append(f"| 1 | {label} | {r['tokens_per_s']:,.0f} | - | - | - | - |")
                 continue
 
@@ -177,14 +185,51 @@ def main() -> None:
                 f"{max(e['nodes_per_token_max'] for e in h)} | "
                 f"{mean('internode_bytes') / per_copy / token_layers:.2f} |"
             )
+        lines += [
+            "",
+            "Bytes per step count forward and backward, hidden states and routing metadata, over the 3 MoE "
+            "layers (2 main + 1 MTP) and all ranks; control traffic (split sizes) is not included. The last column "
+            f"divides the inter-node bytes by what one copy costs in a step ({per_copy:,} bytes) and by the "
+            f"{token_layers:,} token-layers of a step: compare it with the sampled 'deduplicated' rows of part 1 "
+            "(4 nodes x 1). Which rank a token lives on changes its copies, so layouts with the same routing can "
+            "differ (DP 2 x EP 2 vs EP 4 on 2 nodes x 2).",
+            "",
+            "## 3. Pipelines on this machine: `torchrun -m dsv3 train --pipeline-parallel 2`, same model and steps",
+            "",
+            "| processes | layout | tokens/s | vs 1 process | pipeline bytes / step | bubble (unit costs) |",
+            "|---|---|---|---|---|---|",
+        ]
+        pipelines = [
+            (2, "PP 2, 1F1B, 4 micro-batches", ["--pipeline-parallel", "2", "--microbatches", "4"], None),
+            (
+                2,
+                "PP 2, DualPipeV, 4 micro-batches",
+                ["--pipeline-parallel", "2", "--schedule", "dualpipev", "--microbatches", "4"],
+                {"F": 0.5, "B": 1.0, "I": 0.5, "W": 0.5},  # two stages of half the blocks per rank
+            ),
+            (
+                4,
+                "DP 2 x PP 2, 1F1B, 4 micro-batches",
+                ["--pipeline-parallel", "2", "--data-parallel", "2", "--microbatches", "4"],
+                None,
+            ),
+        ]
+        for i, (n, label, extra, cost) in enumerate(pipelines):
+            r = run(n, tmp / f"pipe{i}", extra)
+            t = r["trace"]
+            bubble = bubble_fraction(schedule_timeline(trace_actions(t), len(t["stages"]), cost))
+            step_bytes = sum(e["pipeline_bytes"] for e in r["history"]) / len(r["history"])
+            lines.append(
+                f"| {n} | {label} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / one_process:.2f}x | "
+                f"{step_bytes:,.0f} | {bubble:.1%} |"
+            )
     lines += [
         "",
-        "Bytes per step count forward and backward, hidden states and routing metadata, over the 3 MoE "
-        "layers (2 main + 1 MTP) and all ranks; control traffic (split sizes) is not included. The last column "
-        f"divides the inter-node bytes by what one copy costs in a step ({per_copy:,} bytes) and by the "
-        f"{token_layers:,} token-layers of a step: compare it with the sampled 'deduplicated' rows of part 1 "
-        "(4 nodes x 1). Which rank a token lives on changes its copies, so layouts with the same routing can "
-        "differ (DP 2 x EP 2 vs EP 4 on 2 nodes x 2).",
+        "Pipeline bytes: fp32 activations and their gradients crossing a rank boundary, summed over the pipelines. "
+        "The bubble is the idle share of the ranks' time when the actions each rank executed are laid out with a "
+        "forward costing 1 and a backward 2 (its input and weight halves 1 each) per rank's share of the blocks; "
+        "1F1B's is (P - 1) / (m + P - 1) = 20% for P = 2, m = 4. On 2 shared cores the measured tokens/s also pay "
+        "for the processes' time-sharing, so they are no pipeline speed-up.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

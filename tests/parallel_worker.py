@@ -98,6 +98,7 @@ def train_config(args):
         progress=False,
         out_dir=args.run_dir,
         grad_accum=args.grad_accum,
+        fp8=args.fp8,
     )
 
 
@@ -178,6 +179,7 @@ def main() -> None:
     p.add_argument("--schedule", default="1f1b")
     p.add_argument("--microbatches", type=int, default=None)
     p.add_argument("--val", type=int, default=0)
+    p.add_argument("--fp8", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
     result = {"grads": grads, "train": train}[args.scenario](args, Path(args.out))
