@@ -298,8 +298,9 @@ def _add_train(sub) -> None:
         "--pipeline-parallel",
         type=positive_int,
         default=None,
-        help="ranks of one pipeline: the blocks cut into stages, trained with --schedule; with --data-parallel D "
-        "the world is D pipelines (default: one); does not combine with --expert-parallel",
+        help="ranks of one pipeline: the blocks cut into stages, trained with --schedule; with --expert-parallel E "
+        "the E ranks at each pipeline position share their stages' experts, and the world is D x E pipelines "
+        "(--data-parallel D, default: what the world leaves)",
     )
     g.add_argument(
         "--schedule",
@@ -392,13 +393,13 @@ def _train_distributed(args, model_config, cfg):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ep, dp, pp = args.expert_parallel, args.data_parallel, args.pipeline_parallel
     if pp is not None:
-        if ep is not None or args.ranks_per_node is not None:
-            raise ValueError(
-                "--pipeline-parallel does not combine with --expert-parallel or --ranks-per-node yet: each "
-                "pipeline stage holds all the experts of its layers (--data-parallel copies whole pipelines)"
-            )
         layout = dict(
-            pipeline_parallel=pp, data_parallel=dp, schedule=args.schedule or "1f1b", microbatches=args.microbatches
+            pipeline_parallel=pp,
+            data_parallel=dp,
+            expert_parallel=ep,
+            ranks_per_node=args.ranks_per_node,
+            schedule=args.schedule or "1f1b",
+            microbatches=args.microbatches,
         )
     else:
         if ep is None:

@@ -36,7 +36,9 @@ def grads(args, out: Path) -> dict:
     """EP forward + backward on each rank's slice of one global batch, against the one-process model."""
     config = config_from(args)
     rank, world, device = init_distributed(timeout_s=args.timeout)
-    topo = plan_topology(world, args.ep, config.n_routed_experts, config.n_group, ranks_per_node=args.rpn, rank=rank)
+    topo = plan_topology(
+        world, args.ep or 2, config.n_routed_experts, config.n_group, ranks_per_node=args.rpn, rank=rank
+    )
     mesh, _ = build_mesh(topo, device)
     torch.manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))  # the global batch, same on every rank
@@ -117,9 +119,9 @@ def train(args, out: Path) -> dict:
 
     if args.pp:
         layout = dict(pipeline_parallel=args.pp, data_parallel=args.dp, schedule=args.schedule)
-        layout["microbatches"] = args.microbatches
+        layout.update(microbatches=args.microbatches, expert_parallel=args.ep, ranks_per_node=args.rpn)
     else:
-        layout = dict(expert_parallel=args.ep, data_parallel=args.dp, ranks_per_node=args.rpn)
+        layout = dict(expert_parallel=args.ep or 2, data_parallel=args.dp, ranks_per_node=args.rpn)
     result = train_distributed(
         train_cfg_model(args),
         train_config(args),
@@ -161,7 +163,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("scenario")
     p.add_argument("out")
-    p.add_argument("--ep", type=int, default=2)
+    p.add_argument("--ep", type=int, default=None)  # expert parallel degree (2 unless --pp)
     p.add_argument("--rpn", type=int, default=None)
     p.add_argument("--n-group", type=int, default=4)
     p.add_argument("--topk-group", type=int, default=2)

@@ -494,18 +494,21 @@ def test_pipeline_training_matches_one_process(tmp_path, schedule, microbatches,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule, dp", [("1f1b", 1), ("dualpipev", 1), ("1f1b", 2)])
-def test_pipeline_resume_after_a_kill_is_exact_and_checkpoints_load_in_one_process(tmp_path, schedule, dp):
-    """A pipeline run (2 ranks, or 2 pipelines of 2) saves every 2 steps and loses a rank at step 3; resumed, it
-    continues bit for bit like an uninterrupted run, and its checkpoint (gathered from the stages) is the
-    one-process model."""
+@pytest.mark.parametrize("schedule, dp, ep", [("1f1b", 1, 1), ("dualpipev", 1, 1), ("1f1b", 2, 1), ("dualpipev", 1, 2)])
+def test_pipeline_resume_after_a_kill_is_exact_and_checkpoints_load_in_one_process(tmp_path, schedule, dp, ep):
+    """A pipeline run (2 ranks, 2 pipelines of 2, or 2 ranks sharing experts at each of 2 positions) saves every 2
+    steps and loses a rank at step 3; resumed, it continues bit for bit like an uninterrupted run, and its
+    checkpoint (gathered from the stages and expert slices) is the one-process model."""
     from dsv3 import load_pretrained
 
-    run, n = tmp_path / "run", 2 * dp
-    common = ["--pp", 2, "--dp", dp, "--schedule", schedule, "--microbatches", 4, "--batch", 8, "--seq", 16]
-    common += ["--n-group", 4, "--topk-group", 2, "--run-dir", run, "--save-every", 2]
-    if dp > 1:
-        common[common.index("--microbatches") + 1] = 2
+    run, n = tmp_path / "run", 2 * dp * ep
+    common = ["--pp", 2, "--dp", dp, "--ep", ep, "--schedule", schedule, "--batch", 8, "--seq", 16]
+    common += ["--rpn", 1] if ep > 1 else []
+    common += ["--microbatches", 4 // (dp * ep), "--n-group", 4, "--topk-group", 2, "--run-dir", run]
+    common += ["--save-every", 2]
+    if 4 // (dp * ep) < 4 and schedule == "dualpipev":  # DualPipeV needs a micro-batch per stage
+        common[common.index("--batch") + 1] = 16
+        common[common.index("--microbatches") + 1] = 4
     proc = torchrun(n, "train", tmp_path / "a", *common, "--steps", 6, "--die-at", 3, "--timeout", 20, expect_ok=False)
     assert proc.returncode != 0 and (run / "latest").read_text().strip() == "checkpoint-000002"
     torchrun(n, "train", tmp_path / "b", *common, "--steps", 6, "--resume")
@@ -513,7 +516,7 @@ def test_pipeline_resume_after_a_kill_is_exact_and_checkpoints_load_in_one_proce
     torchrun(n, "train", tmp_path / "c", *common, "--steps", 6)
     resumed = read_ranks(tmp_path / "b", n)[0]["history"]
     assert resumed == read_ranks(tmp_path / "c", n)[0]["history"]  # exact: every float of every step
-    one = oracle(6, 8, 16, 4, 2)
+    one = oracle(6, common[common.index("--batch") + 1], 16, 4, 2)
     assert_same_history(resumed, one.history, n_group_limit=4)
     model = load_pretrained(run / "checkpoint-000006")
     ref = dict(one.model.named_parameters())
@@ -557,12 +560,13 @@ def test_cli_pipeline_run_writes_the_one_process_model_and_resumes_in_one_proces
 @pytest.mark.parametrize(
     "nproc, flags, message",
     [
-        (2, ["--pipeline-parallel", 2, "--expert-parallel", 2], "does not combine with --expert-parallel"),
-        (2, ["--pipeline-parallel", 4], "world size 2 is not a multiple of pipeline_parallel=4"),
+        (2, ["--pipeline-parallel", 2, "--expert-parallel", 2], "is not a multiple of pipeline_parallel x "),
+        (2, ["--pipeline-parallel", 4], "world size 2 is not a multiple of pipeline_parallel x expert_parallel = 4"),
         (2, ["--pipeline-parallel", 2, "--data-parallel", 2], "world size 2 is not data_parallel x pipeline_parallel"),
         (2, ["--pipeline-parallel", 2, "--schedule", "dualpipev", "--microbatches", 2], "at least as many micro"),
         (2, ["--pipeline-parallel", 2, "--microbatches", 3], "do not split into 3 pipeline micro-batches"),
         (None, ["--schedule", "dualpipev"], "give --pipeline-parallel too"),
+        (2, ["--pipeline-parallel", 2, "--ranks-per-node", 1], "ranks_per_node groups expert-parallel ranks"),
     ],
 )
 def test_cli_bad_pipelines_end_every_rank_with_one_error(tmp_path, nproc, flags, message):
@@ -614,3 +618,58 @@ def test_data_parallel_pipelines_match_one_process(tmp_path, schedule):
             for key in ("val_loss", "val_mtp_loss"):
                 if key in o:
                     assert abs(d[key] - o[key]) <= 1e-4 * abs(o[key]), (key, d[key], o[key])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])
+def test_expert_parallel_pipelines_match_one_process(tmp_path, schedule):
+    """PP 2 x EP 2 on 4 processes (2 nodes of 1 rank at each pipeline position): the stages' experts split over the
+    ep ranks, all-to-alls inside the schedule; the one-process losses, loads and biases, byte counters that show
+    the dispatch, and a checkpoint that is the one-process model."""
+    from dsv3 import load_pretrained
+
+    run = tmp_path / "run"
+    torchrun(
+        4,
+        "train",
+        tmp_path,
+        "--pp",
+        2,
+        "--ep",
+        2,
+        "--rpn",
+        1,
+        "--schedule",
+        schedule,
+        "--microbatches",
+        4,
+        "--n-group",
+        2,
+        "--topk-group",
+        1,
+        "--batch",
+        16,
+        "--seq",
+        16,
+        "--steps",
+        6,
+        "--val",
+        3,
+        "--run-dir",
+        run,
+        timeout=300,
+    )
+    ranks = read_ranks(tmp_path, 4)
+    one = oracle(6, 16, 16, 2, 1, eval_every=3, eval_batches=2)
+    for r in ranks:
+        assert_same_history(r["history"], one.history, n_group_limit=1)
+        assert r["history"] == ranks[0]["history"]
+        for d, o in zip(r["history"], one.history):
+            for key in ("val_loss", "val_mtp_loss"):
+                if key in o:
+                    assert abs(d[key] - o[key]) <= 1e-4 * abs(o[key]), (key, d[key], o[key])
+    assert all(h["internode_bytes"] > 0 for h in ranks[0]["history"])  # 2 nodes: tokens cross between them
+    model = load_pretrained(run / "checkpoint-000006")
+    ref = dict(one.model.named_parameters())
+    for name, p in model.named_parameters():
+        assert (p - ref[name]).norm() <= 1e-4 * ref[name].norm(), name

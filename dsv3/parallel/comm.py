@@ -85,3 +85,30 @@ class CommStats:
         out = {f"{link}_{kind}_bytes": self.bytes.get((kind, link), 0) for kind in KINDS for link in LINKS}
         out.update(nodes_max=self.nodes_max, nodes_sum=self.nodes_sum, tokens=self.tokens)
         return out
+
+    def reduce_step(self) -> dict:
+        """The step's counters summed over every rank of the world (max for the node count), as a history entry's
+        fields; resets them. Every rank must call it (it all-reduces)."""
+        c = self.totals()
+        kinds = ("hidden", "routing")
+        t = torch.tensor(
+            [
+                sum(c[f"internode_{k}_bytes"] for k in kinds),
+                sum(c[f"intranode_{k}_bytes"] for k in kinds),
+                c["internode_control_bytes"] + c["intranode_control_bytes"],
+                c["nodes_sum"],
+                c["tokens"],
+            ],
+            dtype=torch.float64,
+        )
+        dist.all_reduce(t)
+        mx = torch.tensor([c["nodes_max"]], dtype=torch.int64)
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+        self.reset()
+        return {
+            "internode_bytes": int(t[0]),
+            "intranode_bytes": int(t[1]),
+            "control_bytes": int(t[2]),
+            "nodes_per_token_max": int(mx),
+            "nodes_per_token_mean": float(t[3] / t[4]) if t[4] else 0.0,
+        }

@@ -39,7 +39,10 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDu
 from .. import balance as bal
 from ..config import ModelConfig
 from ..model import DeepSeekV3
+from .comm import CommStats
+from .expert import ExpertParallelExperts, apply_expert_parallel
 from .state import load_optimizer_entries, one_process_copy
+from .topology import Topology
 
 SCHEDULES = ("1f1b", "dualpipev")
 PIPELINE_TRACE = "pipeline.json"  # written beside the checkpoints of a pipeline run: what its schedule ran
@@ -288,9 +291,13 @@ def bubble_fraction(timeline: list[dict]) -> float:
 # ---------------------------------------------------------------------- the strategy
 class Pipeline:
     """The strategy object ``dsv3.train.train(..., parallel=...)`` consults for a pipeline-parallel run (one per
-    process). The world is ``data_parallel`` pipelines of ``pipeline_parallel`` ranks, a (dp, pp) DeviceMesh:
-    global rank = dp_rank * pipeline_parallel + pp_rank. Each pipeline trains on its rows of every global batch; the
-    gradients of its stages are averaged with the other pipelines' copies of the same stages before the step."""
+    process). The world is a (dp, pp, ep) DeviceMesh, global rank = (dp_rank * pp + pp_rank) * ep + ep_rank:
+    ``data_parallel`` x ``expert_parallel`` pipelines of ``pipeline_parallel`` ranks, each on its rows of every
+    global batch. The ``expert_parallel`` ranks at one pipeline position hold the same stages and share their
+    routed experts (``dsv3.parallel.expert``: the ep ranks, consecutive, form nodes of ``topology.ranks_per_node``);
+    they run the same schedule in step, so their all-to-alls meet. Before the optimizer step a stage's dense
+    gradients are averaged over its dp x ep copies, its expert gradients (which already sum the ep ranks' tokens)
+    divided by ep and averaged over dp."""
 
     def __init__(
         self,
@@ -299,19 +306,31 @@ class Pipeline:
         microbatches: int | None,
         device: torch.device,
         data_parallel: int = 1,
+        topology: Topology | None = None,
     ):
         from torch.distributed.device_mesh import init_device_mesh
 
         self.pp, self.dp, self.schedule_name, self.device = pipeline_parallel, data_parallel, schedule, device
+        self.topology = topology
+        self.ep = topology.expert_parallel if topology is not None else 1
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        if self.world_size != pipeline_parallel * data_parallel:
+        if self.world_size != pipeline_parallel * data_parallel * self.ep:
             raise ValueError(
-                f"world size {self.world_size} is not data_parallel x pipeline_parallel = {data_parallel} x "
-                f"{pipeline_parallel}"
+                f"world size {self.world_size} is not data_parallel x pipeline_parallel x expert_parallel = "
+                f"{data_parallel} x {pipeline_parallel} x {self.ep}"
             )
-        self.mesh = init_device_mesh(device.type, (data_parallel, pipeline_parallel), mesh_dim_names=("dp", "pp"))
+        self.mesh = init_device_mesh(
+            device.type, (data_parallel, pipeline_parallel, self.ep), mesh_dim_names=("dp", "pp", "ep")
+        )
         self.group, self.dp_group = self.mesh.get_group("pp"), self.mesh.get_group("dp")
-        self.pp_rank, self.dp_rank = self.rank % pipeline_parallel, self.rank // pipeline_parallel
+        self.ep_group = self.mesh.get_group("ep")
+        # the copies of this rank's stages: every rank at the same pipeline position
+        self.replica_group = self.mesh["dp", "ep"]._flatten("dp_ep").get_group()
+        self.ep_rank = self.rank % self.ep
+        self.pp_rank = (self.rank // self.ep) % pipeline_parallel
+        self.dp_rank = self.rank // (self.ep * pipeline_parallel)
+        self.stats = CommStats(topology, self.ep_group) if topology is not None else None
+        self._experts: list[ExpertParallelExperts] = []
         self.n_stages = pipeline_parallel * stages_per_rank(schedule)
         self.microbatches = microbatches if microbatches is not None else self.n_stages
         self.owner = stage_ranks(schedule, pipeline_parallel)  # pipeline rank of each stage
@@ -329,6 +348,8 @@ class Pipeline:
     # ------------------------------------------------------------------ the model
     def parallelize(self, model: DeepSeekV3) -> nn.Module:
         config = self.model_config = model.config
+        if self.topology is not None:  # this rank's slice of every MoE layer's experts (the others' go to meta)
+            apply_expert_parallel(model, self.topology, self.stats)
         ranges = split_stages(config.num_hidden_layers, len(model.mtp), self.n_stages)
         self.ranges = ranges
         moe = [b.layer_idx for b in model.layers if b.is_moe]
@@ -343,14 +364,16 @@ class Pipeline:
                 for name, p in list(mod.named_parameters(recurse=False)):
                     if id(p) not in keep:  # another rank's layer: shape only, no memory, not trained here
                         setattr(mod, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+        self._experts = [e for m in self.modules for e in m.modules() if isinstance(e, ExpertParallelExperts)]
         # the embedding's second home: the last stage's MTP modules, on another rank under 1F1B (one pair of ranks
         # per pipeline; every rank creates every group, in the same order)
         holders = sorted({self.owner[0], self.owner[-1]}) if len(model.mtp) else [self.owner[0]]
         if len(holders) > 1:
             for d in range(self.dp):
-                group = dist.new_group([d * self.pp + h for h in holders])
-                if d == self.dp_rank:
-                    self._tied_group = group
+                for e in range(self.ep):
+                    group = dist.new_group([(d * self.pp + h) * self.ep + e for h in holders])
+                    if (d, e) == (self.dp_rank, self.ep_rank):
+                        self._tied_group = group
             self._embed_replica = self.pp_rank == holders[-1]
         self._embed = model.embed_tokens.weight
         return model
@@ -381,14 +404,15 @@ class Pipeline:
     def local_batch(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This pipeline's rows of a global (micro-)batch (every rank of a pipeline feeds the same rows; the schedule
         cuts them into micro-batches)."""
-        B = input_ids.shape[0]
-        if B % self.dp:
+        B, copies = input_ids.shape[0], self.dp * self.ep
+        if B % copies:
             raise ValueError(
-                f"a global micro-batch of {B} sequences does not split over {self.dp} data-parallel pipelines; "
-                f"choose batch_size / grad_accum divisible by data_parallel"
+                f"a global micro-batch of {B} sequences does not split over {copies} pipelines (data_parallel x "
+                f"expert_parallel); choose batch_size / grad_accum divisible by {copies}"
             )
-        b = B // self.dp
-        rows = slice(self.dp_rank * b, (self.dp_rank + 1) * b)
+        b = B // copies
+        i = self.dp_rank * self.ep + self.ep_rank
+        rows = slice(i * b, (i + 1) * b)
         return input_ids[rows], labels[rows]
 
     # ------------------------------------------------------------------ the step
@@ -441,7 +465,7 @@ class Pipeline:
         and averaged over the pipelines they are the step's values; the loads are summed over the whole world."""
         t = torch.cat([torch.stack(micro).reshape(-1), groups.double()])
         dist.all_reduce(t)
-        t /= self.dp
+        t /= self.dp * self.ep
         loads = loads.clone()
         dist.all_reduce(loads)
         n = len(micro) * micro[0].numel()
@@ -452,17 +476,34 @@ class Pipeline:
         global norm (each parameter counted once)."""
         if self._tied_group is not None:
             dist.all_reduce(self._embed.grad, group=self._tied_group)
-        grads = [p.grad for p in params if p.grad is not None]
-        if self.dp > 1 and grads:  # one flat all-reduce over the copies of this rank's stages
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.dp_group)
-            flat /= self.dp
+        expert = {id(p) for e in self._experts for p in e.parameters()}
+        dense = [p.grad for p in params if p.grad is not None and id(p) not in expert]
+        experts = [p.grad for p in params if p.grad is not None and id(p) in expert]
+        for grads, group, copies, scale in (
+            (dense, self.replica_group, self.dp * self.ep, 1.0 / (self.dp * self.ep)),
+            (experts, self.dp_group, self.dp, 1.0 / (self.dp * self.ep)),  # / ep: they sum the ep ranks' tokens
+        ):
+            if not grads:
+                continue
+            flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce over the copies of these gradients
+            if copies > 1:
+                dist.all_reduce(flat, group=group)
+            flat *= scale
             for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(piece.view_as(g))
-        grads = [p.grad for p in params if p.grad is not None and not (self._embed_replica and p is self._embed)]
-        sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum().double() if grads else None
+        # every element once: dense gradients (now equal on every copy) from ep rank 0, expert slices from each
+        # ep rank, the embedding's replica left out; then summed over one data-parallel copy of the model
+        own = list(experts)
+        if self.ep_rank == 0:
+            own += [
+                p.grad
+                for p in params
+                if p.grad is not None and id(p) not in expert and not (self._embed_replica and p is self._embed)
+            ]
+        sq = torch.stack([g.detach().float().pow(2).sum() for g in own]).sum().double() if own else None
         sq = sq if sq is not None else torch.zeros((), dtype=torch.float64, device=self.device)
-        dist.all_reduce(sq, group=self.group)
+        dist.all_reduce(sq)
+        sq /= self.dp  # the dp copies are equal after the averaging
         norm = sq.sqrt()
         if max_norm > 0:
             coef = min(max_norm / (float(norm) + 1e-6), 1.0)
@@ -477,6 +518,8 @@ class Pipeline:
         t = torch.tensor([self.boundary_bytes], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         self.boundary_bytes = 0
+        if self.stats is not None:  # expert parallelism inside the stages: the all-to-all counters
+            return {**self.stats.reduce_step(), "pipeline_bytes": int(t[0])}
         return {
             "internode_bytes": 0,
             "intranode_bytes": 0,
@@ -512,7 +555,9 @@ class Pipeline:
     def reduce_eval(self, losses: list[torch.Tensor], loads: torch.Tensor):
         t = torch.stack(losses).double()
         dist.all_reduce(t)
-        t /= self.dp
+        t /= self.dp * self.ep
+        if self.stats is not None:
+            self.stats.reset()  # evaluation traffic is not a step's
         loads = loads.clone()
         dist.all_reduce(loads)
         return list(t.unbind(0)), loads
@@ -529,7 +574,7 @@ class Pipeline:
         times in seconds from that rank's first action (each rank's own clock); on rank 0, None elsewhere. For a
         DualPipeV run also torch's plan (``planned``), which the runtime follows action by action. The first
         pipeline's ranks must call it (they gather); for the others it is None at once."""
-        if self.dp_rank != 0:
+        if self.dp_rank != 0 or self.ep_rank != 0:
             return None
         kinds = "FBIW"
         rows = torch.tensor(
@@ -572,6 +617,7 @@ class Pipeline:
             "schedule": self.schedule_name,
             "pipeline_parallel": self.pp,
             "data_parallel": self.dp,
+            "expert_parallel": self.ep,
             "microbatches": self.microbatches,
             "stages": stages,
             "executed": executed,
@@ -610,24 +656,48 @@ class Pipeline:
 
     def gather_state(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         """(a one-process DeepSeekV3, an AdamW with the full optimizer state) on rank 0, (None, None) elsewhere. The
-        first pipeline gathers its stages; the others hold the same values and return at once."""
+        first pipeline gathers its stages (its ep ranks first gather their expert slices); the others hold the same
+        values and return at once."""
         if self.dp_rank != 0:
             return None, None
-        state = dict(model.state_dict())
-        weights = self._collect(state, {n: (t.shape, t.dtype) for n, t in state.items()})
+        state = self._full_experts(dict(model.state_dict()))
         params = dict(model.named_parameters())
         keys = self._optimizer_keys(optimizer)
-        named, like = {}, {}
+        named = {}
         for n, p in params.items():
             st = optimizer.state.get(p, {}) if p.requires_grad else {}
             for key, (dtype, scalar) in keys.items():
                 shape = () if scalar else tuple(p.shape)
                 named[f"{n}.{key}"] = st[key] if key in st else torch.empty(shape, dtype=dtype, device="meta")
-                like[f"{n}.{key}"] = (shape, dtype)
-        opt_full = self._collect(named, like) if keys else {}
+        named = self._full_experts(named)
+        if self.ep_rank != 0:
+            return None, None
+        weights = self._collect(state, {n: (t.shape, t.dtype) for n, t in state.items()})
+        opt_full = self._collect(named, {n: (t.shape, t.dtype) for n, t in named.items()}) if keys else {}
         if self.rank != 0:
             return None, None
         return one_process_copy(self.model_config, weights, model, optimizer, opt_full)
+
+    @staticmethod
+    def _is_expert(name: str, t: torch.Tensor) -> bool:
+        return ".experts." in name and "shared_experts" not in name and t.dim() == 3
+
+    def _full_experts(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Expert slices gathered over the ep ranks into whole tensors (every ep rank calls it; the other stages'
+        experts, on the meta device, just take the whole shape)."""
+        if self.ep == 1:
+            return named
+        out = {}
+        for name, t in named.items():
+            if not self._is_expert(name, t):
+                out[name] = t
+            elif t.is_meta:
+                out[name] = torch.empty((t.shape[0] * self.ep, *t.shape[1:]), dtype=t.dtype, device="meta")
+            else:
+                parts = [torch.empty_like(t) for _ in range(self.ep)]
+                dist.all_gather(parts, t.detach().contiguous(), group=self.ep_group)
+                out[name] = torch.cat(parts)
+        return out
 
     def _optimizer_keys(self, optimizer) -> dict[str, tuple[torch.dtype, bool]]:
         """The optimizer's state entries (dtype, is scalar), the same for every parameter; {} before the first step
@@ -641,8 +711,14 @@ class Pipeline:
         return keys if int(any_state) else {}
 
     def load_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict) -> None:
-        """This rank's parameters' entries of a checkpoint's full optimizer state."""
-        load_optimizer_entries(model, optimizer, tensors, self.device)
+        """This rank's parameters' entries of a checkpoint's full optimizer state (its slice of the experts')."""
+        if self.topology is None:
+            load_optimizer_entries(model, optimizer, tensors, self.device)
+            return
+        lo, hi = self.topology.expert_range()
+        load_optimizer_entries(
+            model, optimizer, tensors, self.device, lambda name, p, v: v[lo:hi] if self._is_expert(name, v) else v
+        )
 
     def barrier(self) -> None:
         dist.barrier()

@@ -149,8 +149,9 @@ def plan_topology(
 
 
 def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int, torch.device]:
-    """Join the process group torchrun describes (gloo on a CPU, NCCL on GPUs), always with a timeout, so a dead
-    rank ends the others with an error instead of a hang. Returns (rank, world_size, device)."""
+    """Join the process group torchrun describes (gloo on a CPU, NCCL on GPUs with gloo beside it for host tensors),
+    always with a timeout, so a dead rank ends the others with an error instead of a hang. Returns (rank,
+    world_size, device)."""
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ and not dist.is_initialized():
             raise ValueError(
@@ -160,7 +161,7 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int, to
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = "cuda:nccl,cpu:gloo"  # NCCL for the tensors on the GPU, gloo for the few counters kept on the host
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():

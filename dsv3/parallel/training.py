@@ -129,29 +129,7 @@ class Distributed:
 
     def step_stats(self) -> dict:
         """The all-to-all counters of the step, summed over every rank (max for the node count); resets them."""
-        c = self.stats.totals()
-        kinds = ("hidden", "routing")
-        t = torch.tensor(
-            [
-                sum(c[f"internode_{k}_bytes"] for k in kinds),
-                sum(c[f"intranode_{k}_bytes"] for k in kinds),
-                c["internode_control_bytes"] + c["intranode_control_bytes"],
-                c["nodes_sum"],
-                c["tokens"],
-            ],
-            dtype=torch.float64,
-        )
-        dist.all_reduce(t)
-        mx = torch.tensor([c["nodes_max"]], dtype=torch.int64)
-        dist.all_reduce(mx, op=dist.ReduceOp.MAX)
-        self.stats.reset()
-        return {
-            "internode_bytes": int(t[0]),
-            "intranode_bytes": int(t[1]),
-            "control_bytes": int(t[2]),
-            "nodes_per_token_max": int(mx),
-            "nodes_per_token_mean": float(t[3] / t[4]) if t[4] else 0.0,
-        }
+        return self.stats.reduce_step()
 
     def reduce_eval(self, losses: list[torch.Tensor], loads: torch.Tensor):
         """Validation: each batch's (main, MTP) losses averaged over the ranks, loads summed (the global MaxVio);
@@ -265,14 +243,22 @@ def train_distributed(
             raise ValueError(f"distributed training does not support {why}; V3 uses balance='bias' without dropping")
     if pipeline_parallel is not None:
         par = setup_pipeline(
-            model_config, pipeline_parallel, schedule, microbatches, timeout_s, expert_parallel, data_parallel
+            model_config,
+            pipeline_parallel,
+            schedule,
+            microbatches,
+            timeout_s,
+            expert_parallel,
+            data_parallel,
+            ranks_per_node,
         )
         micro = train_config.batch_size // train_config.grad_accum
-        if micro % (par.dp * par.microbatches):
+        copies = par.dp * par.ep
+        if micro % (copies * par.microbatches):
             raise ValueError(
-                f"batch_size / grad_accum = {micro} sequences do not split into {par.dp} data-parallel pipelines "
-                f"of {par.microbatches} pipeline micro-batches"
-                if par.dp > 1
+                f"batch_size / grad_accum = {micro} sequences do not split into {copies} pipelines (data_parallel x "
+                f"expert_parallel) of {par.microbatches} pipeline micro-batches"
+                if copies > 1
                 else f"batch_size / grad_accum = {micro} sequences do not split into {par.microbatches} pipeline "
                 f"micro-batches"
             )
@@ -303,22 +289,20 @@ def setup_pipeline(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     expert_parallel: int | None = None,
     data_parallel: int | None = None,
+    ranks_per_node: int | None = None,
 ) -> Pipeline:
-    """Join torchrun's world as ``data_parallel`` pipelines of ``pipeline_parallel`` ranks (default: the world is one
-    pipeline); every count is checked before any model exists."""
+    """Join torchrun's world as data_parallel x expert_parallel pipelines of ``pipeline_parallel`` ranks, the
+    ``expert_parallel`` ranks at each pipeline position sharing their stages' experts (default: no expert
+    parallelism, data_parallel = what the world leaves); every count is checked before any model exists."""
     for name, v in (
         ("pipeline_parallel", pipeline_parallel),
         ("microbatches", microbatches),
         ("data_parallel", data_parallel),
+        ("expert_parallel", expert_parallel),
     ):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     stages_per_rank(schedule)  # a bad schedule name fails here
-    if (expert_parallel or 1) != 1:
-        raise ValueError(
-            f"pipeline parallelism does not combine with expert parallelism yet (got expert_parallel="
-            f"{expert_parallel}): each stage holds all the experts of its layers"
-        )
     n_stages = pipeline_parallel * stages_per_rank(schedule)
     split_stages(model_config.num_hidden_layers, model_config.num_nextn_predict_layers, n_stages)
     n = microbatches if microbatches is not None else n_stages
@@ -327,11 +311,28 @@ def setup_pipeline(
             f"the DualPipeV schedule needs at least as many micro-batches as its {n_stages} stages, got {n}"
         )
     rank, world, device = init_distributed(timeout_s)
-    dp = data_parallel if data_parallel is not None else world // pipeline_parallel
-    if dp * pipeline_parallel != world:
+    ep = expert_parallel or 1
+    if world % (pipeline_parallel * ep):
         raise ValueError(
-            f"world size {world} is not data_parallel x pipeline_parallel = {dp} x {pipeline_parallel}"
-            if data_parallel is not None
-            else f"world size {world} is not a multiple of pipeline_parallel={pipeline_parallel}"
+            f"world size {world} is not a multiple of pipeline_parallel x expert_parallel = {pipeline_parallel} x {ep}"
         )
-    return Pipeline(pipeline_parallel, schedule, n, device, data_parallel=dp)
+    dp = data_parallel if data_parallel is not None else world // (pipeline_parallel * ep)
+    if dp * pipeline_parallel * ep != world:
+        raise ValueError(
+            f"world size {world} is not data_parallel x pipeline_parallel x expert_parallel = "
+            f"{dp} x {pipeline_parallel} x {ep}"
+        )
+    topology = None
+    if ep > 1:  # the experts of each stage over its ep ranks; dp x pp copies of that layout
+        topology = plan_topology(
+            world,
+            ep,
+            model_config.n_routed_experts,
+            model_config.n_group,
+            data_parallel=dp * pipeline_parallel,
+            ranks_per_node=ranks_per_node,
+            rank=rank,
+        )
+    elif ranks_per_node is not None:
+        raise ValueError("ranks_per_node groups expert-parallel ranks into nodes: give expert_parallel too")
+    return Pipeline(pipeline_parallel, schedule, n, device, data_parallel=dp, topology=topology)
