@@ -15,9 +15,10 @@ Part 2 -- real runs of ``torchrun -m dsv3 train`` with the tiny model on this ma
 and 4 processes and the measured per-step byte counters. Honest label: this machine has 2 shared CPU cores, so 4
 processes time-share 2 cores; these numbers show the protocol works and what it costs here, not a scaling curve.
 
-Part 3 -- the same for pipeline parallelism (1F1B and DualPipeV on 2 ranks, and 2 data-parallel pipelines): tokens/s
-against the one-process run of part 2, the activation bytes sent between stages per step, and the bubble of the
-schedule each run executed (``pipeline.json``), laid out with unit costs (forward 1, backward 2 per rank's share).
+Part 3 -- the same for pipeline parallelism (1F1B and DualPipeV on 2 ranks, 2 data-parallel pipelines, and a
+pipeline with expert parallelism inside): tokens/s against the one-process run of part 2, the activation bytes
+sent between stages per step, and the bubble of the schedule each run executed (``pipeline.json``), laid out with
+unit costs (forward 1, backward 2 per rank's share).
 """
 
 from __future__ import annotations
@@ -196,8 +197,9 @@ def main() -> None:
             "",
             "## 3. Pipelines on this machine: `torchrun -m dsv3 train --pipeline-parallel 2`, same model and steps",
             "",
-            "| processes | layout | tokens/s | vs 1 process | pipeline bytes / step | bubble (unit costs) |",
-            "|---|---|---|---|---|---|",
+            "| processes | layout | tokens/s | vs 1 process | pipeline bytes / step | inter-node bytes / step | "
+            "bubble (unit costs) |",
+            "|---|---|---|---|---|---|---|",
         ]
         pipelines = [
             (2, "PP 2, 1F1B, 4 micro-batches", ["--pipeline-parallel", "2", "--microbatches", "4"], None),
@@ -213,6 +215,12 @@ def main() -> None:
                 ["--pipeline-parallel", "2", "--data-parallel", "2", "--microbatches", "4"],
                 None,
             ),
+            (
+                4,
+                "PP 2 x EP 2 (nodes of 1), 1F1B, 4 micro-batches",
+                ["--pipeline-parallel", "2", "--expert-parallel", "2", "--ranks-per-node", "1", "--microbatches", "4"],
+                None,
+            ),
         ]
         for i, (n, label, extra, cost) in enumerate(pipelines):
             r = run(n, tmp / f"pipe{i}", extra)
@@ -221,7 +229,8 @@ def main() -> None:
             step_bytes = sum(e["pipeline_bytes"] for e in r["history"]) / len(r["history"])
             lines.append(
                 f"| {n} | {label} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / one_process:.2f}x | "
-                f"{step_bytes:,.0f} | {bubble:.1%} |"
+                f"{step_bytes:,.0f} | {sum(e['internode_bytes'] for e in r['history']) / len(r['history']):,.0f} | "
+                f"{bubble:.1%} |"
             )
     lines += [
         "",

@@ -22,8 +22,11 @@ hold are moved to the meta device (no memory, not in the optimizer); the router 
 identically from the step's loads, which every rank receives summed over the stages.
 
 ``Pipeline`` is the strategy object ``dsv3.train.train(..., parallel=...)`` consults (as ``Distributed`` is for
-expert and data parallelism); ``schedule_timeline`` lays the actions torch's schedule object runs out in time for the
-chapter's drawings, bubbles included.
+expert and data parallelism without a pipeline). Its world may hold several pipelines: ``data_parallel`` copies,
+and ``expert_parallel`` ranks at each pipeline position that share their stages' routed experts through the
+two-hop all-to-all of ``dsv3.parallel.expert`` (V3's 16-way pipeline with 64-way expert parallelism inside). A run
+writes ``pipeline.json`` beside its checkpoints: the actions each rank executed in the last step, which
+``schedule_timeline`` lays out in time for the chapter's drawings, bubbles included.
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ class PipelineStageModule(nn.Module):
     stage 0, the residual stream (b, T, D) fp32 elsewhere; the last stage returns the micro-batch's loss (one
     element, already scaled for the step), the others the residual stream. The modules are the model's own."""
 
-    def __init__(self, model: DeepSeekV3, index: int, n_stages: int, lo: int, hi: int, rows: dict[int, int]):
+    def __init__(self, model: DeepSeekV3, index: int, n_stages: int, lo: int, hi: int, rows: dict):
         super().__init__()
         self.index, self.n_stages, self.lo, self.hi = index, n_stages, lo, hi
         self.first, self.last = index == 0, index == n_stages - 1
@@ -339,7 +342,6 @@ class Pipeline:
         # the last schedule step's compute actions on this rank, in the order they ran:
         # (stage, kind, microbatch, start, end) with perf_counter times
         self.executed: list[tuple[int, str, int, float, float]] = []
-        self._record = False
         self._tied_group = None
         self._embed_replica = False
         self.model_config: ModelConfig | None = None
@@ -398,7 +400,8 @@ class Pipeline:
         return ScheduleDualPipeV(stages, n, loss_fn=_identity_loss, scale_grads=False)
 
     def pipeline_order(self) -> dict[int, list]:
-        """The schedule object's own plan (rank -> actions) for this run's micro-batch count."""
+        """The schedule object's own plan (pipeline rank -> actions) for this run's micro-batches (after a step:
+        the stages take their shapes from it)."""
         return self._schedule(self.microbatches, *self._shape).pipeline_order
 
     def local_batch(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,12 +456,11 @@ class Pipeline:
             schedule.step(*args, target=labels, tokens=ids, labels=labels, return_outputs=False)
         for m in self.modules:
             m.tally = None
-        chunks = max(tally.chunks // len(self.modules), 1)
-        if tally.chunks != n * len(self.modules):
+        if tally.chunks != n * len(self.modules):  # every stage of this rank ran every micro-batch once
             raise RuntimeError(f"the pipeline ran {tally.chunks} stage forwards, expected {n * len(self.modules)}")
         cross = sum(1 for s in range(self.n_stages - 1) if self.owner[s] != self.owner[s + 1] and s in self.my_stages)
         self.boundary_bytes += cross * 2 * ids.numel() * self.model_config.hidden_size * 4
-        return tally.parts / chunks, tally.loads, tally.groups / chunks, torch.zeros(len(layers), device=self.device)
+        return tally.parts / n, tally.loads, tally.groups / n, torch.zeros(len(layers), device=self.device)
 
     def reduce_step(self, micro: list[torch.Tensor], loads: torch.Tensor, groups: torch.Tensor):
         """Every stage measured its own layers and loss terms on its pipeline's rows: summed over a pipeline's ranks

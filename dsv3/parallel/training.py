@@ -231,10 +231,12 @@ def train_distributed(
     microbatches: int | None = None,
 ) -> TrainResult:
     """``dsv3.train.train`` in every torchrun process, with the model parallelized from outside: expert and data
-    parallel (``expert_parallel``, ``data_parallel``, ``ranks_per_node``) or a pipeline (``pipeline_parallel`` ranks,
-    ``schedule`` "1f1b" or "dualpipev", each step's micro-batch cut into ``microbatches`` pieces, default the number
-    of stages). Returns the ``TrainResult`` (identical history on every rank). The process group stays up; the caller
-    ends it."""
+    parallel (``expert_parallel``, ``data_parallel``, ``ranks_per_node``; ``Distributed``), or pipelines of
+    ``pipeline_parallel`` ranks (``schedule`` "1f1b" or "dualpipev", each step's micro-batch cut into
+    ``microbatches`` pieces, default the number of stages; ``dsv3.parallel.pipeline.Pipeline``) with, optionally,
+    ``expert_parallel`` ranks sharing each position's experts and ``data_parallel`` copies. Returns the
+    ``TrainResult`` (identical history on every rank); a pipeline run with an ``out_dir`` also writes
+    ``pipeline.json`` there. The process group stays up; the caller ends it."""
     for bad, why in (
         (train_config.balance == "aux", "balance='aux' (its batch-wise loss needs the global batch)"),
         (train_config.capacity_factor is not None, "a capacity factor (token dropping)"),

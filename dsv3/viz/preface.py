@@ -74,7 +74,7 @@ CHAPTERS = (
     Chapter(
         "09_parallel",
         "Training across nodes",
-        "expert parallelism",
+        "expert and pipeline parallelism",
         ("2.1.2 DeepSeekMoE", "3.2 Training framework"),
         ("parallel/",),
     ),
