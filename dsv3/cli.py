@@ -313,8 +313,8 @@ def _add_train(sub) -> None:
         "--microbatches",
         type=positive_int,
         default=None,
-        help="pipeline micro-batches per step's micro-batch (default: the number of stages); must divide "
-        "--batch-size / --grad-accum",
+        help="pipeline micro-batches per step's micro-batch (default: the number of stages, also the least); "
+        "must divide a pipeline's rows, --batch-size / --grad-accum / (data x expert parallel)",
     )
     g.add_argument(
         "--dist-timeout",

@@ -393,8 +393,10 @@ def train(
     to the same run. ``callback(entry, model)`` runs after every step (and its checkpoint); returning True stops
     training there (a checkpoint is written first when there is an out_dir). A non-finite loss or gradient norm
     raises ``TrainingDivergedError`` before the optimizer touches the weights; the last good checkpoint stays.
-    ``parallel`` (a ``dsv3.parallel.training.Distributed``, given by ``train_distributed``) makes this process one
-    rank of a distributed run: it parallelizes the model and reduces what a step measures over the ranks.
+    ``parallel`` (a ``dsv3.parallel.training.Distributed`` or ``dsv3.parallel.pipeline.Pipeline``, given by
+    ``train_distributed``) makes this process one rank of a distributed run: it parallelizes the model and reduces
+    what a step measures over the ranks; a strategy with ``micro_step`` / ``eval_batch`` methods (a pipeline) runs
+    the micro-batches itself in place of ``_micro_step`` / ``_eval_batch``.
     """
     cfg = train_config if train_config is not None else TrainConfig()
     if not isinstance(model_config, ModelConfig):

@@ -11,8 +11,10 @@ two copies' gradients are summed before the optimizer step, so they stay equal).
 - ``"dualpipev"``: ``ScheduleDualPipeV``, DeepSeek's DualPipe folded into a V: 2P stages, rank r holds stages r and
   2P - 1 - r, so the embedding and the head live on rank 0 and the micro-batches flow down the ranks and back up.
   The backward is split into the input gradient (I) and the weight gradient (W), which fills the bubbles, and in
-  the steady state each rank runs a forward of one stage beside a backward of the other (the overlapped F;B pairs
-  in which V3 hides the all-to-alls of one micro-batch behind the compute of another).
+  the steady state the schedule pairs the forward of one stage with the backward of the other (its OVERLAP_F_B
+  actions: the pairs in which V3 hides the all-to-alls of one micro-batch behind the compute of another). torch
+  runs the two halves of a pair one after the other unless it is given an overlapped implementation, which dsv3
+  does not provide: the schedule's order and bubbles are DualPipeV's, the overlap is not.
 
 Each micro-batch's loss is the one-process loss of its rows, so the step's gradient is the one-process gradient of
 the whole batch (``TrainConfig.grad_accum`` is kept). The sequence-wise balance loss of the MoE layers on the
@@ -44,7 +46,7 @@ from ..config import ModelConfig
 from ..model import DeepSeekV3
 from .comm import CommStats
 from .expert import ExpertParallelExperts, apply_expert_parallel
-from .state import load_optimizer_entries, one_process_copy
+from .state import gather_expert_slices, is_expert_entry, load_optimizer_entries, one_process_copy
 from .topology import Topology
 
 SCHEDULES = ("1f1b", "dualpipev")
@@ -117,9 +119,10 @@ class _Tally:
 
 class PipelineStageModule(nn.Module):
     """Stage ``index`` of ``n_stages``: blocks [lo, hi) of ``model`` (plus the embedding on stage 0; the final norm,
-    the head, the MTP modules and the embedding on the last). ``forward(x, tokens, labels)``: x is the token ids on
-    stage 0, the residual stream (b, T, D) fp32 elsewhere; the last stage returns the micro-batch's loss (one
-    element, already scaled for the step), the others the residual stream. The modules are the model's own."""
+    the head and the MTP modules on the last, with the embedding too when there are MTP modules).
+    ``forward(x, tokens, labels)``: x is the token ids on stage 0, the residual stream (b, T, D) fp32 elsewhere; the
+    last stage returns the micro-batch's loss (one element, already scaled for the step), the others the residual
+    stream. The modules are the model's own."""
 
     def __init__(self, model: DeepSeekV3, index: int, n_stages: int, lo: int, hi: int, rows: dict):
         super().__init__()
@@ -205,8 +208,7 @@ class Action:
 def schedule_actions(order: dict[int, list]) -> dict[int, list[Action]]:
     """The compute actions of a torch schedule's ``pipeline_order`` (rank -> actions, None = idle slot), per rank
     in order; overlapped pairs keep their shared slot, communication and gradient-reduction actions are dropped."""
-    kinds = {"F": "F", "B": "B", "I": "I", "W": "W", "FULL_BACKWARD": "B", "BACKWARD_INPUT": "I"}
-    kinds.update({"FORWARD": "F", "BACKWARD_WEIGHT": "W"})
+    kinds = ("F", "B", "I", "W")  # torch's _ComputationType values of the compute actions
     out = {}
     for rank, actions in order.items():
         rows = []
@@ -215,8 +217,8 @@ def schedule_actions(order: dict[int, list]) -> dict[int, list[Action]]:
                 continue
             parts = list(a.sub_actions) if getattr(a, "sub_actions", None) else [a]
             for p in parts:
-                kind = kinds.get(getattr(p.computation_type, "value", str(p.computation_type)))
-                if kind is not None:
+                kind = p.computation_type.value
+                if kind in kinds:
                     rows.append(Action(int(p.stage_index), kind, int(p.microbatch_index), slot))
         out[int(rank)] = rows
     return out
@@ -328,10 +330,14 @@ class Pipeline:
         self.group, self.dp_group = self.mesh.get_group("pp"), self.mesh.get_group("dp")
         self.ep_group = self.mesh.get_group("ep")
         # the copies of this rank's stages: every rank at the same pipeline position
-        self.replica_group = self.mesh["dp", "ep"]._flatten("dp_ep").get_group()
         self.ep_rank = self.rank % self.ep
         self.pp_rank = (self.rank // self.ep) % pipeline_parallel
         self.dp_rank = self.rank // (self.ep * pipeline_parallel)
+        for p in range(pipeline_parallel):  # every rank creates every group, in the same order
+            ranks = [(d * pipeline_parallel + p) * self.ep + e for d in range(data_parallel) for e in range(self.ep)]
+            group = dist.new_group(ranks)
+            if p == self.pp_rank:
+                self.replica_group = group
         self.stats = CommStats(topology, self.ep_group) if topology is not None else None
         self._experts: list[ExpertParallelExperts] = []
         self.n_stages = pipeline_parallel * stages_per_rank(schedule)
@@ -339,9 +345,12 @@ class Pipeline:
         self.owner = stage_ranks(schedule, pipeline_parallel)  # pipeline rank of each stage
         self.my_stages = [s for s, r in enumerate(self.owner) if r == self.pp_rank]
         self.modules: list[PipelineStageModule] = []
-        # the last schedule step's compute actions on this rank, in the order they ran:
-        # (stage, kind, microbatch, start, end) with perf_counter times
+        # the compute actions of the last schedule step (the step's last micro-batch with grad_accum > 1) on this
+        # rank, in the order they ran: (stage, kind, microbatch, start, end), host perf_counter times
         self.executed: list[tuple[int, str, int, float, float]] = []
+        self.ranges: list[tuple[int, int]] = []  # [first, last) blocks of each stage, set by parallelize
+        self._shape: tuple[int, int] | None = None  # (sequences, tokens) of a micro-batch: the stages' buffers
+        self.stages: list[PipelineStage] = []
         self._tied_group = None
         self._embed_replica = False
         self.model_config: ModelConfig | None = None
@@ -382,7 +391,7 @@ class Pipeline:
 
     def _stages(self, b: int, T: int) -> list[PipelineStage]:
         """torch's stages for micro-batches of b sequences of T tokens (its receive buffers take these shapes)."""
-        if getattr(self, "_shape", None) != (b, T):
+        if self._shape != (b, T):
             D = self.model_config.hidden_size
             self._shape, self.stages = (b, T), []
             for m in self.modules:
@@ -515,8 +524,9 @@ class Pipeline:
         return norm
 
     def step_stats(self) -> dict:
-        """A pipeline keeps every expert of a layer on one rank: no all-to-all, each token's experts on one node.
-        ``pipeline_bytes``: activations and their gradients sent between stages on different ranks (fp32)."""
+        """The step's counters: ``pipeline_bytes``, the activations and their gradients sent between stages on
+        different ranks (fp32), and the all-to-all counters of expert parallelism inside the stages; without it
+        every expert of a layer is on one rank: no all-to-all, each token's experts on one node."""
         t = torch.tensor([self.boundary_bytes], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         self.boundary_bytes = 0
@@ -572,8 +582,9 @@ class Pipeline:
         return bool(t)
 
     def trace(self) -> dict | None:
-        """The layout and the last step's compute actions of every rank, in the order each ran them, with their
-        times in seconds from that rank's first action (each rank's own clock); on rank 0, None elsewhere. For a
+        """The layout and the last schedule step's compute actions of every rank, in the order each ran them, with
+        their times in seconds from that rank's first action (each rank's own host clock: on a GPU, when the work
+        was queued, not when it ran); on rank 0, None elsewhere. For a
         DualPipeV run also torch's plan (``planned``), which the runtime follows action by action. The first
         pipeline's ranks must call it (they gather); for the others it is None at once."""
         if self.dp_rank != 0 or self.ep_rank != 0:
@@ -602,7 +613,7 @@ class Pipeline:
             for r in range(self.pp)
         }
         planned = None
-        if self.schedule_name == "dualpipev" and getattr(self, "_shape", None) is not None:
+        if self.schedule_name == "dualpipev" and self._shape is not None:
             plan = schedule_actions(self.pipeline_order())
             planned = {r: [[a.stage, a.kind, a.microbatch] for a in acts] for r, acts in plan.items()}
         stages = [
@@ -647,8 +658,9 @@ class Pipeline:
                 if self.pp_rank == 0:
                     out[name] = t.detach().cpu()
                 continue
-            if self.pp_rank == owner:
-                dist.send(t.detach().contiguous(), group=self.group, group_dst=0)
+            if self.pp_rank == owner:  # on the device: AdamW keeps its step counts on the host, and under NCCL a
+                # host tensor would travel through gloo while rank 0 waits for it on NCCL
+                dist.send(t.detach().to(self.device).contiguous(), group=self.group, group_dst=0)
             elif self.pp_rank == 0:
                 shape, dtype = like[name]
                 buf = torch.empty(shape, dtype=dtype, device=self.device)
@@ -680,26 +692,13 @@ class Pipeline:
             return None, None
         return one_process_copy(self.model_config, weights, model, optimizer, opt_full)
 
-    @staticmethod
-    def _is_expert(name: str, t: torch.Tensor) -> bool:
-        return ".experts." in name and "shared_experts" not in name and t.dim() == 3
-
     def _full_experts(self, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Expert slices gathered over the ep ranks into whole tensors (every ep rank calls it; the other stages'
-        experts, on the meta device, just take the whole shape)."""
+        """Expert slices gathered over the ep ranks into whole tensors (every ep rank calls it)."""
         if self.ep == 1:
             return named
-        out = {}
-        for name, t in named.items():
-            if not self._is_expert(name, t):
-                out[name] = t
-            elif t.is_meta:
-                out[name] = torch.empty((t.shape[0] * self.ep, *t.shape[1:]), dtype=t.dtype, device="meta")
-            else:
-                parts = [torch.empty_like(t) for _ in range(self.ep)]
-                dist.all_gather(parts, t.detach().contiguous(), group=self.ep_group)
-                out[name] = torch.cat(parts)
-        return out
+        return {
+            n: gather_expert_slices(t, self.ep_group, self.ep) if is_expert_entry(n, t) else t for n, t in named.items()
+        }
 
     def _optimizer_keys(self, optimizer) -> dict[str, tuple[torch.dtype, bool]]:
         """The optimizer's state entries (dtype, is scalar), the same for every parameter; {} before the first step
@@ -719,7 +718,11 @@ class Pipeline:
             return
         lo, hi = self.topology.expert_range()
         load_optimizer_entries(
-            model, optimizer, tensors, self.device, lambda name, p, v: v[lo:hi] if self._is_expert(name, v) else v
+            model,
+            optimizer,
+            tensors,
+            self.device,
+            lambda name, p, v: (v[lo:hi] if is_expert_entry(name, v) else v).to(self.device),  # slice on the host
         )
 
     def barrier(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed
 from torch import nn
 
 from ..config import ModelConfig
@@ -57,7 +58,9 @@ def load_optimizer_entries(
     shard: Callable[[str, nn.Parameter, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Give each parameter this rank trains its entries of a checkpoint's full optimizer state
-    (``optimizer.<param>.<key>`` tensors); ``shard(name, param, full)`` cuts a full entry to the rank's piece."""
+    (``optimizer.<param>.<key>`` tensors, on the host). ``shard(name, param, full)`` cuts a full entry to the rank's
+    piece while it is still on the host and places it (on ``device``, as a DTensor, ...); without it entries go to
+    ``device`` whole."""
     trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
     for name, p in model.named_parameters():
         if id(p) not in trained:
@@ -68,9 +71,23 @@ def load_optimizer_entries(
             if not k.startswith(prefix) or "." in k[len(prefix) :]:
                 continue
             if v.dim() > 0:
-                v = v.to(device)
-                if shard is not None:
-                    v = shard(name, p, v)
+                v = shard(name, p, v) if shard is not None else v.to(device)
             state[k[len(prefix) :]] = v
         if state:
             optimizer.state[p] = state
+
+
+def is_expert_entry(name: str, t: torch.Tensor) -> bool:
+    """Whether a state-dict or optimizer entry is a stacked routed-expert tensor (E, ., .), which expert parallelism
+    splits along its first dimension (the shared experts are dense)."""
+    return ".experts." in name and "shared_experts" not in name and t.dim() == 3
+
+
+def gather_expert_slices(t: torch.Tensor, group, ep: int) -> torch.Tensor:
+    """The whole (E, ., .) tensor from the ep ranks' (E / ep, ., .) slices, in ep-rank order (every ep rank calls
+    it; a slice on the meta device, held by another pipeline stage, just takes the whole shape)."""
+    if t.is_meta:
+        return torch.empty((t.shape[0] * ep, *t.shape[1:]), dtype=t.dtype, device="meta")
+    parts = [torch.empty_like(t) for _ in range(ep)]
+    torch.distributed.all_gather(parts, t.detach().contiguous(), group=group)
+    return torch.cat(parts)

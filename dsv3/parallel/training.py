@@ -1,5 +1,9 @@
 """Distributed training that reuses the one-process loop of ``dsv3.train`` (its oracle: same seed, same global batch).
 
+Two strategies: ``Distributed`` below (expert and data parallelism with FSDP2) and, with ``pipeline_parallel``,
+``dsv3.parallel.pipeline.Pipeline`` (1F1B or DualPipeV stages, with data and expert parallelism inside). The rest of
+this docstring describes ``Distributed``; the pipeline's module describes its own.
+
 ``train_distributed(model_config, train_config, expert_parallel=4, ranks_per_node=2)`` runs in every process that
 torchrun starts. Each rank builds the same model from the same seed, then ``Distributed.parallelize`` applies, from
 outside the model: expert parallelism (``dsv3.parallel.expert``) over the "ep" dimension, FSDP2 ``fully_shard`` of
@@ -35,7 +39,7 @@ from ..train import TrainConfig, TrainResult, train
 from .comm import CommStats
 from .expert import ExpertParallelExperts, apply_expert_parallel
 from .pipeline import PIPELINE_TRACE, Pipeline, split_stages, stages_per_rank
-from .state import load_optimizer_entries, one_process_copy
+from .state import gather_expert_slices, is_expert_entry, load_optimizer_entries, one_process_copy
 from .topology import DEFAULT_TIMEOUT_S, Topology, build_mesh, init_distributed, plan_topology
 
 
@@ -81,9 +85,6 @@ class Distributed:
                 fully_shard(m, mesh=self.mesh["dp"])
             fully_shard(model, mesh=self.world_mesh)
         return model
-
-    def _is_expert(self, name: str) -> bool:
-        return ".experts." in name and "shared_experts" not in name
 
     # ------------------------------------------------------------------ the step
     def local_batch(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,10 +157,8 @@ class Distributed:
         out = {}
         for name, t in named.items():
             full = _full(t).detach()
-            if self._is_expert(name) and full.dim() == 3:
-                parts = [torch.empty_like(full) for _ in range(self.topology.expert_parallel)]
-                dist.all_gather(parts, full.contiguous(), group=self.ep_group)
-                full = torch.cat(parts)
+            if is_expert_entry(name, full):
+                full = gather_expert_slices(full, self.ep_group, self.topology.expert_parallel)
             out[name] = full.cpu()
         return out
 
@@ -183,9 +182,8 @@ class Distributed:
         """Shard a checkpoint's full optimizer state (``optimizer.<param>.<key>`` tensors) like the parameters."""
         lo, hi = self.topology.expert_range()
 
-        def shard(name, p, v):
-            if self._is_expert(name):
-                v = v[lo:hi]
+        def shard(name, p, v):  # v on the host: slice first, then place
+            v = (v[lo:hi] if is_expert_entry(name, v) else v).to(self.device)
             return distribute_tensor(v, p.device_mesh, p.placements) if hasattr(p, "device_mesh") else v
 
         load_optimizer_entries(model, optimizer, tensors, self.device, shard)
@@ -308,9 +306,10 @@ def setup_pipeline(
     n_stages = pipeline_parallel * stages_per_rank(schedule)
     split_stages(model_config.num_hidden_layers, model_config.num_nextn_predict_layers, n_stages)
     n = microbatches if microbatches is not None else n_stages
-    if schedule == "dualpipev" and n < n_stages:
+    if n < n_stages:
         raise ValueError(
-            f"the DualPipeV schedule needs at least as many micro-batches as its {n_stages} stages, got {n}"
+            f"the {'DualPipeV' if schedule == 'dualpipev' else '1F1B'} schedule needs at least as many micro-batches "
+            f"(--microbatches) as its {n_stages} stages, got {n}"
         )
     rank, world, device = init_distributed(timeout_s)
     ep = expert_parallel or 1
