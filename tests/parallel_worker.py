@@ -117,6 +117,10 @@ def train(args, out: Path) -> dict:
         if args.die_at and entry["step"] == args.die_at and dist.get_rank() == 1:
             os.kill(os.getpid(), 9)
 
+    if args.bucket_elements:  # many small all-reduce buckets instead of one
+        import dsv3.parallel.pipeline as pipeline
+
+        pipeline.BUCKET_ELEMENTS = args.bucket_elements
     if args.pp:
         layout = dict(pipeline_parallel=args.pp, data_parallel=args.dp, schedule=args.schedule)
         layout.update(microbatches=args.microbatches, expert_parallel=args.ep, ranks_per_node=args.rpn)
@@ -182,6 +186,7 @@ def main() -> None:
     p.add_argument("--microbatches", type=int, default=None)
     p.add_argument("--val", type=int, default=0)
     p.add_argument("--fp8", action="store_true")
+    p.add_argument("--bucket-elements", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(1)
     result = {"grads": grads, "train": train}[args.scenario](args, Path(args.out))

@@ -582,11 +582,14 @@ def test_cli_bad_pipelines_end_every_rank_with_one_error(tmp_path, nproc, flags,
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])
 def test_data_parallel_pipelines_match_one_process(tmp_path, schedule):
-    """DP 2 x PP 2 on 4 processes: two pipelines, each on half of every batch, give the one-process run."""
+    """DP 2 x PP 2 on 4 processes: two pipelines, each on half of every batch, give the one-process run (the
+    gradients averaged over the copies in many small buckets)."""
     torchrun(
         4,
         "train",
         tmp_path,
+        "--bucket-elements",
+        5000,
         "--pp",
         2,
         "--dp",
@@ -673,3 +676,12 @@ def test_expert_parallel_pipelines_match_one_process(tmp_path, schedule):
     ref = dict(one.model.named_parameters())
     for name, p in model.named_parameters():
         assert (p - ref[name]).norm() <= 1e-4 * ref[name].norm(), name
+
+
+def test_gradient_buckets_keep_order_and_bound_their_size():
+    from dsv3.parallel.pipeline import _buckets
+
+    sizes = [3, 4, 10, 2, 2, 1]
+    buckets = _buckets([torch.empty(n) for n in sizes], 6)
+    assert [[t.numel() for t in b] for b in buckets] == [[3], [4], [10], [2, 2, 1]]  # a big one alone
+    assert [t.numel() for b in buckets for t in b] == sizes and _buckets([], 6) == []

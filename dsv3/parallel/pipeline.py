@@ -50,6 +50,7 @@ from .state import gather_expert_slices, is_expert_entry, load_optimizer_entries
 from .topology import Topology
 
 SCHEDULES = ("1f1b", "dualpipev")
+BUCKET_ELEMENTS = 2**25  # gradients all-reduced together over a stage's copies (128 MiB of fp32)
 PIPELINE_TRACE = "pipeline.json"  # written beside the checkpoints of a pipeline run: what its schedule ran
 
 
@@ -494,14 +495,13 @@ class Pipeline:
             (dense, self.replica_group, self.dp * self.ep, 1.0 / (self.dp * self.ep)),
             (experts, self.dp_group, self.dp, 1.0 / (self.dp * self.ep)),  # / ep: they sum the ep ranks' tokens
         ):
-            if not grads:
-                continue
-            flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce over the copies of these gradients
-            if copies > 1:
-                dist.all_reduce(flat, group=group)
-            flat *= scale
-            for g, piece in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(piece.view_as(g))
+            for bucket in _buckets(grads, BUCKET_ELEMENTS):  # a few all-reduces, no second copy of every gradient
+                flat = torch.cat([g.reshape(-1) for g in bucket])
+                if copies > 1:
+                    dist.all_reduce(flat, group=group)
+                flat *= scale
+                for g, piece in zip(bucket, flat.split([g.numel() for g in bucket])):
+                    g.copy_(piece.view_as(g))
         # every element once: dense gradients (now equal on every copy) from ep rank 0, expert slices from each
         # ep rank, the embedding's replica left out; then summed over one data-parallel copy of the model
         own = list(experts)
@@ -727,6 +727,18 @@ class Pipeline:
 
     def barrier(self) -> None:
         dist.barrier()
+
+
+def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """Consecutive groups of ``tensors`` of at most ``limit`` elements each (a larger tensor is a group alone)."""
+    out, size = [], limit
+    for t in tensors:
+        if size + t.numel() > limit:
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += t.numel()
+    return out
 
 
 def _identity_loss(output, target):
