@@ -127,7 +127,7 @@ def _set_threads(n: int | None) -> None:
 def _device(name: str | None) -> torch.device:
     from .train import resolve_device
 
-    return resolve_device("auto" if name is None else name)
+    return resolve_device("auto" if name is None else name, what="--device")
 
 
 # ---------------------------------------------------------------------- info

@@ -292,15 +292,16 @@ def optimizer_group(p: torch.Tensor) -> int:
     return 0 if p.dim() >= 2 else 1
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, what: str = "TrainConfig.device") -> torch.device:
+    """The device a name asks for ("auto": cuda when available); ``what`` names the setting in the error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"TrainConfig.device {name!r} is not a device") from None
+        raise ValueError(f"{what} {name!r} is not a device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"TrainConfig.device is {name!r}, but CUDA is not available")
+        raise ValueError(f"{what} is {name!r}, but CUDA is not available")
     return device
 
 

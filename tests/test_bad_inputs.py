@@ -582,8 +582,9 @@ def model_dir(tmp_path_factory):
         (["generate", "--temperature", "nan", "--prompt-ids", "1"], "argument --temperature: must be a finite number"),
         (["sample", "--temperature", "-1"], "argument --temperature: must be >= 0"),
         (["generate", "--top-p", "1.5", "--prompt-ids", "1"], r"argument --top-p: must be in (0, 1]"),
-        (["generate", "--device", "bogus", "--prompt-ids", "1"], "TrainConfig.device 'bogus' is not a device"),
-        (["generate", "--device", "cuda", "--prompt-ids", "1"], "CUDA is not available"),
+        (["generate", "--device", "bogus", "--prompt-ids", "1"], "--device 'bogus' is not a device"),
+        (["generate", "--device", "cuda", "--prompt-ids", "1"], "--device is 'cuda', but CUDA is not available"),
+        (["train", "--device", "bogus", "--out", "x"], "--device 'bogus' is not a device"),
         (["generate", "--prompt-ids=-5"], "--prompt-ids holds token id -5; token ids are >= 0"),
         (["generate", "--prompt-ids", "1 x"], "--prompt-ids must be integers"),
         (["generate", "--prompt", "caf\udce9"], "--prompt is not valid UTF-8 text"),
@@ -992,7 +993,7 @@ def test_cli_empty_checkpoint_path_is_refused(capsys):
 
 def test_cli_empty_device_is_refused(model_dir, capsys):
     assert main(["generate", "--checkpoint", str(model_dir), "--prompt-ids", "1", "--device", ""]) == 2  # was auto
-    assert "TrainConfig.device '' is not a device" in capsys.readouterr().err
+    assert "--device '' is not a device" in capsys.readouterr().err
 
 
 def test_training_a_model_without_moe_layers_is_refused_up_front(tmp_path):
