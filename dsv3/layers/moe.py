@@ -78,29 +78,23 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) -> gating weights (N, K) fp32, expert ids (N, K) int64, affinities (N, N_r) fp32."""
         logits = self.logits(x)  # (N, N_r)
-        weights, ids = kernels.router_topk(
-            logits,
-            self.e_score_correction_bias.float(),
-            self.top_k,
-            self.n_group,
-            self.topk_group,
-            self.routed_scaling_factor,
-            self.norm_topk_prob,
-        )
+        weights, ids = kernels.router_topk(logits, *self._settings())
         return weights, ids, logits.sigmoid()
 
     def steps(self, x: torch.Tensor) -> dict:
         """Every intermediate of routing x (N, D), from the reference itself (``router_topk_torch`` with
         ``return_steps=True``): affinities, biased scores, group scores, kept groups, chosen ids, weights."""
-        return router_topk_torch(
-            self.logits(x),
+        return router_topk_torch(self.logits(x), *self._settings(), return_steps=True)
+
+    def _settings(self) -> tuple:
+        """The arguments after the logits that every router_topk implementation takes, in its order."""
+        return (
             self.e_score_correction_bias.float(),
             self.top_k,
             self.n_group,
             self.topk_group,
             self.routed_scaling_factor,
             self.norm_topk_prob,
-            return_steps=True,
         )
 
 
