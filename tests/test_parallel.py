@@ -395,7 +395,7 @@ def one_f_one_b(P: int, m: int, rank: int) -> list[list]:
 
 def test_timeline_of_1f1b_shows_the_classic_bubble():
     """Unit costs (F 1, B 2) on the 1F1B order: the bubble is (P - 1) / (m + P - 1) of each rank's time."""
-    from dsv3.parallel.pipeline import Action, bubble_fraction, schedule_timeline
+    from dsv3.parallel.pipeline import Action, bubble_fraction, idle_per_rank, schedule_timeline
 
     for P, m in ((2, 4), (4, 8)):
         actions = {
@@ -403,6 +403,7 @@ def test_timeline_of_1f1b_shows_the_classic_bubble():
         }
         timeline = schedule_timeline(actions, P)
         assert bubble_fraction(timeline) == pytest.approx((P - 1) / (m + P - 1))
+        assert idle_per_rank(timeline) == {r: (P - 1) * 3.0 for r in range(P)}  # the report's (PP - 1)(F + B)
         for rank in range(P):  # one rank runs one action at a time
             rows = sorted((r for r in timeline if r["rank"] == rank), key=lambda r: r["start"])
             assert all(a["end"] <= b["start"] for a, b in zip(rows, rows[1:]))
@@ -426,6 +427,29 @@ def test_timeline_of_dualpipev_from_torchs_plan_has_a_smaller_bubble_than_1f1b()
     assert bubble_fraction(dual) < bubble_fraction(one)
 
 
+def train_pipeline(tmp_path, nproc: int, schedule: str, *extra, steps=10, batch=8, microbatches=4, **oracle_kw):
+    """A pipeline of 2 ranks (``extra`` adds --dp / --ep ...) on ``nproc`` processes, validating halfway and at the
+    end; returns every rank's report and the one-process oracle of the same run."""
+    val = steps // 2
+    flags = ["--pp", 2, "--schedule", schedule, "--microbatches", microbatches, "--n-group", 2, "--topk-group", 1]
+    flags += ["--batch", batch, "--seq", 16, "--steps", steps, "--val", val]
+    torchrun(nproc, "train", tmp_path, *flags, *extra, timeout=300)
+    one = oracle(steps, batch, 16, 2, 1, eval_every=val, eval_batches=2, **oracle_kw)
+    return read_ranks(tmp_path, nproc), one
+
+
+def assert_same_losses(ranks, one_history, keys=("val_loss", "val_mtp_loss")):
+    """Every rank's history is the one-process history (``assert_same_history``), the same on every rank, and
+    ``keys`` agree to 1e-4 relative too."""
+    for r in ranks:
+        assert_same_history(r["history"], one_history, n_group_limit=1)
+        assert r["history"] == ranks[0]["history"]
+        for d, o in zip(r["history"], one_history):
+            for key in keys:
+                if key in o:
+                    assert abs(d[key] - o[key]) <= 1e-4 * abs(o[key]) + 1e-9, (key, d[key], o[key])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "schedule, microbatches, extra",
@@ -437,51 +461,19 @@ def test_pipeline_training_matches_one_process(tmp_path, schedule, microbatches,
     loads, biases and validation loss, also with gradient accumulation and with the FP8 recipe; every rank ran
     exactly the actions of torch's schedule object."""
     steps = 4 if "--fp8" in extra else 10
-    torchrun(
-        2,
-        "train",
-        tmp_path,
-        "--pp",
-        2,
-        "--schedule",
-        schedule,
-        "--microbatches",
-        microbatches,
-        "--n-group",
-        2,
-        "--topk-group",
-        1,
-        "--batch",
-        8,
-        "--seq",
-        16,
-        "--steps",
-        steps,
-        "--val",
-        steps // 2,
-        *extra,
-        timeout=300,
-    )
-    ranks = read_ranks(tmp_path, 2)
-    kw = {"grad_accum": 2} if "--grad-accum" in extra else {}
+    kw = {"grad_accum": 2} if "--grad-accum" in extra else {"fp8": True} if "--fp8" in extra else {}
+    ranks, one = train_pipeline(tmp_path, 2, schedule, *extra, steps=steps, microbatches=microbatches, **kw)
     if "--fp8" in extra:
-        kw = {"fp8": True}
-    one = oracle(steps, 8, 16, 2, 1, eval_every=steps // 2, eval_batches=2, **kw)
-    for r in ranks:
-        if "--fp8" in extra:
-            # the first step is the one-process step exactly; after it the FP8 weight gradients differ a little,
-            # because their 1 x 128 tiles run along the tokens of a micro-batch, which the pipeline cuts smaller
+        # the first step is the one-process step exactly; after it the FP8 weight gradients differ a little,
+        # because their 1 x 128 tiles run along the tokens of a micro-batch, which the pipeline cuts smaller
+        for r in ranks:
             d, o = r["history"], one.history
             assert abs(d[0]["loss"] - o[0]["loss"]) <= 1e-6 * o[0]["loss"] and d[0]["loads"] == o[0]["loads"]
             assert all(abs(a["loss"] - b["loss"]) <= 1e-3 * b["loss"] for a, b in zip(d, o))
             assert r["history"] == ranks[0]["history"]
-            continue
-        assert_same_history(r["history"], one.history, n_group_limit=1)
-        assert r["history"] == ranks[0]["history"]
-        for d, o in zip(r["history"], one.history):
-            for key in ("mtp_loss", "balance_loss", "val_loss", "val_mtp_loss"):
-                if key in o:
-                    assert abs(d[key] - o[key]) <= 1e-4 * abs(o[key]) + 1e-9, (key, d[key], o[key])
+    else:
+        assert_same_losses(ranks, one.history, ("mtp_loss", "balance_loss", "val_loss", "val_mtp_loss"))
+    for r in ranks:
         if schedule == "dualpipev":  # torch runs its plan action by action
             assert r["executed"] == r["planned"] and len(r["planned"]) > 0
         else:  # Schedule1F1B runs its own loop (its pipeline_order misnumbers the last rank's micro-batches)
@@ -584,43 +576,8 @@ def test_cli_bad_pipelines_end_every_rank_with_one_error(tmp_path, nproc, flags,
 def test_data_parallel_pipelines_match_one_process(tmp_path, schedule):
     """DP 2 x PP 2 on 4 processes: two pipelines, each on half of every batch, give the one-process run (the
     gradients averaged over the copies in many small buckets)."""
-    torchrun(
-        4,
-        "train",
-        tmp_path,
-        "--bucket-elements",
-        5000,
-        "--pp",
-        2,
-        "--dp",
-        2,
-        "--schedule",
-        schedule,
-        "--microbatches",
-        4,
-        "--n-group",
-        2,
-        "--topk-group",
-        1,
-        "--batch",
-        16,
-        "--seq",
-        16,
-        "--steps",
-        6,
-        "--val",
-        3,
-        timeout=300,
-    )
-    ranks = read_ranks(tmp_path, 4)
-    one = oracle(6, 16, 16, 2, 1, eval_every=3, eval_batches=2)
-    for r in ranks:
-        assert_same_history(r["history"], one.history, n_group_limit=1)
-        assert r["history"] == ranks[0]["history"]
-        for d, o in zip(r["history"], one.history):
-            for key in ("val_loss", "val_mtp_loss"):
-                if key in o:
-                    assert abs(d[key] - o[key]) <= 1e-4 * abs(o[key]), (key, d[key], o[key])
+    ranks, one = train_pipeline(tmp_path, 4, schedule, "--dp", 2, "--bucket-elements", 5000, steps=6, batch=16)
+    assert_same_losses(ranks, one.history)
 
 
 @pytest.mark.slow
@@ -632,45 +589,8 @@ def test_expert_parallel_pipelines_match_one_process(tmp_path, schedule):
     from dsv3 import load_pretrained
 
     run = tmp_path / "run"
-    torchrun(
-        4,
-        "train",
-        tmp_path,
-        "--pp",
-        2,
-        "--ep",
-        2,
-        "--rpn",
-        1,
-        "--schedule",
-        schedule,
-        "--microbatches",
-        4,
-        "--n-group",
-        2,
-        "--topk-group",
-        1,
-        "--batch",
-        16,
-        "--seq",
-        16,
-        "--steps",
-        6,
-        "--val",
-        3,
-        "--run-dir",
-        run,
-        timeout=300,
-    )
-    ranks = read_ranks(tmp_path, 4)
-    one = oracle(6, 16, 16, 2, 1, eval_every=3, eval_batches=2)
-    for r in ranks:
-        assert_same_history(r["history"], one.history, n_group_limit=1)
-        assert r["history"] == ranks[0]["history"]
-        for d, o in zip(r["history"], one.history):
-            for key in ("val_loss", "val_mtp_loss"):
-                if key in o:
-                    assert abs(d[key] - o[key]) <= 1e-4 * abs(o[key]), (key, d[key], o[key])
+    ranks, one = train_pipeline(tmp_path, 4, schedule, "--ep", 2, "--rpn", 1, "--run-dir", run, steps=6, batch=16)
+    assert_same_losses(ranks, one.history)
     assert all(h["internode_bytes"] > 0 for h in ranks[0]["history"])  # 2 nodes: tokens cross between them
     model = load_pretrained(run / "checkpoint-000006")
     ref = dict(one.model.named_parameters())
