@@ -39,10 +39,13 @@ def one_process_copy(
         for i, g in enumerate(optimizer.param_groups)
     ]
     plain_opt = type(optimizer)(groups)  # every group carries its own hyperparameters
-    prefixes = sorted({k.rsplit(".", 1)[0] for k in opt_full})
+    by_param: dict[str, dict] = {}  # "<param>.<key>" entries grouped by parameter, in one pass
+    for k, v in opt_full.items():
+        n, key = k.rsplit(".", 1)
+        by_param.setdefault(n, {})[key] = v
     local = {names[id(p)]: st for p, st in optimizer.state.items()}
-    for n in prefixes:
-        entries = {k.rsplit(".", 1)[1]: v for k, v in opt_full.items() if k.rsplit(".", 1)[0] == n}
+    for n in sorted(by_param):
+        entries = by_param[n]
         for k, v in local.get(n, {}).items():
             if k not in entries:
                 entries[k] = v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
