@@ -286,12 +286,19 @@ def schedule_timeline(
     return rows
 
 
+def idle_per_rank(timeline: list[dict]) -> dict[int, float]:
+    """Each rank's idle time up to the end of the last action (the bubble, per rank)."""
+    end = max(r["end"] for r in timeline)
+    idle = {r["rank"]: end for r in timeline}
+    for r in timeline:
+        idle[r["rank"]] -= r["end"] - r["start"]
+    return dict(sorted(idle.items()))
+
+
 def bubble_fraction(timeline: list[dict]) -> float:
     """Share of the ranks' time, up to the end of the last action, spent idle."""
-    end = max(r["end"] for r in timeline)
-    ranks = {r["rank"] for r in timeline}
-    busy = sum(r["end"] - r["start"] for r in timeline)
-    return 1.0 - busy / (end * len(ranks))
+    idle = idle_per_rank(timeline)
+    return sum(idle.values()) / (max(r["end"] for r in timeline) * len(idle))
 
 
 # ---------------------------------------------------------------------- the strategy
